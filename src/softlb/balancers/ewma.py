@@ -1,0 +1,75 @@
+"""Peak EWMA: prefer the backend expected to answer soonest (Finagle, linkerd, tower)."""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+from softlb.backend import EWMA_DECAY_SECONDS, Backend
+from softlb.balancers.base import register
+from softlb.balancers.randomized import _WeightedDraw
+
+__all__ = ["DEFAULT_RTT", "PeakEwma", "peak_ewma_cost"]
+
+#: Latency assumed for a backend that has not answered yet: "an arbitrary default RTT of
+#: 1 second", as in Finagle's PeakEwma (and tower's port of it). It makes a new backend look
+#: slow until it proves otherwise; the estimate decays towards zero like any other.
+DEFAULT_RTT: Final = 1.0
+
+
+def peak_ewma_cost(
+    backend: Backend, now: float, tau: float = EWMA_DECAY_SECONDS, seeded_at: float | None = None
+) -> float:
+    """Expected cost of one more request: decayed latency estimate × (in flight + 1).
+
+    The estimate decays towards zero while no sample arrives (tower's ``RttEstimate``), so a
+    backend that was slow once is tried again after a while instead of being shunned forever.
+    """
+    if backend._ewma_at:
+        estimate, at = backend._ewma, backend._ewma_at
+    else:
+        estimate, at = DEFAULT_RTT, now if seeded_at is None else seeded_at
+    if now > at:
+        estimate *= math.exp(-(now - at) / tau)
+    return estimate * (backend.active + 1) / backend.eff_weight
+
+
+@register
+class PeakEwma(_WeightedDraw):
+    """Power of two choices on peak-EWMA cost (Finagle's ``Balancers.p2cPeakEwma``).
+
+    Each backend's latency is tracked as an exponentially weighted moving average that jumps
+    straight to any slower sample (the "peak") and decays with a 10 s time constant
+    (:data:`~softlb.backend.EWMA_DECAY_SECONDS`, Finagle's and linkerd's default). Two backends
+    are drawn at random and the one with the lower ``estimate × (in flight + 1)`` wins, so a
+    backend that slows down loses traffic within a few requests, long before a health check
+    would notice.
+    """
+
+    name = "peak_ewma"
+
+    def __init__(self, *, seed: int | None = None) -> None:
+        super().__init__(seed=seed)
+        # When each not-yet-measured backend joined, for the decay of its DEFAULT_RTT.
+        self._seeded: dict[Backend, float] = {}
+
+    def rebuild(self, eligible: tuple[Backend, ...], now: float) -> None:
+        super().rebuild(eligible, now)
+        self._seeded = {b: self._seeded.get(b, now) for b in eligible if not b._ewma_at}
+
+    def pick(self, key: str | None, now: float) -> Backend | None:
+        eligible = self._eligible
+        n = len(eligible)
+        if n == 0:
+            return None
+        if n == 1:
+            return eligible[0]
+        i = self._draw()
+        j = self._draw()
+        if j == i:
+            j = (i + 1 + int(self._rng.random() * (n - 1))) % n
+        a, b = eligible[i], eligible[j]
+        seeded = self._seeded
+        cost_a = peak_ewma_cost(a, now, seeded_at=seeded.get(a))
+        cost_b = peak_ewma_cost(b, now, seeded_at=seeded.get(b))
+        return b if cost_b < cost_a else a

@@ -1,0 +1,123 @@
+"""Consistent hashing: the same key goes to the same backend while membership allows."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import random
+from typing import Final
+
+from softlb.backend import Backend
+from softlb.balancers.base import Balancer, register
+
+__all__ = ["HASH_KEYS", "ConsistentHash", "parse_hash_key"]
+
+#: Ring points per unit of weight. libketama (and nginx's ``hash ... consistent``) place 160
+#: points per server of weight 1; more points even out the shares at the cost of ring size.
+POINTS_PER_WEIGHT: Final = 160
+
+#: Upper bound on the ring size. Beyond it the points of every backend are scaled down
+#: together (Envoy's ring hash does the same with ``maximum_ring_size``); 2**18 points keep a
+#: rebuild for 10,000 backends near 0.2 s and a lookup at one bisect.
+MAX_RING_POINTS: Final = 1 << 18
+
+#: The request attributes a key can be taken from (the config's ``hash_key``).
+HASH_KEYS: Final = ("client_ip", "path", "header:NAME", "cookie:NAME")
+
+
+def parse_hash_key(spec: str) -> tuple[str, str | None]:
+    """Split a ``hash_key`` setting into ``(kind, name)``: ``"header:X-User"`` gives
+    ``("header", "X-User")``; ``"client_ip"`` gives ``("client_ip", None)``.
+
+    Raises :class:`ValueError` naming the allowed forms.
+    """
+    kind, sep, name = spec.partition(":")
+    if not sep and kind in ("client_ip", "path"):
+        return kind, None
+    if sep and kind in ("header", "cookie") and name.strip():
+        return kind, name.strip()
+    raise ValueError(f"hash key {spec!r} is not one of {', '.join(HASH_KEYS)}")
+
+
+def _hash32s(text: str) -> tuple[int, int, int, int]:
+    """Four 32-bit ring positions from one MD5 digest, as libketama does."""
+    d = hashlib.md5(text.encode(), usedforsecurity=False).digest()
+    return (
+        int.from_bytes(d[0:4], "little"),
+        int.from_bytes(d[4:8], "little"),
+        int.from_bytes(d[8:12], "little"),
+        int.from_bytes(d[12:16], "little"),
+    )
+
+
+def key_position(key: str) -> int:
+    """The ring position of a request key (stable across processes and hosts)."""
+    return int.from_bytes(hashlib.md5(key.encode(), usedforsecurity=False).digest()[:4], "little")
+
+
+@register
+class ConsistentHash(Balancer):
+    """Ring hash with virtual nodes (Karger et al. 1997; libketama's point layout).
+
+    Every backend owns ``160 × weight`` points on a 32-bit ring (scaled down together past
+    :data:`MAX_RING_POINTS`); a request key is hashed onto the ring and served by the owner of
+    the next point clockwise. Removing one of N backends — or taking it out of rotation —
+    moves only the keys it owned, about 1/N of them; the others keep their backend. Hashes are
+    MD5-based, so every worker and every host maps a key the same way.
+
+    A request without a key (``pick(None)``) goes to a random backend, as Envoy does.
+    """
+
+    name = "consistent_hash"
+    uses_key = True
+
+    def __init__(self, *, seed: int | None = None) -> None:
+        self._rng = random.Random(seed)
+        self._eligible: tuple[Backend, ...] = ()
+        self._points: list[int] = []
+        self._owners: list[Backend] = []
+        # (url, points) -> that backend's sorted positions, reused across rebuilds.
+        self._cache: dict[tuple[str, int], tuple[int, ...]] = {}
+
+    def _positions(self, url: str, count: int) -> tuple[int, ...]:
+        cached = self._cache.get((url, count))
+        if cached is None:
+            out: list[int] = []
+            for i in range((count + 3) // 4):
+                out.extend(_hash32s(f"{url}-{i}"))
+            cached = self._cache[(url, count)] = tuple(out[:count])
+        return cached
+
+    def rebuild(self, eligible: tuple[Backend, ...], now: float) -> None:
+        self._eligible = eligible
+        if not eligible:
+            self._points, self._owners = [], []
+            return
+        # Weights, not effective weights: slow start does not apply to hashing, and a ramp
+        # would move keys around on every step.
+        total = sum(b.weight for b in eligible) * POINTS_PER_WEIGHT
+        scale = min(1.0, MAX_RING_POINTS / total)
+        shift = max(len(eligible) - 1, 1).bit_length()
+        mask = (1 << shift) - 1
+        packed: list[int] = []
+        wanted: set[tuple[str, int]] = set()
+        for index, backend in enumerate(eligible):
+            count = max(1, round(backend.weight * POINTS_PER_WEIGHT * scale))
+            wanted.add((backend.url, count))
+            packed.extend((p << shift) | index for p in self._positions(backend.url, count))
+        packed.sort()
+        self._points = [p >> shift for p in packed]
+        self._owners = [eligible[p & mask] for p in packed]
+        if len(self._cache) > 2 * len(wanted) + 16:
+            self._cache = {k: v for k, v in self._cache.items() if k in wanted}
+
+    def pick(self, key: str | None, now: float) -> Backend | None:
+        eligible = self._eligible
+        if not eligible:
+            return None
+        if len(eligible) == 1:
+            return eligible[0]
+        if key is None:
+            return eligible[int(self._rng.random() * len(eligible))]
+        i = bisect.bisect_left(self._points, key_position(key))
+        return self._owners[i if i < len(self._owners) else 0]

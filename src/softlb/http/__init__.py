@@ -1,0 +1,1 @@
+"""HTTP plumbing of the proxy: pure header rules and the upstream (urllib3) boundary."""

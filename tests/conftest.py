@@ -1,0 +1,33 @@
+"""Fixtures shared by every test: real backends to proxy to."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers.servers import RefusingURL, TestBackend
+
+
+@pytest.fixture
+def backend() -> Iterator[TestBackend]:
+    """One running TestBackend, stopped at teardown."""
+    with TestBackend() as server:
+        yield server
+
+
+@pytest.fixture
+def backends() -> Iterator[list[TestBackend]]:
+    """Three running TestBackends on distinct ports, stopped at teardown."""
+    servers = [TestBackend() for _ in range(3)]
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def refused_url() -> str:
+    """``http://127.0.0.1:PORT`` where nothing listens: connecting is refused."""
+    return RefusingURL()

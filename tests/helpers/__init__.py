@@ -1,0 +1,1 @@
+"""Test helpers: real HTTP backends (servers.py)."""
