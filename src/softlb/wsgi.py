@@ -1,0 +1,522 @@
+"""The WSGI reverse proxy, and :func:`create_app`, the whole balancer as one WSGI app.
+
+Mount it under any WSGI server::
+
+    gunicorn 'softlb.wsgi:create_app("config.json")'
+
+:class:`LoadBalancer` is the proxy alone, over a :class:`~softlb.pool.Pool` you build
+yourself; :class:`Application` (what :func:`create_app` returns) adds the health checker, the
+admin API and the status page from a config file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from http.cookies import CookieError, SimpleCookie
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from softlb.backend import Backend
+from softlb.errors import (
+    NoBackendAvailable,
+    ProxyError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from softlb.http.headers import (
+    downstream_response_headers,
+    is_chunked_request,
+    request_target,
+    upstream_request_headers,
+)
+from softlb.http.upstream import CHUNK_SIZE, SMALL_BODY, Upstream, UpstreamResponse
+from softlb.pool import Lease, Pool
+from softlb.stats import ProxyStats
+
+if TYPE_CHECKING:
+    from softlb.config import Config
+    from softlb.health import HealthChecker
+
+__all__ = [
+    "IDEMPOTENT_METHODS",
+    "Application",
+    "LoadBalancer",
+    "UpstreamRequest",
+    "create_app",
+]
+
+log = logging.getLogger("softlb.proxy")
+
+Environ = dict[str, Any]
+
+
+class StartResponse(Protocol):
+    def __call__(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None, /
+    ) -> Callable[[bytes], object]: ...
+
+
+#: Methods a request may be sent again with after it reached a backend (RFC 9110 §9.2.2).
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+#: Statuses whose answers never have a body (RFC 9110 §6.4.1), besides every answer to HEAD.
+_BODILESS: Final = frozenset({204, 304})
+
+#: Failure names recorded on a backend for each kind of upstream error (see Lease.release).
+_FAILURE_KIND: Final = {
+    UpstreamConnectError: "connect",
+    UpstreamTimeout: "timeout",
+}
+
+
+class ClientBodyError(Exception):
+    """The client's request body ended early or could not be read."""
+
+
+@dataclass
+class UpstreamRequest:
+    """What is about to be sent to a backend; a ``rewrite`` hook may change any field."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+
+
+ErrorHandler = Callable[[Environ, ProxyError], tuple[int, list[tuple[str, str]], bytes]]
+Rewrite = Callable[[UpstreamRequest, Environ], None]
+
+
+def default_error_page(
+    environ: Environ, error: ProxyError
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """The answer for a request that could not be proxied: its status and a one-line reason.
+
+    The backend's address is not shown to the client; it is in the log.
+    """
+    status = error.status
+    why = {
+        503: "no backend is available",
+        504: "the backend did not answer in time",
+    }.get(status, "no backend could be reached" if isinstance(error, UpstreamConnectError)
+          else "the backend connection failed")  # fmt: skip
+    body = f"{status} {error.reason}: {why}\n".encode()
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-store"),
+    ]
+    return status, headers, body
+
+
+class _Body:
+    """The client's request body as the upstream call wants it, and whether it can be resent.
+
+    Bodies up to :data:`SMALL_BODY` with a Content-Length are read at once and can be sent
+    again on a retry. Larger ones, and chunked ones, are streamed straight from the client;
+    once streaming has started they cannot be sent again.
+    """
+
+    __slots__ = ("_input", "_remaining", "chunked", "data", "started")
+
+    def __init__(self, environ: Environ) -> None:
+        self.data: bytes | None = None
+        self.chunked = False
+        self.started = False
+        self._remaining = 0
+        self._input = environ.get("wsgi.input")
+        length_text = environ.get("CONTENT_LENGTH") or ""
+        if is_chunked_request(environ):
+            self.chunked = True
+            self._remaining = -1  # read to the end of the (de-chunked) input
+            return
+        if not length_text:
+            return
+        try:
+            length = int(length_text)
+        except ValueError:
+            raise ClientBodyError(f"bad Content-Length {length_text!r}") from None
+        if length < 0:
+            raise ClientBodyError(f"bad Content-Length {length_text!r}")
+        if length <= SMALL_BODY:
+            data = self._input.read(length) if length and self._input is not None else b""
+            if len(data) != length:
+                raise ClientBodyError("request body shorter than its Content-Length")
+            self.data = data
+        else:
+            self._remaining = length
+
+    @property
+    def replayable(self) -> bool:
+        return not self.started
+
+    def source(self) -> bytes | Iterable[bytes] | None:
+        if self.data is not None:
+            return self.data
+        if self._remaining == 0 and not self.chunked:
+            return None
+        return self._stream()
+
+    def _stream(self) -> Iterator[bytes]:
+        self.started = True
+        if self._input is None:
+            return
+        read = self._input.read
+        remaining = self._remaining
+        if remaining < 0:
+            while True:
+                chunk = read(CHUNK_SIZE)
+                if not chunk:
+                    return
+                yield chunk
+        while remaining > 0:
+            chunk = read(min(CHUNK_SIZE, remaining))
+            if not chunk:
+                raise ClientBodyError("client closed the connection during the request body")
+            remaining -= len(chunk)
+            yield chunk
+
+
+class _StreamedAnswer:
+    """The WSGI iterable of a streamed answer: passes chunks on, releases the lease at the end.
+
+    A failure in the middle of the body is re-raised, so the WSGI server drops the client's
+    connection: the status is already sent, and the client must see a truncated answer, never
+    a second status.
+    """
+
+    __slots__ = ("_complete", "_failure", "_lease", "_resp")
+
+    def __init__(self, resp: UpstreamResponse, lease: Lease) -> None:
+        self._resp = resp
+        self._lease = lease
+        self._complete = False
+        self._failure: str | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._resp.chunks()
+        except UpstreamError as exc:
+            self._failure = _FAILURE_KIND.get(type(exc), "broken")
+            log.warning("answer from %s cut short: %s", self._lease.backend.url, exc)
+            raise
+        self._complete = True
+
+    def close(self) -> None:
+        self._resp.close(self._complete)
+        self._lease.release(self._failure)
+
+
+class LoadBalancer:
+    """A WSGI app that forwards every request to a backend of ``pool``.
+
+    Requests are forwarded as the client sent them — method, raw path and query, body,
+    headers but the hop-by-hop ones — and answers come back as the backend gave them,
+    streamed both ways. A request that cannot be connected is tried on another backend (any
+    method); one that failed after it was sent is tried again only if its method is
+    idempotent or it carries ``Idempotency-Key``; at most ``retries`` more backends are tried.
+    What cannot be served gets 502, 503 or 504.
+
+    ``rewrite(request, environ)``, if given, may change the method, target or headers of
+    each :class:`UpstreamRequest` before it is sent (default: nothing changes).
+    ``error_handler(environ, error)`` makes the answer for a request that could not be
+    proxied; if ``None``, the default logs the error and answers with its status and a
+    one-line plain-text reason.
+    ``hash_key`` says what request attribute feeds the hashing strategies: ``client_ip``,
+    ``path``, ``header:NAME`` or ``cookie:NAME``.
+    ``max_connections`` is how many idle connections are kept per backend: the server's
+    thread count is right.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        retries: int = 2,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 30.0,
+        hash_key: str = "client_ip",
+        max_connections: int = 10,
+        rewrite: Rewrite | None = None,
+        error_handler: ErrorHandler | None = None,
+        upstream: Upstream | None = None,
+        stats: ProxyStats | None = None,
+    ) -> None:
+        from softlb.balancers.hashing import parse_hash_key
+
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        self.pool = pool
+        self.retries = retries
+        self.hash_kind, self.hash_name = parse_hash_key(hash_key)
+        self.rewrite = rewrite
+        self.error_handler = error_handler or default_error_page
+        self.upstream = upstream or Upstream(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            maxsize=max_connections,
+        )
+        self.stats = stats or ProxyStats()
+        self._environ_header = (
+            "HTTP_" + self.hash_name.upper().replace("-", "_") if self.hash_name else ""
+        )
+
+    # -- request key for hashing ---------------------------------------------------------
+
+    def request_key(self, environ: Environ) -> str | None:
+        """The value :attr:`hash_key` names for this request (``None`` if it has none)."""
+        kind = self.hash_kind
+        if kind == "client_ip":
+            value: str | None = environ.get("REMOTE_ADDR")
+        elif kind == "path":
+            value = environ.get("PATH_INFO") or "/"
+        elif kind == "header":
+            value = environ.get(self._environ_header)
+        else:
+            value = None
+            raw = environ.get("HTTP_COOKIE")
+            if raw:
+                try:
+                    morsel = SimpleCookie(raw).get(self.hash_name or "")
+                except CookieError:
+                    morsel = None
+                value = morsel.value if morsel is not None else None
+        return value or None
+
+    # -- the proxy -----------------------------------------------------------------------
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        started = time.perf_counter()
+        try:
+            return self._proxy(environ, start_response, started)
+        except ClientBodyError as exc:
+            return self._plain(start_response, 400, f"400 Bad Request: {exc}\n")
+        except Exception:  # never a traceback to the client
+            log.exception("internal error while proxying %s", environ.get("PATH_INFO"))
+            return self._plain(start_response, 500, "500 Internal Server Error\n")
+
+    def _proxy(
+        self, environ: Environ, start_response: StartResponse, started: float
+    ) -> Iterable[bytes]:
+        method: str = environ["REQUEST_METHOD"]
+        target = request_target(environ)
+        request = UpstreamRequest(method, target, upstream_request_headers(environ))
+        # gunicorn answers "100 Continue" itself when it reads the body; the backend must not.
+        request.headers.pop("Expect", None)
+        if self.rewrite is not None:
+            self.rewrite(request, environ)
+        body = _Body(environ)
+        key = self.request_key(environ) if self.pool.balancer.uses_key else None
+        may_resend = method in IDEMPOTENT_METHODS or "Idempotency-Key" in request.headers
+        tried: list[Backend] = []
+        error: ProxyError | None = None
+        while True:
+            try:
+                lease = self.pool.lease(key, exclude=tried)
+            except NoBackendAvailable as exc:
+                error = error or exc
+                break
+            backend = lease.backend
+            try:
+                resp = self.upstream.request(
+                    backend.url,
+                    request.method,
+                    request.target,
+                    request.headers,
+                    body.source(),
+                    chunked=body.chunked,
+                )
+                if method == "HEAD" or resp.status in _BODILESS or resp.status < 200:
+                    data: bytes | None = b""
+                    resp.close(complete=resp.length in (0, None))
+                elif resp.length is not None and resp.length <= SMALL_BODY:
+                    data = resp.read_small()
+                    resp.close(complete=True)
+                else:
+                    data = None
+            except UpstreamError as exc:
+                lease.release(_FAILURE_KIND.get(type(exc), "broken"))
+                tried.append(backend)
+                error = exc
+                log.warning("%s %s via %s failed: %s", method, request.target, backend.url, exc)
+                retryable = isinstance(exc, UpstreamConnectError) or may_resend
+                if retryable and body.replayable and len(tried) <= self.retries:
+                    self.stats.retried()
+                    continue
+                break
+            except BaseException:
+                lease.release("error")
+                raise
+            self.stats.observe(time.perf_counter() - started)
+            headers = downstream_response_headers(resp.headers)
+            status_line = f"{resp.status} {resp.reason}"
+            if data is not None:
+                lease.release()
+                start_response(status_line, headers)
+                return (data,) if data else ()
+            start_response(status_line, headers)
+            return _StreamedAnswer(resp, lease)
+        return self._error(environ, start_response, error)
+
+    def _error(
+        self, environ: Environ, start_response: StartResponse, error: ProxyError
+    ) -> Iterable[bytes]:
+        self.stats.error(error.status)
+        status, headers, body = self.error_handler(environ, error)
+        start_response(f"{status} {_REASONS.get(status, error.reason)}", headers)
+        return (body,)
+
+    @staticmethod
+    def _plain(start_response: StartResponse, status: int, text: str) -> Iterable[bytes]:
+        body = text.encode()
+        start_response(
+            f"{status} {_REASONS.get(status, '')}",
+            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+        )
+        return (body,)
+
+    def close(self) -> None:
+        """Close the pooled backend connections."""
+        self.upstream.close()
+
+    def __repr__(self) -> str:
+        return f"<LoadBalancer {self.pool!r} retries={self.retries}>"
+
+
+_REASONS: Final = {
+    400: "Bad Request",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+class Application:
+    """The whole balancer as a WSGI app: pool, health checker, proxy and admin API from a
+    :class:`~softlb.config.Config`.
+
+    Threads (the health checker) and connections are made in the process that serves
+    requests: :meth:`start` runs on creation and again in a child after ``fork()``, so the
+    app is safe under ``gunicorn --preload`` as well as without it.
+    """
+
+    def __init__(self, config: Config, *, threads: int | None = None, start: bool = True) -> None:
+        from softlb.admin import AdminApi
+        from softlb.balancers import balancer_by_name
+        from softlb.health import HealthChecker
+
+        self.config = config
+        options: dict[str, object] = {}
+        self.pool = Pool(
+            [Backend(s.url, s.weight) for s in config.servers],
+            balancer=balancer_by_name(config.algorithm, **options),
+            slow_start=config.slow_start,
+        )
+        hc = config.health_check
+        self.checker: HealthChecker | None = None
+        if hc.enabled:
+            self.checker = HealthChecker(
+                self.pool,
+                path=hc.path,
+                interval=hc.interval,
+                timeout=hc.timeout,
+                rise=hc.rise,
+                fall=hc.fall,
+                expected_status=hc.expected_status,
+                initial_state=hc.initial_state,
+            )
+        self.threads = threads or int(os.environ.get("SOFTLB_THREADS", "0") or 0) or 16
+        self.proxy = LoadBalancer(
+            self.pool,
+            retries=config.retries,
+            connect_timeout=config.timeouts.connect,
+            read_timeout=config.timeouts.read,
+            hash_key=config.hash_key,
+            max_connections=self.threads,
+        )
+        self.admin = AdminApi(
+            self.pool,
+            prefix=config.admin.prefix,
+            token=config.admin.token,
+            seed_routes=config.admin.seed_routes,
+            stats=self.proxy.stats,
+            checker=self.checker,
+            on_remove=self.proxy.upstream.forget,
+        )
+        self._started_pid: int | None = None
+        self._start_lock = threading.Lock()
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start the health checker in this process (again after a fork); idempotent."""
+        with self._start_lock:
+            pid = os.getpid()
+            if self._started_pid == pid:
+                return
+            if self._started_pid is not None:  # we are a forked child: parent's threads are gone
+                self.proxy.upstream = Upstream(
+                    connect_timeout=self.config.timeouts.connect,
+                    read_timeout=self.config.timeouts.read,
+                    maxsize=self.threads,
+                )
+                self.admin.on_remove = self.proxy.upstream.forget
+                if self.checker is not None:
+                    self.checker._thread = None  # the thread object belongs to the parent
+                    self.checker._executor = None
+            self._started_pid = pid
+            if self.checker is not None:
+                self.checker.start()
+
+    def stop(self) -> None:
+        """Stop the health checker and close backend connections."""
+        if self.checker is not None:
+            self.checker.stop()
+        self.proxy.close()
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if self._started_pid != _PID[0]:
+            self.start()
+        if self.admin.matches(environ.get("PATH_INFO") or "/"):
+            return self.admin(environ, start_response)
+        return self.proxy(environ, start_response)
+
+    def __repr__(self) -> str:
+        return f"<Application {self.pool!r} admin={self.config.admin.prefix}>"
+
+
+#: This process's pid, refreshed after fork (cheaper than os.getpid() on every request).
+_PID = [os.getpid()]
+
+
+def _after_fork() -> None:
+    _PID[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def create_app(config: str | os.PathLike[str] | Config | None = None) -> Application:
+    """Build the balancer's WSGI app from a config file path or a :class:`Config`.
+
+    With no argument the path comes from the ``SOFTLB_CONFIG`` environment variable. A bad
+    config raises :class:`~softlb.errors.ConfigError` listing every problem.
+    """
+    from softlb.config import Config, load_config
+    from softlb.errors import ConfigError
+
+    if config is None:
+        path = os.environ.get("SOFTLB_CONFIG")
+        if not path:
+            raise ConfigError(
+                "no config given: call create_app('config.json') or set SOFTLB_CONFIG"
+            )
+        config = path
+    if not isinstance(config, Config):
+        config = load_config(config)
+    return Application(config)
