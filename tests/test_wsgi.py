@@ -320,7 +320,7 @@ def test_connect_refused_fails_over_for_any_method(backends: list[TestBackend]) 
 
 def test_post_is_not_retried_after_it_was_sent(backends: list[TestBackend]) -> None:
     """A POST whose connection dies after sending is answered 502, never sent twice."""
-    lb, client = make([b.url for b in backends])
+    _, client = make([b.url for b in backends])
     response = client.post("/drop", data=b"x")
     assert response.status_code == 502
     assert sum(b.request_count for b in backends) == 1
@@ -328,7 +328,7 @@ def test_post_is_not_retried_after_it_was_sent(backends: list[TestBackend]) -> N
 
 def test_post_with_idempotency_key_is_retried(backends: list[TestBackend]) -> None:
     """A POST carrying Idempotency-Key may be sent again after a failure."""
-    lb, client = make([b.url for b in backends], retries=1)
+    _, client = make([b.url for b in backends], retries=1)
     response = client.post("/drop", data=b"x", headers={"Idempotency-Key": "k1"})
     assert response.status_code == 502
     assert sum(b.request_count for b in backends) == 2
@@ -336,17 +336,17 @@ def test_post_with_idempotency_key_is_retried(backends: list[TestBackend]) -> No
 
 def test_idempotent_request_is_retried_up_to_the_limit(backends: list[TestBackend]) -> None:
     """A GET that fails after sending is tried on up to ``retries`` other backends."""
-    lb, client = make([b.url for b in backends], retries=2)
+    _, client = make([b.url for b in backends], retries=2)
     assert client.get("/drop").status_code == 502
     assert [b.request_count for b in backends] == [1, 1, 1]
-    lb2, client2 = make([b.url for b in backends], retries=0)
+    _, client2 = make([b.url for b in backends], retries=0)
     assert client2.get("/drop").status_code == 502
     assert sum(b.request_count for b in backends) == 4
 
 
 def test_all_backends_refusing_gives_502(refused_url: str) -> None:
     """When no try could connect the answer is 502 with a short reason, never a traceback."""
-    lb, client = make([refused_url, RefusingURL()])
+    _, client = make([refused_url, RefusingURL()])
     response = client.get("/")
     assert response.status_code == 502
     assert response.get_data(as_text=True).startswith("502 Bad Gateway")
@@ -431,7 +431,7 @@ def test_consistent_hash_on_a_header_keeps_a_user_on_one_backend(
     backends: list[TestBackend],
 ) -> None:
     """With hash_key header:X-User every request of one user lands on the same backend."""
-    lb, client = make([b.url for b in backends], balancer="consistent_hash",
+    _, client = make([b.url for b in backends], balancer="consistent_hash",
                       hash_key="header:X-User")  # fmt: skip
     seen = {client.get("/", headers={"X-User": "alice"}).headers["X-Backend"] for _ in range(10)}
     assert len(seen) == 1

@@ -19,6 +19,12 @@ MAX_WEIGHT: Final = 10_000
 EWMA_DECAY_SECONDS: Final = 10.0
 
 
+#: Characters RFC 3986 allows in a URL: unreserved, reserved and "%" (for escapes).
+_URL_CHARS: Final = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:/?#[]@!$&'()*+,;=%"
+)
+
+
 def normalize_url(url: object) -> str:
     """Return the canonical form of a backend URL, or raise :class:`InvalidBackend`.
 
@@ -33,6 +39,9 @@ def normalize_url(url: object) -> str:
         raise InvalidBackend("backend URL is empty")
     if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
         raise InvalidBackend(f"backend URL {url!r} contains whitespace or control characters")
+    bad = "".join(sorted(set(text) - _URL_CHARS))
+    if bad:
+        raise InvalidBackend(f"backend URL {url!r} contains characters not allowed in a URL: {bad}")
     try:
         parts = urlsplit(text)
         port = parts.port  # raises ValueError on a bad port

@@ -230,7 +230,10 @@ class HealthChecker:
         with self._lock:
             if backend in self._states:
                 return
-            self._states[backend] = HealthState(self.rise, self.fall, healthy=not down)
+            # Start from the pool's verdict: after a stop()/start() a backend that was down
+            # must pass `rise` probes, not be trusted as up while the pool keeps it out.
+            healthy = not down and backend.healthy
+            self._states[backend] = HealthState(self.rise, self.fall, healthy=healthy)
             self._schedule(backend, now)
         if down:
             self.pool.set_healthy(backend, False, "initial state down")
@@ -246,6 +249,9 @@ class HealthChecker:
         elif event.kind == "removed":
             with self._lock:
                 self._states.pop(event.backend, None)
+                # Drop its schedule entry too, or re-adding the same Backend leaves two.
+                self._due = [e for e in self._due if e[2] is not event.backend]
+                heapq.heapify(self._due)
         elif event.kind == "failure" and self.passive:
             self._record(event.backend, False, f"passive: {event.detail}")
 
@@ -394,6 +400,27 @@ class HealthChecker:
         close = getattr(self._probe, "close", None)
         if callable(close):
             close()
+
+    def _after_fork(self) -> None:
+        """Make the checker usable in a child process made by ``fork()``.
+
+        The parent's threads do not exist in the child, and its locks may be held by them:
+        start from fresh locks, forget probes that were under way, and make every backend
+        due at once. Call :meth:`start` afterwards to probe from the child.
+        """
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._thread = None
+        self._executor = None
+        self._running.clear()
+        self._due.clear()
+        now = self.clock()
+        for backend in self._states:
+            self._seq += 1
+            heapq.heappush(self._due, (now, self._seq, backend))
+        reset = getattr(self._probe, "reset", None)
+        if callable(reset):
+            reset()
 
     @property
     def running(self) -> bool:

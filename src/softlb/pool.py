@@ -303,6 +303,14 @@ class Pool:
         """Requests in flight across every member."""
         return sum(b.active for b in self._members.values())
 
+    def _after_fork(self) -> None:
+        """Make the pool usable in a child process made by ``fork()``.
+
+        A lock another thread held at the moment of the fork stays locked in the child for
+        ever; the child gets a fresh one (the logging module does the same for its handlers).
+        """
+        self._lock = threading.Lock()
+
     # -- events --------------------------------------------------------------------------
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
@@ -448,40 +449,47 @@ class Application:
             checker=self.checker,
             on_remove=self.proxy.upstream.forget,
         )
-        self._started_pid: int | None = None
+        self._pid: int | None = None  # the process whose threads are running
         self._start_lock = threading.Lock()
+        _FORK_WATCH.add(self)
         if start:
             self.start()
 
     def start(self) -> None:
-        """Start the health checker in this process (again after a fork); idempotent."""
+        """Start the health checker in this process; idempotent."""
         with self._start_lock:
-            pid = os.getpid()
-            if self._started_pid == pid:
+            if self._pid == os.getpid():
                 return
-            if self._started_pid is not None:  # we are a forked child: parent's threads are gone
-                self.proxy.upstream = Upstream(
-                    connect_timeout=self.config.timeouts.connect,
-                    read_timeout=self.config.timeouts.read,
-                    maxsize=self.threads,
-                )
-                self.admin.on_remove = self.proxy.upstream.forget
-                if self.checker is not None:
-                    self.checker._thread = None  # the thread object belongs to the parent
-                    self.checker._executor = None
-            self._started_pid = pid
+            self._pid = os.getpid()
             if self.checker is not None:
                 self.checker.start()
+
+    def _after_fork(self) -> None:
+        """In a child made by ``fork()``: fresh locks and connections, and the health checker
+        started again if it ran in the parent (its threads did not come along)."""
+        was_running = self._pid is not None
+        self._start_lock = threading.Lock()
+        self.pool._after_fork()
+        self.proxy.upstream = Upstream(
+            connect_timeout=self.config.timeouts.connect,
+            read_timeout=self.config.timeouts.read,
+            maxsize=self.threads,
+        )
+        self.admin.on_remove = self.proxy.upstream.forget
+        if self.checker is not None:
+            self.checker._after_fork()
+        self._pid = None
+        if was_running:
+            self.start()
 
     def stop(self) -> None:
         """Stop the health checker and close backend connections."""
         if self.checker is not None:
             self.checker.stop()
         self.proxy.close()
+        self._pid = None
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        if self._started_pid != _PID[0]:
-            self.start()
         if self.admin.matches(environ.get("PATH_INFO") or "/"):
             return self.admin(environ, start_response)
         return self.proxy(environ, start_response)
@@ -490,15 +498,16 @@ class Application:
         return f"<Application {self.pool!r} admin={self.config.admin.prefix}>"
 
 
-#: This process's pid, refreshed after fork (cheaper than os.getpid() on every request).
-_PID = [os.getpid()]
+#: Every live Application, so that a forked child can make each one usable again.
+_FORK_WATCH: weakref.WeakSet[Application] = weakref.WeakSet()
 
 
-def _after_fork() -> None:
-    _PID[0] = os.getpid()
+def _after_fork_in_child() -> None:
+    for app in list(_FORK_WATCH):
+        app._after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def create_app(config: str | os.PathLike[str] | Config | None = None) -> Application:

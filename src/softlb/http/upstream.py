@@ -247,6 +247,7 @@ class HttpProbe:
         self.path = path
         self.expected_status = parse_status_ranges(expected_status)
         self.timeout = urllib3.Timeout(total=timeout, connect=timeout, read=timeout)
+        self._maxsize = maxsize
         self._manager = urllib3.PoolManager(num_pools=max(16, 2 * maxsize), maxsize=maxsize)
         self._headers = {"User-Agent": PROBE_USER_AGENT, "Connection": "close"}
 
@@ -277,6 +278,12 @@ class HttpProbe:
         status = resp.status
         ok = any(low <= status <= high for low, high in self.expected_status)
         return ProbeResult(ok, f"HTTP {status}")
+
+    def reset(self) -> None:
+        """Forget connections inherited from a parent process (after ``fork()``)."""
+        self._manager = urllib3.PoolManager(
+            num_pools=max(16, 2 * self._maxsize), maxsize=self._maxsize
+        )
 
     def close(self) -> None:
         """Close the probe's connections."""

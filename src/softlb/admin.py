@@ -1,0 +1,461 @@
+"""The admin API (SPEC §5): a WSGI app that lists, adds and removes backends, exposes the
+Prometheus metrics and serves a status page.
+
+Routes, under ``prefix`` (default ``/_softlb``):
+
+============================  ========================  =====================================
+method and path               body                      answers
+============================  ========================  =====================================
+``GET {prefix}/servers``                                200 ``{"servers": [...]}``
+``POST {prefix}/servers``     ``{"url", "weight"?}``    201 the server; 400; 409 present
+``DELETE {prefix}/servers``   ``{"url"}``               200 the removed server; 400; 404
+``GET {prefix}/metrics``                                200 Prometheus text exposition
+``GET {prefix}/status``                                 200 the status page's figures, JSON
+``GET {prefix}/health``                                 200 ``{"status": "ok"}`` (liveness)
+``GET {prefix}/``                                       200 the status page (HTML)
+``GET {prefix}``                                        308 to ``{prefix}/``
+``POST /upload_server``       ``{"url", "weight"?}``    as ``POST {prefix}/servers`` (seed)
+``DELETE /delete_server``     ``{"url"}``               as ``DELETE {prefix}/servers`` (seed)
+============================  ========================  =====================================
+
+Every route also answers ``HEAD`` where it answers ``GET``, and ``OPTIONS`` with 204 and an
+``Allow`` header. Any other method gets 405 with ``Allow``; any other path under the prefix 404.
+Errors are ``{"error": "<one sentence>"}`` with a 4xx status. With a ``token``, every call
+(the seed routes, the page and the metrics included) first needs ``Authorization: Bearer
+TOKEN``, else 401. A request body must be one JSON object of at most :data:`MAX_BODY` bytes
+(any Content-Type); a bad body is refused before anything changes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Final
+
+from softlb import __version__
+from softlb.backend import normalize_url, validate_weight
+from softlb.errors import BackendExists, InvalidBackend, UnknownBackend
+from softlb.http.headers import is_chunked_request
+from softlb.metrics import Metrics
+from softlb.pool import Pool
+from softlb.stats import ProxyStats
+from softlb.status_page import render_status_page
+
+if TYPE_CHECKING:
+    from softlb.health import HealthChecker
+    from softlb.wsgi import Environ, StartResponse
+
+__all__ = ["MAX_BODY", "SEED_ADD", "SEED_REMOVE", "AdminApi"]
+
+log = logging.getLogger("softlb.admin")
+
+#: Largest request body accepted, in bytes. A backend spec is well under 1 KiB; 64 KiB leaves
+#: room for anything sensible and keeps a hostile client from making us buffer much.
+MAX_BODY: Final = 64 * 1024
+
+#: The seed project's routes, kept for its users (SPEC §5).
+SEED_ADD: Final = "/upload_server"
+SEED_REMOVE: Final = "/delete_server"
+
+#: Shown in messages about a bad request body.
+_EXAMPLE: Final = '{"url": "http://10.0.0.1:8000", "weight": 1}'
+_EXAMPLE_URL: Final = '{"url": "http://10.0.0.1:8000"}'
+
+#: Longest field name or path echoed back in an error message.
+_ECHO_MAX: Final = 60
+
+#: Sent with the status page: only its own inline style and script (by nonce) may run, it
+#: may fetch only from this origin, and nobody may frame it.
+_PAGE_CSP: Final = (
+    "default-src 'none'; style-src 'nonce-{nonce}'; script-src 'nonce-{nonce}'; "
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+
+
+@dataclass
+class _Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _Refused(Exception):
+    """A request the admin API turns down; becomes an ``{"error": ...}`` answer."""
+
+    def __init__(self, status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _BadConstant(ValueError):
+    pass
+
+
+Handler = Callable[["Environ"], _Response]
+
+
+def _json_body(status: int, document: object, headers: Iterable[tuple[str, str]] = ()) -> _Response:
+    body = (json.dumps(document, indent=2) + "\n").encode()
+    return _Response(status, body, headers=list(headers))
+
+
+def _echo(text: str) -> str:
+    """``text`` shortened for a message, JSON-quoted so that odd characters stay visible."""
+    if len(text) > _ECHO_MAX:
+        text = text[: _ECHO_MAX - 1] + "…"
+    return json.dumps(text)
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(f"field {_echo(key)} is given twice")
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> object:
+    raise _BadConstant(f"{name} is not a JSON number")
+
+
+class AdminApi:
+    """The admin API over ``pool``, as a WSGI app; see the module docstring for the routes.
+
+    ``prefix`` is where it lives (a trailing ``/`` is dropped). ``token``, if given, is the
+    bearer token every call needs. ``seed_routes`` keeps ``POST /upload_server`` and ``DELETE
+    /delete_server``. ``stats`` are the proxy's counters for the metrics and the status page
+    (default: fresh, all zero); ``checker`` is shown on the status page. ``on_remove(url)``,
+    if set, is called after a backend left the pool through the API (the proxy closes its
+    pooled connections there); it is a public attribute, so that a process can point it at
+    its own proxy after a fork.
+
+    A route's work runs under the pool's own locking; the API keeps no lock and no state but
+    its start time.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        prefix: str = "/_softlb",
+        token: str | None = None,
+        seed_routes: bool = True,
+        stats: ProxyStats | None = None,
+        checker: HealthChecker | None = None,
+        on_remove: Callable[[str], None] | None = None,
+    ) -> None:
+        if not isinstance(prefix, str) or not prefix.startswith("/") or not prefix.rstrip("/"):
+            raise ValueError(f"admin prefix must be a path like '/_softlb', got {prefix!r}")
+        if token is not None and (not isinstance(token, str) or not token):
+            raise ValueError("admin token must be a non-empty string, or None for no token")
+        self.pool = pool
+        self.prefix = prefix.rstrip("/")
+        self.seed_routes = seed_routes
+        self.stats = stats if stats is not None else ProxyStats()
+        self.checker = checker
+        self.on_remove = on_remove
+        self._token = token.encode() if token is not None else None
+        self._metrics = Metrics(pool, self.stats, version=__version__)
+        self._started = time.monotonic()
+        p = self.prefix
+        self._routes: dict[str, dict[str, Handler]] = {
+            p: {"GET": self._redirect_to_page},
+            p + "/": {"GET": self._page},
+            p + "/servers": {"GET": self._list, "POST": self._add, "DELETE": self._remove},
+            p + "/metrics": {"GET": self._metrics_text},
+            p + "/status": {"GET": self._status_json},
+            p + "/health": {"GET": self._health},
+        }
+        if seed_routes:
+            self._routes[SEED_ADD] = {"POST": self._add}
+            self._routes[SEED_REMOVE] = {"DELETE": self._remove}
+
+    # -- WSGI ----------------------------------------------------------------------------
+
+    def matches(self, path: str) -> bool:
+        """Whether ``path`` (a WSGI ``PATH_INFO``) belongs to the admin API."""
+        if path == self.prefix or path.startswith(self.prefix + "/"):
+            return True
+        return self.seed_routes and path in (SEED_ADD, SEED_REMOVE)
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        try:
+            response = self._dispatch(environ, method)
+        except _Refused as exc:
+            response = _json_body(exc.status, {"error": exc.message}, exc.headers)
+        except Exception:  # never a traceback to the client
+            log.exception("admin API failed on %s %s", method, environ.get("PATH_INFO"))
+            response = _json_body(
+                500, {"error": "the admin API failed on this request; see the balancer's log"}
+            )
+        headers = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
+        if response.status != 204:  # RFC 9110 §8.6: never a Content-Length on a 204
+            headers.append(("Content-Type", response.content_type))
+            headers.append(("Content-Length", str(len(response.body))))
+        headers.extend(response.headers)
+        start_response(f"{response.status} {HTTPStatus(response.status).phrase}", headers)
+        if method == "HEAD" or not response.body:
+            return []
+        return [response.body]
+
+    def _dispatch(self, environ: Environ, method: str) -> _Response:
+        self._authorize(environ)
+        path = environ.get("PATH_INFO") or "/"
+        handlers = self._routes.get(path)
+        if handlers is None:
+            raise _Refused(
+                404,
+                f"there is no admin endpoint {_echo(path)}; the endpoints are "
+                + ", ".join(sorted(p for p in self._routes if p != self.prefix)),
+            )
+        allowed = list(handlers)
+        if "GET" in handlers:
+            allowed.insert(allowed.index("GET") + 1, "HEAD")
+        allow = ", ".join([*allowed, "OPTIONS"])
+        if method == "OPTIONS":
+            return _Response(204, headers=[("Allow", allow)])
+        handler = handlers.get("GET" if method == "HEAD" else method)
+        if handler is None:
+            raise _Refused(
+                405,
+                f"method {_echo(method)} is not allowed on {path}; use {allow}",
+                [("Allow", allow)],
+            )
+        return handler(environ)
+
+    # -- authentication ------------------------------------------------------------------
+
+    def _authorize(self, environ: Environ) -> None:
+        if self._token is None:
+            return
+        header = environ.get("HTTP_AUTHORIZATION") or ""
+        scheme, _, credentials = header.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            try:
+                given = credentials.strip().encode("latin-1")  # PEP 3333: header bytes as latin-1
+            except UnicodeEncodeError:
+                given = b""
+            if hmac.compare_digest(given, self._token):
+                return
+            challenge = 'Bearer realm="softlb", error="invalid_token"'
+            message = "the bearer token is wrong; send Authorization: Bearer TOKEN"
+        else:
+            challenge = 'Bearer realm="softlb"'
+            message = "this call needs the admin token; send Authorization: Bearer TOKEN"
+        raise _Refused(401, message, [("WWW-Authenticate", challenge)])
+
+    # -- request bodies ------------------------------------------------------------------
+
+    @staticmethod
+    def _read_body(environ: Environ) -> bytes:
+        """The request body, never more than MAX_BODY + 1 bytes read; 413 beyond MAX_BODY."""
+        stream = environ.get("wsgi.input")
+        length_text = (environ.get("CONTENT_LENGTH") or "").strip()
+        too_large = f"the request body is larger than {MAX_BODY} bytes; send one small JSON object"
+        if is_chunked_request(environ):
+            want = MAX_BODY + 1  # de-chunked by the server: read to its end, within the limit
+            length = None
+        elif length_text:
+            if not (length_text.isascii() and length_text.isdigit()):
+                raise _Refused(400, f"Content-Length {_echo(length_text)} is not a number")
+            length = int(length_text)
+            if length > MAX_BODY:
+                raise _Refused(413, too_large)
+            want = length
+        elif environ.get("wsgi.input_terminated"):
+            want = MAX_BODY + 1
+            length = None
+        else:
+            return b""  # no Content-Length and not chunked: HTTP says there is no body
+        if stream is None or want == 0:
+            return b""
+        pieces: list[bytes] = []
+        got = 0
+        while got < want:
+            piece = stream.read(want - got)
+            if not piece:
+                break
+            pieces.append(piece)
+            got += len(piece)
+        if got > MAX_BODY:
+            raise _Refused(413, too_large)
+        if length is not None and got < length:
+            raise _Refused(400, "the request body is shorter than its Content-Length")
+        return b"".join(pieces)
+
+    def _read_object(self, environ: Environ, fields: tuple[str, ...]) -> dict[str, Any]:
+        """The body as a JSON object holding only ``fields`` (400 for anything else)."""
+        example = _EXAMPLE if "weight" in fields else _EXAMPLE_URL
+        raw = self._read_body(environ)
+        if not raw.strip():
+            raise _Refused(400, f"the request body is empty; send a JSON object like {example}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Refused(
+                400, f"the request body is not UTF-8; send a JSON object like {example}"
+            ) from None
+        try:
+            data = json.loads(text, object_pairs_hook=_unique_object, parse_constant=_no_constant)
+        except json.JSONDecodeError as exc:
+            why = f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+            raise _Refused(400, f"the request body is not JSON ({why}); send {example}") from None
+        except (_DuplicateKey, _BadConstant) as exc:
+            raise _Refused(400, f"the request body is not acceptable JSON: {exc}") from None
+        except (ValueError, RecursionError):  # a number too long to convert, nesting too deep
+            raise _Refused(
+                400, f"the request body is too complex to be a backend; send {example}"
+            ) from None
+        if not isinstance(data, dict):
+            raise _Refused(
+                400,
+                f"the request body must be a JSON object like {example}, got {_json_kind(data)}",
+            )
+        unknown = [key for key in data if key not in fields]
+        if unknown:
+            names = ", ".join(_echo(key) for key in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise _Refused(
+                400,
+                f"unknown field{'s' if len(unknown) > 1 else ''} {names}{more}; "
+                f"allowed: {', '.join(fields)}",
+            )
+        if "url" not in data:
+            raise _Refused(400, f'the field "url" is missing; send a JSON object like {example}')
+        return data
+
+    # -- routes --------------------------------------------------------------------------
+
+    def _list(self, environ: Environ) -> _Response:
+        return _json_body(200, {"servers": [b.as_dict() for b in self.pool.backends]})
+
+    def _add(self, environ: Environ) -> _Response:
+        data = self._read_object(environ, ("url", "weight"))
+        try:
+            url = normalize_url(data["url"])
+            weight = validate_weight(data.get("weight", 1))
+            backend = self.pool.add(url, weight)
+        except InvalidBackend as exc:
+            raise _Refused(400, str(exc)) from None
+        except BackendExists as exc:
+            raise _Refused(409, str(exc)) from None
+        log.info("backend %s (weight %d) added by %s", url, weight, environ.get("REMOTE_ADDR", "?"))
+        return _json_body(201, backend.as_dict())
+
+    def _remove(self, environ: Environ) -> _Response:
+        data = self._read_object(environ, ("url",))
+        try:
+            url = normalize_url(data["url"])
+            backend = self.pool.remove(url)
+        except InvalidBackend as exc:
+            raise _Refused(400, str(exc)) from None
+        except UnknownBackend as exc:
+            raise _Refused(404, str(exc)) from None
+        log.info(
+            "backend %s removed by %s (%d requests in flight finish)",
+            backend.url,
+            environ.get("REMOTE_ADDR", "?"),
+            backend.active,
+        )
+        on_remove = self.on_remove
+        if on_remove is not None:
+            try:
+                on_remove(backend.url)
+            except Exception:  # the backend is gone either way; do not report a failure
+                log.exception("on_remove hook failed for %s", backend.url)
+        return _json_body(200, backend.as_dict())
+
+    def _metrics_text(self, environ: Environ) -> _Response:
+        body, content_type = self._metrics.render(environ.get("HTTP_ACCEPT"))
+        return _Response(200, body, content_type)
+
+    def _health(self, environ: Environ) -> _Response:
+        return _json_body(200, {"status": "ok"})
+
+    def status(self) -> dict[str, object]:
+        """What the status page shows, as served by ``GET {prefix}/status``."""
+        snap = self.stats.snapshot()
+        errors = snap["errors_by_status"]
+        assert isinstance(errors, Mapping)
+        checker = self.checker
+        health: dict[str, object] | None = None
+        if checker is not None:
+            health = {
+                "path": checker.path,
+                "interval": checker.interval,
+                "timeout": checker.timeout,
+                "rise": checker.rise,
+                "fall": checker.fall,
+                "running": checker.running,
+            }
+        return {
+            "version": __version__,
+            "algorithm": self.pool.balancer.name,
+            "uptime_seconds": round(time.monotonic() - self._started, 3),
+            "health_check": health,
+            "proxy": {
+                "requests": snap["requests"],
+                "retries": snap["retries"],
+                "errors": {str(status): count for status, count in sorted(errors.items())},
+            },
+            "servers": [b.as_dict() for b in self.pool.backends],
+        }
+
+    def _status_json(self, environ: Environ) -> _Response:
+        return _json_body(200, self.status())
+
+    def _page(self, environ: Environ) -> _Response:
+        nonce = secrets.token_urlsafe(16)
+        page = render_status_page(self.status(), prefix=self.prefix, nonce=nonce)
+        return _Response(
+            200,
+            page.encode(),
+            "text/html; charset=utf-8",
+            [
+                ("Content-Security-Policy", _PAGE_CSP.format(nonce=nonce)),
+                ("Referrer-Policy", "no-referrer"),
+                ("X-Frame-Options", "DENY"),
+            ],
+        )
+
+    def _redirect_to_page(self, environ: Environ) -> _Response:
+        location = (environ.get("SCRIPT_NAME") or "") + self.prefix + "/"
+        query = environ.get("QUERY_STRING")
+        if query:
+            location += "?" + query
+        return _json_body(308, {"location": location}, [("Location", location)])
+
+    def __repr__(self) -> str:
+        auth = "token" if self._token is not None else "no token"
+        seed = ", seed routes" if self.seed_routes else ""
+        return f"<AdminApi {self.prefix} {auth}{seed} over {self.pool!r}>"
