@@ -1,0 +1,275 @@
+"""The ``softlb`` command: ``serve``, ``check`` and ``demo`` (SPEC §1).
+
+Every failure the user can cause — a bad or missing config, a bad flag, a port in use — ends
+with one readable line on stderr and a non-zero exit, never a traceback; so does Ctrl-C.
+Exit statuses: 0 done, 1 could not run (port in use), 2 bad usage or bad config (argparse's
+convention), 130 interrupted before the server started.
+
+gunicorn is reached only through :mod:`softlb.server`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Final
+
+from softlb import __version__
+from softlb.config import load_config, parse_listen
+from softlb.demo import DEFAULT_PORT, HOST, run_demo
+from softlb.durations import parse_duration
+from softlb.errors import ConfigError
+from softlb.server import (
+    DEFAULT_THREADS,
+    DEFAULT_WORKERS,
+    GRACEFUL_TIMEOUT,
+    BindError,
+    ServeOptions,
+    check_bindable,
+    serve,
+)
+
+if TYPE_CHECKING:
+    from softlb.config import Config
+
+__all__ = ["main"]
+
+PROG: Final = "softlb"
+DEFAULT_CONFIG: Final = "config.json"
+
+#: Exit statuses.
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+class _CommandError(Exception):
+    """Ends the command with ``softlb: error: <message>`` and ``status``."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# --------------------------------------------------------------------------- argument types
+# argparse turns ArgumentTypeError into "softlb serve: error: argument --bind: <message>".
+
+
+def _without_key(error: ConfigError, key: str) -> str:
+    text = str(error)
+    return text[len(key) + 2 :] if text.startswith(f"{key}: ") else text
+
+
+def _bind(value: str) -> str:
+    """``--bind``: any listen address the config accepts, returned as ``HOST:PORT``."""
+    try:
+        host, port = parse_listen(value, key="--bind")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(_without_key(exc, "--bind")) from None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {number}")
+    return number
+
+
+def _port(value: str) -> int:
+    number = _positive(value)
+    if number > 65535:
+        raise argparse.ArgumentTypeError(f"port {number} is out of range; use 1 to 65535")
+    return number
+
+
+def _duration(value: str) -> float:
+    try:
+        return parse_duration(value, key="--graceful-timeout")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(_without_key(exc, "--graceful-timeout")) from None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _problems(error: ConfigError, path: str) -> list[str]:
+    """Each problem of ``error`` as a line that starts with the file name."""
+    return [p if p.startswith(f"{path}: ") else f"{path}: {p}" for p in error.problems]
+
+
+def _load(path: str, *, defaulted: bool) -> Config:
+    """The config at ``path``; a :class:`_CommandError` of one line if it is bad or missing."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        lines = _problems(exc, path)
+        message = lines[0]
+        if len(lines) > 1:
+            more = len(lines) - 1
+            message += (
+                f" (and {more} more problem{'s' if more > 1 else ''}; "
+                f'run "softlb check --config {path}" to list them all)'
+            )
+        elif defaulted and message.endswith("config file not found"):
+            message += ' (pass --config PATH, or try "softlb demo" for a setup-free start)'
+        raise _CommandError(message, EXIT_USAGE) from None
+
+
+def _summary(config: Config) -> str:
+    count = len(config.servers)
+    return f"{config.algorithm}, {count} backend{'' if count == 1 else 's'}"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate a config: one OK line and 0, or one line per problem and 2."""
+    if args.path is not None and args.config is not None and args.path != args.config:
+        raise _CommandError("give the config once: either --config PATH or PATH", EXIT_USAGE)
+    path = args.path or args.config or DEFAULT_CONFIG
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for line in _problems(exc, path):
+            print(line, file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{path}: OK ({_summary(config)}, listen {config.listen})")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the balancer on gunicorn until SIGINT/SIGTERM."""
+    config = _load(args.config or DEFAULT_CONFIG, defaulted=args.config is None)
+    options = ServeOptions(
+        bind=args.bind,
+        workers=args.workers,
+        threads=args.threads,
+        graceful_timeout=args.graceful_timeout,
+        access_log=args.access_log,
+    )
+    try:
+        check_bindable(options.bind or config.listen)
+    except BindError as exc:
+        raise _CommandError(str(exc), EXIT_FAILED) from None
+    return serve(config, options)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Three demo backends and a balancer in front of them, until SIGINT/SIGTERM."""
+    port: int = DEFAULT_PORT if args.port is None else args.port
+    try:
+        check_bindable(f"{HOST}:{port}")
+    except BindError as exc:
+        hint = "" if args.port is not None else "; pick another port with --port N"
+        raise _CommandError(f"{exc}{hint}", EXIT_FAILED) from None
+    return run_demo(port)
+
+
+# --------------------------------------------------------------------------- the parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``softlb`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="softlb: an HTTP load balancer with health checks and an admin API.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    commands.required = True
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the balancer (gunicorn, gthread workers)",
+        description="Run the balancer until SIGINT/SIGTERM, then let in-flight requests "
+        "finish (up to the graceful timeout) and exit 0.",
+    )
+    serve.add_argument(
+        "--config", metavar="PATH", help=f"config file (default: ./{DEFAULT_CONFIG})"
+    )
+    serve.add_argument(
+        "--bind",
+        metavar="HOST:PORT",
+        type=_bind,
+        help="listen address; overrides the config's listen",
+    )
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        type=_positive,
+        default=DEFAULT_WORKERS,
+        help=f"worker processes (default: {DEFAULT_WORKERS})",
+    )
+    serve.add_argument(
+        "--threads",
+        metavar="N",
+        type=_positive,
+        default=DEFAULT_THREADS,
+        help=f"threads per worker: requests proxied at once (default: {DEFAULT_THREADS})",
+    )
+    serve.add_argument(
+        "--graceful-timeout",
+        metavar="DURATION",
+        type=_duration,
+        default=GRACEFUL_TIMEOUT,
+        help=f'how long in-flight requests may finish on stop, like "30s" '
+        f"(default: {GRACEFUL_TIMEOUT:g}s)",
+    )
+    serve.add_argument(
+        "--access-log", action="store_true", help="log every request on stdout (default: off)"
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+    check = commands.add_parser(
+        "check",
+        help="validate a config file",
+        description="Validate a config file: print OK and exit 0, or print one line per "
+        "problem and exit 2.",
+    )
+    check.add_argument(
+        "--config", metavar="PATH", help=f"config file (default: ./{DEFAULT_CONFIG})"
+    )
+    check.add_argument("path", nargs="?", metavar="PATH", help="config file, as --config")
+    check.set_defaults(handler=cmd_check)
+
+    demo = commands.add_parser(
+        "demo",
+        help="start three demo backends and a balancer in front of them",
+        description="Start three local demo backends and a balancer in front of them, print "
+        "the URLs to try, and run until Ctrl-C.",
+    )
+    demo.add_argument(
+        "--port",
+        metavar="N",
+        type=_port,
+        help=f"balancer port on {HOST} (default: {DEFAULT_PORT})",
+    )
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``softlb`` command line with ``argv`` (default: ``sys.argv[1:]``); return the
+    exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except _CommandError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:  # Ctrl-C before the server took over the signal
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

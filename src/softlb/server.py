@@ -1,0 +1,366 @@
+"""Run the balancer on gunicorn: the only module of softlb that imports gunicorn.
+
+:func:`serve` embeds gunicorn the way its ``examples/standalone_app.py`` does: a
+:class:`~gunicorn.app.base.BaseApplication` whose fields are set before ``super().__init__()``
+and that passes gunicorn only settings it knows. Workers are ``gthread`` (one process, a pool of
+threads), so a slow backend ties up a thread, not a process.
+
+Nothing that owns a thread or a socket is made before the fork. The master parses the config and
+binds the listening socket; the WSGI app — pool, health checker thread, backend connections — is
+built by :meth:`SoftLBServer.load`, which gunicorn calls in each worker after ``fork()``
+(``preload_app`` is off), because threads started before a fork do not exist in the child.
+
+Stopping follows SPEC §1: SIGTERM *and* SIGINT stop accepting, let in-flight requests finish
+for up to the graceful timeout, and the master exits 0. Plain gunicorn treats SIGINT as a quick
+shutdown that cuts requests off; here a first Ctrl-C drains, a second one during the drain quits
+at once (gunicorn's own rule while stopping).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
+
+from softlb.config import Config
+
+__all__ = [
+    "DEFAULT_THREADS",
+    "DEFAULT_WORKERS",
+    "GRACEFUL_TIMEOUT",
+    "BindError",
+    "ServeOptions",
+    "SoftLBServer",
+    "banner",
+    "check_bindable",
+    "serve",
+    "startup_warnings",
+]
+
+#: One worker process by default: until shared state lands (SPEC §7), every worker keeps its
+#: own pool, so one worker is the only setting where the admin API sees the whole truth.
+DEFAULT_WORKERS: Final = 1
+#: Threads per worker: how many requests one worker proxies at once. Each one waiting on a slow
+#: backend holds a thread, so this is higher than a CPU-bound app would use; the backend
+#: connection pools are sized to match.
+DEFAULT_THREADS: Final = 16
+#: Seconds in-flight requests get to finish after SIGTERM/SIGINT (SPEC §1).
+GRACEFUL_TIMEOUT: Final = 30.0
+#: Seconds an idle client connection is kept open: nginx's ``keepalive_timeout`` is 75 s, but a
+#: gthread worker holds a file descriptor per idle connection; 5 s covers a page and its assets.
+KEEPALIVE: Final = 5
+#: Floor of gunicorn's worker timeout (the master kills a worker silent for that long). A gthread
+#: worker's main loop keeps reporting while its threads wait on backends, so this only catches a
+#: wedged worker; it is kept well above the backend read timeout anyway.
+WORKER_TIMEOUT_MIN: Final = 60
+#: Added to the backend read timeout to get the worker timeout.
+WORKER_TIMEOUT_SLACK: Final = 30
+
+_STATE_MEMORY: Final = "memory"
+
+log = logging.getLogger("softlb.server")
+
+WSGIApp = Callable[..., Iterable[bytes]]
+
+
+class BindError(Exception):
+    """The listen address cannot be bound (in use, not permitted, not a local address)."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How :func:`serve` runs gunicorn; every field has the default ``softlb serve`` uses.
+
+    ``bind`` is ``HOST:PORT`` (an IPv6 host in brackets); ``None`` means the config's listen
+    address.
+    """
+
+    bind: str | None = None
+    workers: int = DEFAULT_WORKERS
+    threads: int = DEFAULT_THREADS
+    graceful_timeout: float = GRACEFUL_TIMEOUT
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.graceful_timeout < 0:
+            raise ValueError(f"graceful_timeout must be >= 0, got {self.graceful_timeout}")
+
+
+# --------------------------------------------------------------------------- before starting
+
+
+def _split_bind(bind: str) -> tuple[str, int]:
+    """``("::1", 8080)`` from ``"[::1]:8080"``; the address was validated by parse_listen."""
+    host, _, port = bind.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _url_host(host: str) -> str:
+    """The host part of a URL for ``host``: brackets around IPv6 addresses."""
+    return f"[{host}]" if ":" in host else host
+
+
+def _local_host(host: str) -> str:
+    """A host a browser on this machine can reach for a socket bound to ``host``."""
+    if host == "0.0.0.0":
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def check_bindable(bind: str) -> None:
+    """Raise :class:`BindError` (one line) if nothing could listen on ``bind`` right now.
+
+    gunicorn itself retries a busy address five times, a second apart, then logs several lines;
+    trying first gives the user one clear line at once. The socket is bound the way gunicorn
+    binds it (``SO_REUSEADDR``) and closed again, so a port in TIME_WAIT is not refused.
+    """
+    host, port = _split_bind(bind)
+    # The family gunicorn picks: IPv6 for an IPv6 literal, IPv4 for anything else.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except socket.gaierror as exc:
+        raise BindError(f"cannot listen on {bind}: unknown host ({exc.strerror})") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            why = "the port is already in use (is another softlb or server running?)"
+        elif exc.errno == errno.EACCES:
+            why = "permission denied (ports below 1024 need privileges)"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            why = "the address is not one of this machine's"
+        else:
+            why = exc.strerror or str(exc)
+        raise BindError(f"cannot listen on {bind}: {why}") from None
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def banner(config: Config, options: ServeOptions, *, version: str) -> str:
+    """The one line ``softlb serve`` prints before gunicorn's logs."""
+    bind = options.bind or config.listen
+    host, port = _split_bind(bind)
+    local = f"http://{_url_host(_local_host(host))}:{port}"
+    where = f"http://{_url_host(host)}:{port}"
+    if local != where:
+        where += " (all interfaces)"
+    shape = (
+        f"{config.algorithm}, {_plural(len(config.servers), 'backend')}, "
+        f"{_plural(options.workers, 'worker')} × {options.threads} threads"
+    )
+    prefix = config.admin.prefix.rstrip("/")
+    return f"softlb {version} serving on {where} ({shape}); admin at {local}{prefix}/"
+
+
+def startup_warnings(config: Config, options: ServeOptions) -> list[str]:
+    """One line for each setting that does not do yet what SPEC §7 promises."""
+    warnings = []
+    if options.workers > 1:
+        warnings.append(
+            f"softlb: warning: --workers {options.workers}: shared state is not implemented "
+            "yet, so each worker keeps its own pool state (membership, health, in-flight "
+            "counts) and an admin change reaches only the worker that served it"
+        )
+    state = config.state
+    if state is not None and state != _STATE_MEMORY:
+        scheme = state.split(":", 1)[0]
+        warnings.append(
+            f'softlb: warning: state "{scheme}:..." is not implemented yet; '
+            'using "memory" (each worker keeps its own pool state)'
+        )
+    return warnings
+
+
+# --------------------------------------------------------------------------- worker hooks
+# gunicorn calls these by name from its config; each must take exactly the arguments it is given.
+
+
+def _post_worker_init(worker: Any) -> None:
+    """In a worker, after the app was built: make SIGINT drain like SIGTERM.
+
+    A Ctrl-C in a terminal reaches every process of the group, the workers too; gunicorn's
+    workers take SIGINT as "quit now" and would cut in-flight requests off before the master's
+    graceful SIGTERM arrives.
+    """
+    signal.signal(signal.SIGINT, worker.handle_exit)
+    signal.siginterrupt(signal.SIGINT, False)
+
+
+def _worker_exit(server: Any, worker: Any) -> None:
+    """In a worker that is leaving: stop the health checker and close backend connections."""
+    app = getattr(worker, "wsgi", None)
+    stop = getattr(app, "stop", None)
+    if callable(stop):
+        try:
+            stop()
+        except Exception:  # the worker is exiting anyway; say why, never mask its exit
+            log.exception("error while stopping the app in worker %s", os.getpid())
+
+
+class _Arbiter(Arbiter):  # type: ignore[misc]  # gunicorn has no type hints
+    """gunicorn's master, with SIGINT as graceful as SIGTERM (SPEC §1)."""
+
+    def handle_int(self) -> None:
+        self.handle_term()
+
+
+# --------------------------------------------------------------------------- the application
+
+
+class SoftLBServer(BaseApplication):  # type: ignore[misc]  # gunicorn has no type hints
+    """gunicorn, embedded: runs the app ``factory`` builds, one per worker, after the fork.
+
+    ``settings`` are gunicorn settings by name; any this gunicorn version does not know is
+    skipped, so that one softlb runs on every gunicorn it supports.
+    """
+
+    def __init__(self, factory: Callable[[], WSGIApp], settings: dict[str, Any]) -> None:
+        self.factory = factory
+        self.settings = settings
+        self.master_pid = os.getpid()
+        super().__init__(prog="softlb")
+
+    def load_config(self) -> None:
+        known = self.cfg.settings
+        for name, value in self.settings.items():
+            if name in known and value is not None:
+                self.cfg.set(name, value)
+
+    def load(self) -> WSGIApp:
+        """Build the app; gunicorn calls this in each worker after ``fork()``."""
+        return self.factory()
+
+    def run(self) -> int:
+        """Run until stopped; return the master's exit status.
+
+        A worker never returns from here: it leaves with ``os._exit()`` once gunicorn is done
+        with it, as ``multiprocessing`` children do, so that nothing the caller does after
+        :func:`serve` (stopping the demo's backends, ``finally`` blocks, ``atexit``) runs in a
+        forked copy of the master.
+        """
+        try:
+            _Arbiter(self).run()
+        except SystemExit as exc:
+            status = _exit_status(exc.code)
+        except RuntimeError as exc:  # what BaseApplication.run() reports: bad worker class...
+            print(f"softlb: error: {exc}", file=sys.stderr)
+            status = 1
+        else:
+            status = 0
+        if os.getpid() != self.master_pid:
+            _flush()
+            os._exit(status)
+        return status
+
+
+def _exit_status(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        # A closed stream or a broken pipe: there is nothing more to say anyway.
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+
+
+def gunicorn_settings(config: Config, options: ServeOptions) -> dict[str, Any]:
+    """The gunicorn settings :func:`serve` runs with."""
+    worker_timeout = max(WORKER_TIMEOUT_MIN, math.ceil(config.timeouts.read) + WORKER_TIMEOUT_SLACK)
+    return {
+        "bind": [options.bind or config.listen],
+        "worker_class": "gthread",
+        "workers": options.workers,
+        "threads": options.threads,
+        "preload_app": False,  # the app is built in each worker, after the fork
+        "graceful_timeout": math.ceil(options.graceful_timeout),
+        "timeout": worker_timeout,
+        "keepalive": KEEPALIVE,
+        "accesslog": "-" if options.access_log else None,
+        "errorlog": "-",
+        "loglevel": "info",
+        "proc_name": "softlb",
+        "post_worker_init": _post_worker_init,
+        "worker_exit": _worker_exit,
+        # gunicorn >= 25.1 opens a control socket at one fixed path per user; two balancers on
+        # one machine would fight over it, and softlb has its own admin API.
+        "control_socket_disable": True,
+    }
+
+
+def _configure_logging() -> None:
+    """Send softlb's own log lines to stderr in gunicorn's format, unless logging is set up."""
+    logger = logging.getLogger("softlb")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(
+            "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+            datefmt="%Y-%m-%d %H:%M:%S %z",
+        )
+    )
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def serve(
+    config: Config,
+    options: ServeOptions | None = None,
+    *,
+    factory: Callable[[], WSGIApp] | None = None,
+) -> int:
+    """Run the balancer for ``config`` on gunicorn until SIGTERM/SIGINT; return the exit status.
+
+    ``factory`` builds the WSGI app in each worker; by default it is
+    ``Application(config, threads=options.threads)``. The banner and any warnings are printed
+    first. The listen address should have been checked with :func:`check_bindable`.
+    """
+    options = options or ServeOptions()
+    if factory is None:
+        threads = options.threads
+
+        def factory() -> WSGIApp:
+            from softlb.wsgi import Application
+
+            return Application(config, threads=threads)
+
+    from softlb import __version__
+
+    print(banner(config, options, version=__version__), flush=True)
+    for line in startup_warnings(config, options):
+        print(line, file=sys.stderr, flush=True)
+    _configure_logging()
+    status = SoftLBServer(factory, gunicorn_settings(config, options)).run()
+    if status in (Arbiter.WORKER_BOOT_ERROR, Arbiter.APP_LOAD_ERROR):
+        print(
+            "softlb: error: the worker could not start the balancer; the log above says why",
+            file=sys.stderr,
+            flush=True,
+        )
+    return status

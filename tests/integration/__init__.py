@@ -1,0 +1,1 @@
+"""Integration tests: softlb and gunicorn in real subprocesses, in front of real backends."""
