@@ -190,8 +190,8 @@ def test_check_bad_config(
     path = write(tmp_path, content)
     status, out, err = run(capsys, "check", "--config", path)
     assert status == 2
-    assert out == ""
-    lines = err.splitlines()
+    assert err == ""  # the problems are check's report: stdout, as a linter's
+    lines = out.splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"{path}: ")
     assert expected in lines[0]
@@ -206,9 +206,9 @@ def test_check_lists_every_problem(capsys: pytest.CaptureFixture[str], tmp_path:
         "bogus": 1,
     }
     path = write(tmp_path, bad)
-    status, _, err = run(capsys, "check", "--config", path)
+    status, out, _ = run(capsys, "check", "--config", path)
     assert status == 2
-    lines = err.splitlines()
+    lines = out.splitlines()
     assert len(lines) == 5, lines
     assert all(line.startswith(f"{path}: ") for line in lines)
     keys = {line[len(path) + 2 :].split(":", 1)[0] for line in lines}
@@ -218,9 +218,9 @@ def test_check_lists_every_problem(capsys: pytest.CaptureFixture[str], tmp_path:
 def test_check_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """A config file that does not exist: one line, exit 2."""
     path = str(tmp_path / "nope.json")
-    status, _, err = run(capsys, "check", "--config", path)
+    status, out, _ = run(capsys, "check", "--config", path)
     assert status == 2
-    assert err == f"{path}: config file not found\n"
+    assert out == f"{path}: config file not found\n"
 
 
 # --------------------------------------------------------------------------- serve and demo

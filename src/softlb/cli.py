@@ -134,8 +134,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(path)
     except ConfigError as exc:
+        # The problems are what was asked for, so they go to stdout, as a linter's do.
         for line in _problems(exc, path):
-            print(line, file=sys.stderr)
+            print(line)
         return EXIT_USAGE
     print(f"{path}: OK ({_summary(config)}, listen {config.listen})")
     return EXIT_OK
