@@ -56,8 +56,8 @@ def post_worker_init(worker: Any) -> None:
     opened in the master would be shared by every worker. gunicorn loads the app, with
     preload_app off, in the worker itself: that is when softlb.wsgi.create_app() builds the pool,
     starts the health-check thread and opens backend connections, one set per worker. (With
-    --preload the app is built in the master, and it restarts its checker and connection pools in
-    each worker on its first request; the default above avoids even that.)
+    --preload the app is built in the master, and softlb starts a fresh checker and fresh
+    connection pools in each worker right after the fork; the default above avoids even that.)
     """
     worker.log.info("softlb app ready in worker %s", worker.pid)
 

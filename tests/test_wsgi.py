@@ -444,3 +444,18 @@ def test_backend_base_path_is_prepended(backend: TestBackend) -> None:
     _, client = make([Backend(backend.url + "/api")])
     client.get("/v1/items?x=1")
     assert backend.last.target == "/api/v1/items?x=1"
+
+
+def test_client_that_stops_mid_upload_is_not_held_against_the_backend(
+    backend: TestBackend, proxy: tuple[LoadBalancer, Client]
+) -> None:
+    """A streamed upload cut short by the client gets 400 and records no backend failure."""
+    lb, client = proxy
+    response = client.post(
+        "/upload",
+        input_stream=io.BytesIO(b"x" * 100_000),
+        environ_overrides={"CONTENT_LENGTH": "1000000"},
+    )
+    assert response.status_code == 400
+    member = lb.pool.get(backend.url)
+    assert (member.failures, member.active, member.healthy) == (0, 0, True)

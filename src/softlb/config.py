@@ -189,9 +189,9 @@ class AdminConfig:
 class Config:
     """A whole validated config. Every field has the default SPEC §2 gives it.
 
-    ``state`` is ``None`` when the file does not set it, so that the CLI can pick ``memory`` for
-    one worker and sqlite for several. ``source`` is the file the config came from, if any, for
-    messages.
+    ``state`` is ``None`` when the file does not set it, so that the CLI can choose by the
+    number of workers (today always ``memory``; shared state is planned). ``source`` is the
+    file the config came from, if any, for messages.
     """
 
     listen_host: str = "127.0.0.1"

@@ -112,6 +112,7 @@ class HealthState:
         self.failures = 0
 
     def success(self) -> bool | None:
+        """Record a successful check; return ``True`` if the backend just came back up."""
         self.failures = 0
         if self.healthy:
             self.fragile = False
@@ -123,6 +124,7 @@ class HealthState:
         return None
 
     def failure(self) -> bool | None:
+        """Record a failed check; return ``False`` if the backend just went down."""
         self.successes = 0
         if not self.healthy:
             return None
@@ -188,8 +190,6 @@ class HealthChecker:
             raise ValueError(f"health check path must start with '/', got {path!r}")
         HealthState(rise, fall)  # validates rise/fall
         self.pool = pool
-        if initial_state == "down":
-            pool.admit_healthy = False
         self.path = path
         self.interval = float(interval)
         self.timeout = float(timeout)
@@ -220,6 +220,8 @@ class HealthChecker:
 
     def _watch(self) -> None:
         """Track the pool's members from now on; every current member is due at once."""
+        if self.initial_state == "down":  # a backend added from now on waits for its probes
+            self.pool.admit_healthy = False
         self._unsubscribe = self.pool.subscribe(self._on_event)
         now = self.clock()
         for backend in self.pool.backends:
@@ -389,6 +391,8 @@ class HealthChecker:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+            if self.initial_state == "down":  # nobody will probe new backends any more
+                self.pool.admit_healthy = True
         if thread is not None:
             thread.join(timeout)
         if executor is not None:

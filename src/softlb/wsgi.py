@@ -225,8 +225,8 @@ class LoadBalancer:
     ``rewrite(request, environ)``, if given, may change the method, target or headers of
     each :class:`UpstreamRequest` before it is sent (default: nothing changes).
     ``error_handler(environ, error)`` makes the answer for a request that could not be
-    proxied; if ``None``, the default logs the error and answers with its status and a
-    one-line plain-text reason.
+    proxied; if ``None``, the default (:func:`default_error_page`) answers with the error's
+    status and a one-line plain-text reason. Every failed try is logged either way.
     ``hash_key`` says what request attribute feeds the hashing strategies: ``client_ip``,
     ``path``, ``header:NAME`` or ``cookie:NAME``.
     ``max_connections`` is how many idle connections are kept per backend: the server's
@@ -349,6 +349,9 @@ class LoadBalancer:
                     self.stats.retried()
                     continue
                 break
+            except ClientBodyError:
+                lease.release()  # the client's fault, not the backend's: no failure recorded
+                raise
             except BaseException:
                 lease.release("error")
                 raise

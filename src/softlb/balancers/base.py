@@ -60,7 +60,7 @@ def register(cls: _B) -> _B:
 def balancer_by_name(name: str, **options: object) -> Balancer:
     """Return a new balancer of the strategy called ``name`` (e.g. ``"round_robin"``).
 
-    ``options`` go to the strategy's constructor (``seed=``, ``hash_key=`` ...). An unknown
+    ``options`` go to the strategy's constructor (``seed=`` for the random ones). An unknown
     name raises :class:`ValueError` listing the known ones.
     """
     try:

@@ -14,9 +14,9 @@ __all__ = ["LeastConnections", "load_of"]
 def load_of(backend: Backend) -> float:
     """The load least connections compares: ``(in flight + 1) / effective weight``.
 
-    The ``+ 1`` (HAProxy's ``leastconn`` does the same) makes weights count among idle
-    backends: with nothing in flight, a weight-3 backend scores 1/3 and is preferred to a
-    weight-1 backend scoring 1.
+    The ``+ 1`` makes weights count among idle backends: with nothing in flight, a weight-3
+    backend scores 1/3 and is preferred to a weight-1 backend scoring 1 (nginx's and
+    HAProxy's plain ``in flight / weight`` would score both 0 and alternate).
     """
     return (backend.active + 1) / backend.eff_weight
 
