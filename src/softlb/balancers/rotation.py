@@ -88,7 +88,11 @@ class WeightedRoundRobin(Balancer):
             self._heap = []
         else:
             self._current = []
-            self._heap = [(1.0 / w, i, i) for i, w in enumerate(self._weights)]
+            # Stagger the first deadlines ((i + 1) / n of a period) so that backends of equal
+            # weight do not share every deadline: with a common start, a weight-10 backend
+            # among 39 of weight 1 got its 10 turns back to back, then none for 39 picks.
+            n = len(eligible)
+            self._heap = [((i + 1) / n / w, i, i) for i, w in enumerate(self._weights)]
             heapq.heapify(self._heap)
             self._seq = len(eligible)
 
