@@ -685,3 +685,18 @@ def test_checker_uses_the_http_probe_by_default(
     assert good.healthy
     assert not bad.healthy
     assert [req.path for req, _ in httpserver.log] == ["/healthz"]
+
+
+def test_scattered_passive_failures_do_not_eject(probe: FakeProbe, clock: FakeClock) -> None:
+    """Failed requests count only in a row: a success between them resets the streak."""
+    pool = Pool([A, B], balancer="round_robin")
+    checker = checker_for(pool, probe, clock, rise=2, fall=3)
+    checker.run_pending()
+    a = pool.get(A)
+    others = {pool.get(B)}
+    for _ in range(10):
+        pool.lease(exclude=others).release("connect refused")
+        pool.lease(exclude=others).release("connect refused")
+        pool.lease(exclude=others).release()
+    assert a.healthy
+    assert a.failures == 20

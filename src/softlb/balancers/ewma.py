@@ -11,27 +11,37 @@ from softlb.balancers.randomized import _WeightedDraw
 
 __all__ = ["DEFAULT_RTT", "PeakEwma", "peak_ewma_cost"]
 
-#: Latency assumed for a backend that has not answered yet: "an arbitrary default RTT of
-#: 1 second", as in Finagle's PeakEwma (and tower's port of it). It makes a new backend look
-#: slow until it proves otherwise; the estimate decays towards zero like any other.
+#: Latency assumed for a backend that has not answered yet *while it has requests pending*:
+#: "an arbitrary default RTT of 1 second", as in Finagle's PeakEwma (and tower's port of it).
+#: An unmeasured backend with nothing in flight costs 0, as in Finagle, so a newcomer gets a
+#: request at once and is measured; the penalty keeps a slow newcomer from getting a pile of
+#: requests before its first answer.
 DEFAULT_RTT: Final = 1.0
 
 
 def peak_ewma_cost(
-    backend: Backend, now: float, tau: float = EWMA_DECAY_SECONDS, seeded_at: float | None = None
+    backend: Backend,
+    now: float,
+    tau: float = EWMA_DECAY_SECONDS,
+    seeded_at: float | None = None,
 ) -> float:
-    """Expected cost of one more request: decayed latency estimate × (in flight + 1).
+    """Expected cost of one more request: decayed latency estimate × (in flight + 1) / weight.
 
     The estimate decays towards zero while no sample arrives (tower's ``RttEstimate``), so a
     backend that was slow once is tried again after a while instead of being shunned forever.
+    A backend never measured costs 0 while idle and :data:`DEFAULT_RTT` (decaying from
+    ``seeded_at``, when it joined) while it has requests pending.
     """
+    pending = backend.active + backend.shared_active
     if backend._ewma_at:
         estimate, at = backend._ewma, backend._ewma_at
+    elif pending == 0:
+        return 0.0
     else:
         estimate, at = DEFAULT_RTT, now if seeded_at is None else seeded_at
     if now > at:
         estimate *= math.exp(-(now - at) / tau)
-    return estimate * (backend.active + 1) / backend.eff_weight
+    return estimate * (pending + 1) / backend.eff_weight
 
 
 @register

@@ -16,9 +16,10 @@ def load_of(backend: Backend) -> float:
 
     The ``+ 1`` makes weights count among idle backends: with nothing in flight, a weight-3
     backend scores 1/3 and is preferred to a weight-1 backend scoring 1 (nginx's and
-    HAProxy's plain ``in flight / weight`` would score both 0 and alternate).
+    HAProxy's plain ``in flight / weight`` would score both 0 and alternate). In flight counts
+    this process's requests and, with shared state, the other processes' as last seen.
     """
-    return (backend.active + 1) / backend.eff_weight
+    return (backend.active + backend.shared_active + 1) / backend.eff_weight
 
 
 @register
