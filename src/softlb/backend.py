@@ -91,6 +91,7 @@ class Backend:
         "_lc_key",
         "_pool_id",
         "_ramp_from",
+        "_slot",
         "active",
         "consecutive_failures",
         "draining",
@@ -98,6 +99,7 @@ class Backend:
         "failures",
         "healthy",
         "requests",
+        "shared_active",
         "url",
         "weight",
     )
@@ -118,12 +120,16 @@ class Backend:
     draining: bool
     #: Weight after slow start; equal to ``weight`` outside a ramp.
     eff_weight: float
+    #: Requests in flight on this backend from the *other* processes sharing the pool's state
+    #: (other workers of the host, other hosts); refreshed a few times a second, 0 alone.
+    shared_active: int
 
     def __init__(self, url: str, weight: int = 1) -> None:
         self.url = normalize_url(url)
         self.weight = validate_weight(weight)
         self.eff_weight = float(self.weight)
         self.active = 0
+        self.shared_active = 0
         self.requests = 0
         self.failures = 0
         self.consecutive_failures = 0
@@ -134,6 +140,7 @@ class Backend:
         self._lc_key: float | None = None  # bucket key while indexed by LeastConnections
         self._pool_id: int | None = None  # id() of the owning pool, to refuse sharing
         self._ramp_from: float | None = None  # monotonic start of a slow-start ramp
+        self._slot: int | None = None  # column in the host's shared in-flight table
 
     @property
     def latency(self) -> float | None:

@@ -177,6 +177,7 @@ class HealthChecker:
         probe: Probe | None = None,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
+        on_verdict: Callable[[Backend, bool, str], None] | None = None,
     ) -> None:
         if interval <= 0 or timeout <= 0:
             raise ValueError(f"interval and timeout must be > 0, got {interval} and {timeout}")
@@ -203,6 +204,10 @@ class HealthChecker:
         self.clock = clock
         self._rng = random.Random(seed)
         self._probe: Probe | None = probe
+        #: Called after every active probe with the backend, its verdict (healthy or not, after
+        #: rise/fall) and the probe's detail; shared state publishes verdicts through it.
+        self.on_verdict = on_verdict
+        self._active = True  # whether the scheduler runs probes (passive counting always runs)
         self._lock = threading.RLock()  # re-entrant: pool listeners may call back in
         # protected by _lock:
         self._states: dict[Backend, HealthState] = {}
@@ -255,7 +260,37 @@ class HealthChecker:
                 self._due = [e for e in self._due if e[2] is not event.backend]
                 heapq.heapify(self._due)
         elif event.kind == "failure" and self.passive:
-            self._record(event.backend, False, f"passive: {event.detail}")
+            # Real traffic counts in a row, as Envoy's consecutive-errors outlier detection
+            # does: `fall` failed requests with no success between them take a backend out;
+            # scattered failures among good requests do not.
+            backend = event.backend
+            if backend.consecutive_failures >= self.fall:
+                self._eject(
+                    backend,
+                    f"passive: {backend.consecutive_failures} failed requests in a row, "
+                    f"last {event.detail}",
+                )
+        elif event.kind == "health":
+            # A verdict decided elsewhere (another process, an operator): adopt it, so that a
+            # backend taken out by someone else needs `rise` successes here too.
+            with self._lock:
+                state = self._states.get(event.backend)
+                if state is not None and state.healthy != event.backend.healthy:
+                    state.healthy = event.backend.healthy
+                    state.fragile = False
+                    state.successes = state.failures = 0
+
+    def _eject(self, backend: Backend, detail: str) -> None:
+        """Take a backend out on passive evidence; it returns through `rise` probes."""
+        with self._lock:
+            state = self._states.get(backend)
+            if state is None or not state.healthy:
+                return
+            state.healthy, state.fragile = False, False
+            state.successes = state.failures = 0
+            changed = self.pool.set_healthy(backend, False, detail)
+        if changed:
+            log.warning("backend %s is down (%s)", backend.url, detail)
 
     def state_of(self, backend: Backend | str) -> HealthState | None:
         """The rise/fall state kept for a backend (``None`` if it is not tracked)."""
@@ -304,7 +339,32 @@ class HealthChecker:
             log.exception("health probe of %s raised", backend.url)
             result = ProbeResult(False, f"probe error: {type(exc).__name__}")
         self._record(backend, result.ok, result.detail)
+        on_verdict = self.on_verdict
+        if on_verdict is not None:
+            state = self.state_of(backend)
+            if state is not None:
+                on_verdict(backend, state.healthy, result.detail)
         return result
+
+    def set_active(self, active: bool) -> None:
+        """Run active probes (``True``, the default) or only count passive failures.
+
+        Where several processes share a pool, one of them probes and the others pass; the
+        one that takes over probes every backend at once.
+        """
+        with self._lock:
+            if active and not self._active:
+                now = self.clock()
+                self._due.clear()
+                for backend in self._states:
+                    self._schedule(backend, now)
+            self._active = active
+            self._wake.notify_all()
+
+    @property
+    def active(self) -> bool:
+        """Whether active probes run (see :meth:`set_active`)."""
+        return self._active
 
     def _take_due(self, now: float) -> list[Backend]:
         """Pop every tracked backend due by ``now``; the caller holds the lock."""
@@ -346,6 +406,9 @@ class HealthChecker:
             with self._lock:
                 if self._stopping:
                     return
+                if not self._active:
+                    self._wake.wait(timeout=self.interval)
+                    continue
                 now = self.clock()
                 due = self._take_due(now)
                 if not due:

@@ -91,6 +91,9 @@ class Pool:
         self._eligible: tuple[Backend, ...] = ()
         self._ramp_next: float | None = None  # when effective weights must be recomputed
         self._listeners: list[Listener] = []
+        #: Called under the lock with a backend whose counts just changed (a lease taken or
+        #: released); shared state points it at the host's in-flight table.
+        self.count_sink: Callable[[Backend], None] | None = None
         for server in servers:
             backend = self._coerce(server)
             if backend.url in self._members:
@@ -238,6 +241,12 @@ class Pool:
         self._eligible = tuple(eligible)
         self.balancer.rebuild(self._eligible, now)
 
+    def refresh(self) -> None:
+        """Hand the balancer a fresh snapshot, after loads changed outside the pool's view
+        (another process's in-flight counts)."""
+        with self._lock:
+            self._rebuild(self.clock())
+
     # -- leases --------------------------------------------------------------------------
 
     def lease(self, key: str | None = None, *, exclude: Collection[Backend] = ()) -> Lease:
@@ -267,6 +276,8 @@ class Pool:
                 )
             backend.active += 1
             self.balancer.acquired(backend)
+            if self.count_sink is not None:
+                self.count_sink(backend)
         return Lease(self, backend, now)
 
     def _pick_excluding(
@@ -295,6 +306,8 @@ class Pool:
                 backend.consecutive_failures += 1
             if backend._pool_id == id(self):  # not if it was removed (and maybe joined another)
                 self.balancer.released(backend)
+            if self.count_sink is not None:
+                self.count_sink(backend)
         if failure is not None and self._listeners:
             self._emit(PoolEvent("failure", backend, failure))
 
