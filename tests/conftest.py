@@ -8,6 +8,9 @@ import pytest
 
 from tests.helpers.servers import RefusingURL, TestBackend
 
+#: The real redis-server fixtures (redis_server, redis_url, redis_isolated), for every test.
+pytest_plugins = ["tests.helpers.redis_server"]
+
 
 @pytest.fixture
 def backend() -> Iterator[TestBackend]:

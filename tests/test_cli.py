@@ -435,19 +435,32 @@ def test_banner_all_interfaces_and_bind() -> None:
     )
 
 
-def test_no_warning_for_one_worker_and_memory() -> None:
-    """The default setup needs no warning."""
+def test_no_warning_for_one_worker_or_shared_state() -> None:
+    """The default setups need no warning: one worker, or several sharing a store."""
     assert server.startup_warnings(Config(state="memory"), ServeOptions()) == []
+    assert server.startup_warnings(Config(), ServeOptions(workers=3)) == []
+    assert server.startup_warnings(Config(state="sqlite:///s.db"), ServeOptions(workers=3)) == []
 
 
-def test_warnings_for_workers_and_shared_state() -> None:
-    """Several workers, and a shared store, each get one warning line."""
-    warnings = server.startup_warnings(Config(state="sqlite:///state.db"), ServeOptions(workers=3))
-    assert len(warnings) == 2
-    assert all("\n" not in w and w.startswith("softlb: warning: ") for w in warnings)
+def test_warning_for_workers_with_memory_state() -> None:
+    """Several workers told to keep state in memory get one warning line."""
+    warnings = server.startup_warnings(Config(state="memory"), ServeOptions(workers=3))
+    assert len(warnings) == 1
+    assert "\n" not in warnings[0] and warnings[0].startswith("softlb: warning: ")
     assert "--workers 3" in warnings[0]
     assert "admin change reaches only the worker" in warnings[0]
-    assert 'state "sqlite:..." is not implemented yet; using "memory"' in warnings[1]
+
+
+def test_default_state_is_sqlite_for_several_workers() -> None:
+    """Several workers default to a SQLite file of their own; one worker to memory."""
+    assert server.default_state(Config(), ServeOptions()) == ("memory", [])
+    state, files = server.default_state(Config(), ServeOptions(workers=2))
+    assert state.startswith("sqlite:////") and state.endswith(".db")
+    assert files[0] == state[len("sqlite:///") :]
+    assert server.default_state(Config(state="redis://h:1/0"), ServeOptions(workers=2)) == (
+        "redis://h:1/0",
+        [],
+    )
 
 
 def test_gunicorn_settings() -> None:

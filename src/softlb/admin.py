@@ -31,6 +31,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -44,11 +45,13 @@ from softlb.errors import BackendExists, InvalidBackend, UnknownBackend
 from softlb.http.headers import is_chunked_request
 from softlb.metrics import Metrics
 from softlb.pool import Pool
+from softlb.state.base import StoreUnavailable
 from softlb.stats import ProxyStats
 from softlb.status_page import render_status_page
 
 if TYPE_CHECKING:
     from softlb.health import HealthChecker
+    from softlb.state.sync import SharedState
     from softlb.wsgi import Environ, StartResponse
 
 __all__ = ["MAX_BODY", "SEED_ADD", "SEED_REMOVE", "AdminApi"]
@@ -172,6 +175,7 @@ class AdminApi:
         stats: ProxyStats | None = None,
         checker: HealthChecker | None = None,
         on_remove: Callable[[str], None] | None = None,
+        state: SharedState | None = None,
     ) -> None:
         if not isinstance(prefix, str) or not prefix.startswith("/") or not prefix.rstrip("/"):
             raise ValueError(f"admin prefix must be a path like '/_softlb', got {prefix!r}")
@@ -183,8 +187,13 @@ class AdminApi:
         self.stats = stats if stats is not None else ProxyStats()
         self.checker = checker
         self.on_remove = on_remove
+        #: Where membership changes go first when processes share state; reassigned after a
+        #: fork. ``None``: straight to the pool.
+        self.state = state
         self._token = token.encode() if token is not None else None
-        self._metrics = Metrics(pool, self.stats, version=__version__)
+        self._metrics = Metrics(
+            pool, self.stats, version=__version__, figures=self.figures, stale=self._stale
+        )
         self._started = time.monotonic()
         p = self.prefix
         self._routes: dict[str, dict[str, Handler]] = {
@@ -356,19 +365,32 @@ class AdminApi:
 
     # -- routes --------------------------------------------------------------------------
 
+    def figures(self) -> list[dict[str, object]]:
+        """Every backend as reported: with host-wide counts when processes share state."""
+        state = self.state
+        if state is not None:
+            return state.figures()
+        return [b.as_dict() for b in self.pool.backends]
+
+    def _stale(self) -> bool:
+        return self.state is not None and self.state.stale
+
     def _list(self, environ: Environ) -> _Response:
-        return _json_body(200, {"servers": [b.as_dict() for b in self.pool.backends]})
+        return _json_body(200, {"servers": self.figures()})
 
     def _add(self, environ: Environ) -> _Response:
         data = self._read_object(environ, ("url", "weight"))
         try:
             url = normalize_url(data["url"])
             weight = validate_weight(data.get("weight", 1))
-            backend = self.pool.add(url, weight)
+            state = self.state
+            backend = state.add(url, weight) if state is not None else self.pool.add(url, weight)
         except InvalidBackend as exc:
             raise _Refused(400, str(exc)) from None
         except BackendExists as exc:
             raise _Refused(409, str(exc)) from None
+        except StoreUnavailable as exc:
+            raise _Refused(503, f"state store unavailable, nothing changed: {exc}") from None
         log.info("backend %s (weight %d) added by %s", url, weight, environ.get("REMOTE_ADDR", "?"))
         return _json_body(201, backend.as_dict())
 
@@ -376,11 +398,14 @@ class AdminApi:
         data = self._read_object(environ, ("url",))
         try:
             url = normalize_url(data["url"])
-            backend = self.pool.remove(url)
+            state = self.state
+            backend = state.remove(url) if state is not None else self.pool.remove(url)
         except InvalidBackend as exc:
             raise _Refused(400, str(exc)) from None
         except UnknownBackend as exc:
             raise _Refused(404, str(exc)) from None
+        except StoreUnavailable as exc:
+            raise _Refused(503, f"state store unavailable, nothing changed: {exc}") from None
         log.info(
             "backend %s removed by %s (%d requests in flight finish)",
             backend.url,
@@ -420,6 +445,7 @@ class AdminApi:
             }
         return {
             "version": __version__,
+            "pid": os.getpid(),  # which worker answered, when several serve one port
             "algorithm": self.pool.balancer.name,
             "uptime_seconds": round(time.monotonic() - self._started, 3),
             "health_check": health,
@@ -428,7 +454,19 @@ class AdminApi:
                 "retries": snap["retries"],
                 "errors": {str(status): count for status, count in sorted(errors.items())},
             },
-            "servers": [b.as_dict() for b in self.pool.backends],
+            "state": self._state_status(),
+            "servers": self.figures(),
+        }
+
+    def _state_status(self) -> dict[str, object]:
+        state = self.state
+        if state is None:
+            return {"store": "memory", "stale": False}
+        return {
+            "store": state.store.kind,
+            "stale": state.stale,
+            "error": state.last_error,
+            "prober": state.checker.active if state.checker is not None else None,
         }
 
     def _status_json(self, environ: Environ) -> _Response:

@@ -27,7 +27,7 @@ name                                   type       what
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final, cast
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -55,10 +55,20 @@ _BACKEND: Final = ["backend"]
 class SoftLBCollector:
     """A prometheus_client collector that reads a pool and proxy stats at scrape time."""
 
-    def __init__(self, pool: Pool, stats: ProxyStats, *, version: str = "") -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        stats: ProxyStats,
+        *,
+        version: str = "",
+        figures: Callable[[], list[dict[str, object]]] | None = None,
+        stale: Callable[[], bool] | None = None,
+    ) -> None:
         self.pool = pool
         self.stats = stats
         self.version = version
+        self.figures = figures
+        self.stale = stale
 
     def collect(self) -> Iterator[Metric]:
         """Yield every metric family, built from the figures as they are now."""
@@ -94,11 +104,18 @@ class SoftLBCollector:
             "Peak-EWMA of the backend's answer latency (absent before its first answer).",
             labels=_BACKEND,
         )
+        shared = {f["url"]: f for f in self.figures()} if self.figures is not None else {}
         for backend in backends:
             label = [backend.url]
-            requests.add_metric(label, backend.requests)
-            failures.add_metric(label, backend.failures)
-            in_flight.add_metric(label, backend.active)
+            figure = shared.get(backend.url)
+            if figure is not None:  # host-wide counts, summed over the processes sharing state
+                requests.add_metric(label, cast(int, figure["requests"]))
+                failures.add_metric(label, cast(int, figure["failures"]))
+                in_flight.add_metric(label, cast(int, figure["active"]))
+            else:
+                requests.add_metric(label, backend.requests)
+                failures.add_metric(label, backend.failures)
+                in_flight.add_metric(label, backend.active)
             healthy.add_metric(label, 1 if backend.healthy else 0)
             draining.add_metric(label, 1 if backend.draining else 0)
             weight.add_metric(label, backend.weight)
@@ -109,6 +126,11 @@ class SoftLBCollector:
         if latency.samples:
             yield latency
         yield GaugeMetricFamily("softlb_backends", "Backends in the pool.", value=len(backends))
+        yield GaugeMetricFamily(
+            "softlb_state_stale",
+            "1 while the shared state store cannot be reached (the last known state is used).",
+            value=1 if self.stale is not None and self.stale() else 0,
+        )
 
         snap = self.stats.snapshot()
         yield CounterMetricFamily(
@@ -162,9 +184,17 @@ class Metrics:
     process-wide default registry is left to the application.
     """
 
-    def __init__(self, pool: Pool, stats: ProxyStats, *, version: str = "") -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        stats: ProxyStats,
+        *,
+        version: str = "",
+        figures: Callable[[], list[dict[str, object]]] | None = None,
+        stale: Callable[[], bool] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = SoftLBCollector(pool, stats, version=version)
+        self.collector = SoftLBCollector(pool, stats, version=version, figures=figures, stale=stale)
         self.registry.register(self.collector)
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:

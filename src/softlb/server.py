@@ -48,8 +48,8 @@ __all__ = [
     "startup_warnings",
 ]
 
-#: One worker process by default: until shared state lands (SPEC §7), every worker keeps its
-#: own pool, so one worker is the only setting where the admin API sees the whole truth.
+#: One worker process by default. With more, the workers share their state through a SQLite
+#: file in a runtime directory unless the config names a store (SPEC §7).
 DEFAULT_WORKERS: Final = 1
 #: Threads per worker: how many requests one worker proxies at once. Each one waiting on a slow
 #: backend holds a thread, so this is higher than a CPU-bound app would use; the backend
@@ -173,22 +173,33 @@ def banner(config: Config, options: ServeOptions, *, version: str) -> str:
 
 
 def startup_warnings(config: Config, options: ServeOptions) -> list[str]:
-    """One line for each setting that does not do yet what SPEC §7 promises."""
+    """One line for each setting that likely does not do what the user wants."""
     warnings = []
-    if options.workers > 1:
+    if options.workers > 1 and config.state == _STATE_MEMORY:
         warnings.append(
-            f"softlb: warning: --workers {options.workers}: shared state is not implemented "
-            "yet, so each worker keeps its own pool state (membership, health, in-flight "
-            "counts) and an admin change reaches only the worker that served it"
-        )
-    state = config.state
-    if state is not None and state != _STATE_MEMORY:
-        scheme = state.split(":", 1)[0]
-        warnings.append(
-            f'softlb: warning: state "{scheme}:..." is not implemented yet; '
-            'using "memory" (each worker keeps its own pool state)'
+            f'softlb: warning: --workers {options.workers} with state "memory": each worker '
+            "keeps its own pool state (membership, health, in-flight counts), and an admin "
+            "change reaches only the worker that served it; leave state unset to share it"
         )
     return warnings
+
+
+def default_state(config: Config, options: ServeOptions) -> tuple[str, list[str]]:
+    """The store the workers use, and the files to delete at exit (made for this run only).
+
+    The config's ``state`` if set; else ``memory`` for one worker and, for several, a SQLite
+    file in a runtime directory named after this process, so each run starts from the
+    config's servers.
+    """
+    if config.state is not None:
+        return config.state, []
+    if options.workers <= 1:
+        return _STATE_MEMORY, []
+    from softlb.state.sync import runtime_dir
+
+    path = os.path.join(runtime_dir(), f"{config.cluster}-{os.getpid()}.db")
+    files = [path, path + "-wal", path + "-shm", f"{path}.{config.cluster}.slots"]
+    return f"sqlite:///{path}", files
 
 
 # --------------------------------------------------------------------------- worker hooks
@@ -342,13 +353,14 @@ def serve(
     first. The listen address should have been checked with :func:`check_bindable`.
     """
     options = options or ServeOptions()
+    state, scratch = default_state(config, options)
     if factory is None:
         threads = options.threads
 
         def factory() -> WSGIApp:
             from softlb.wsgi import Application
 
-            return Application(config, threads=threads)
+            return Application(config, threads=threads, state=state)
 
     from softlb import __version__
 
@@ -356,7 +368,14 @@ def serve(
     for line in startup_warnings(config, options):
         print(line, file=sys.stderr, flush=True)
     _configure_logging()
-    status = SoftLBServer(factory, gunicorn_settings(config, options)).run()
+    if options.workers > 1 and state != _STATE_MEMORY:
+        print(f"softlb: {options.workers} workers share their state in {state}", flush=True)
+    try:
+        status = SoftLBServer(factory, gunicorn_settings(config, options)).run()
+    finally:  # only the master gets here: workers leave run() through os._exit()
+        for path in scratch:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
     if status in (Arbiter.WORKER_BOOT_ERROR, Arbiter.APP_LOAD_ERROR):
         print(
             "softlb: error: the worker could not start the balancer; the log above says why",

@@ -42,6 +42,7 @@ from softlb.stats import ProxyStats
 if TYPE_CHECKING:
     from softlb.config import Config
     from softlb.health import HealthChecker
+    from softlb.state.sync import SharedState
 
 __all__ = [
     "IDEMPOTENT_METHODS",
@@ -401,24 +402,35 @@ _REASONS: Final = {
 
 
 class Application:
-    """The whole balancer as a WSGI app: pool, health checker, proxy and admin API from a
-    :class:`~softlb.config.Config`.
+    """The whole balancer as a WSGI app: pool, health checker, proxy, admin API and shared
+    state, from a :class:`~softlb.config.Config`.
 
-    Threads (the health checker) and connections are made in the process that serves
-    requests: :meth:`start` runs on creation and again in a child after ``fork()``, so the
-    app is safe under ``gunicorn --preload`` as well as without it.
+    ``state`` overrides the config's ``state`` (``softlb serve --workers N`` passes the
+    SQLite file it made); with neither, the ``SOFTLB_STATE`` environment variable, else
+    ``memory``.
+
+    Threads (the health checker, the state poller), connections and shared files are made in
+    the process that serves requests: :meth:`start` runs on creation and again in a child
+    after ``fork()``, so the app is safe under ``gunicorn --preload`` as well as without it.
     """
 
-    def __init__(self, config: Config, *, threads: int | None = None, start: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        threads: int | None = None,
+        start: bool = True,
+        state: str | None = None,
+    ) -> None:
         from softlb.admin import AdminApi
         from softlb.balancers import balancer_by_name
         from softlb.health import HealthChecker
 
         self.config = config
-        options: dict[str, object] = {}
+        self.state_url = state or config.state or os.environ.get("SOFTLB_STATE") or "memory"
         self.pool = Pool(
             [Backend(s.url, s.weight) for s in config.servers],
-            balancer=balancer_by_name(config.algorithm, **options),
+            balancer=balancer_by_name(config.algorithm),
             slow_start=config.slow_start,
         )
         hc = config.health_check
@@ -452,24 +464,50 @@ class Application:
             checker=self.checker,
             on_remove=self.proxy.upstream.forget,
         )
+        self.state: SharedState | None = None
         self._pid: int | None = None  # the process whose threads are running
         self._start_lock = threading.Lock()
         _FORK_WATCH.add(self)
         if start:
             self.start()
 
+    def _open_state(self) -> SharedState:
+        from softlb.state import open_store
+        from softlb.state.sync import SharedState, node_name, slot_path
+
+        store = open_store(self.state_url, cluster=self.config.cluster)
+        slots = None
+        if store.kind != "memory":
+            from softlb.state.slots import SlotTable
+
+            slots = SlotTable(slot_path(self.state_url, self.config.cluster, node_name()))
+        state = SharedState(
+            self.pool,
+            store,
+            checker=self.checker,
+            seed=[(s.url, s.weight) for s in self.config.servers],
+            slots=slots,
+        )
+        state.on_remove = self.proxy.upstream.forget
+        return state
+
     def start(self) -> None:
-        """Start the health checker in this process; idempotent."""
+        """Start the shared state and the health checker in this process; idempotent."""
         with self._start_lock:
             if self._pid == os.getpid():
                 return
             self._pid = os.getpid()
+            self.state = self._open_state()
+            self.admin.state = self.state
             if self.checker is not None:
+                if self.state.store.kind != "memory":
+                    self.checker.set_active(False)  # until this process wins the prober lease
                 self.checker.start()
+            self.state.start()
 
     def _after_fork(self) -> None:
-        """In a child made by ``fork()``: fresh locks and connections, and the health checker
-        started again if it ran in the parent (its threads did not come along)."""
+        """In a child made by ``fork()``: fresh locks, connections and shared state, and the
+        threads started again if they ran in the parent (they did not come along)."""
         was_running = self._pid is not None
         self._start_lock = threading.Lock()
         self.pool._after_fork()
@@ -479,6 +517,8 @@ class Application:
             maxsize=self.threads,
         )
         self.admin.on_remove = self.proxy.upstream.forget
+        self.pool.count_sink = None
+        self.state = self.admin.state = None  # the parent's; a new one is opened on start
         if self.checker is not None:
             self.checker._after_fork()
         self._pid = None
@@ -486,7 +526,9 @@ class Application:
             self.start()
 
     def stop(self) -> None:
-        """Stop the health checker and close backend connections."""
+        """Stop the threads, give shared resources back and close backend connections."""
+        if self.state is not None:
+            self.state.stop()
         if self.checker is not None:
             self.checker.stop()
         self.proxy.close()
@@ -498,7 +540,9 @@ class Application:
         return self.proxy(environ, start_response)
 
     def __repr__(self) -> str:
-        return f"<Application {self.pool!r} admin={self.config.admin.prefix}>"
+        return (
+            f"<Application {self.pool!r} state={self.state_url} admin={self.config.admin.prefix}>"
+        )
 
 
 #: Every live Application, so that a forked child can make each one usable again.

@@ -283,19 +283,18 @@ def test_stop_lets_the_request_in_flight_finish(
     assert "Quick shutdown" not in output
 
 
-def test_two_workers_start_and_warn(
+def test_two_workers_start_and_share_state(
     launch: Launcher, write_config: Callable[..., Path], backend: TestBackend
 ) -> None:
-    """--workers 2 starts two workers and warns, in one line, that their state is not
-    shared."""
+    """--workers 2 starts two workers that share their state through SQLite, without a
+    warning."""
     port = free_port()
     config = write_config({"listen": f"127.0.0.1:{port}", "servers": [backend.url], **PROBES})
     running = launch(serve_argv(config, "--workers", "2", "--threads", "4"), port=port)
     assert len(running.workers(2)) == 2
     assert get(port, "/x") == (200, f"ok from {backend.port}".encode())
-    warnings = [line for line in running.output().splitlines() if "warning" in line]
-    assert len(warnings) == 1
-    assert warnings[0].startswith("softlb: warning: --workers 2: shared state is not")
+    assert "warning" not in running.output()
+    assert "softlb: 2 workers share their state in sqlite:////" in running.output()
     assert "2 workers × 4 threads" in running.output()
     running.signal(signal.SIGTERM)
     assert running.wait() == 0

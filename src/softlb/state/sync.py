@@ -1,0 +1,414 @@
+"""Keeping one process's pool in step with a shared store.
+
+:class:`SharedState` is what a worker runs so that what a user sees does not depend on which
+worker (or host) answered:
+
+* **membership**: admin changes go to the store first, then to the local pool; a background
+  thread polls the store's version a few times a second and applies other processes' changes.
+  If the store comes back empty (it lost its data), the first process to notice writes back
+  the membership it last knew.
+* **health**: one process holds the prober lease and runs the active checks; its verdicts,
+  and the passive ejections any process decides, are written to the store and applied by all.
+* **in-flight counts**: each process writes its own counts to the host's memory-mapped
+  :class:`~softlb.state.slots.SlotTable` under the pool's lock (no I/O); the thread reads the
+  other processes' counts every 100 ms, and exchanges host snapshots through a multi-host
+  store, so least connections and the other load-aware strategies see the whole host.
+
+When the store fails, traffic goes on with the last known membership and health, admin writes
+are refused with :class:`~softlb.state.base.StoreUnavailable` (503), and :attr:`stale` says so
+until the store answers again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Final
+
+from softlb.backend import Backend
+from softlb.pool import Pool, PoolEvent
+from softlb.state.base import HealthVerdict, Membership, StateStore, StoreUnavailable
+
+if TYPE_CHECKING:
+    from softlb.health import HealthChecker
+    from softlb.state.slots import SlotTable
+
+__all__ = [
+    "LOAD_INTERVAL",
+    "POLL_INTERVAL",
+    "PROBER_TTL",
+    "SharedState",
+    "node_name",
+    "runtime_dir",
+    "slot_path",
+    "sqlite_path",
+]
+
+log = logging.getLogger("softlb.state")
+
+#: How often the store's membership version and health verdicts are read. An admin change made
+#: anywhere is applied everywhere within this (plus a store round trip): SPEC §7 asks for 1 s.
+POLL_INTERVAL: Final = 0.25
+
+#: How often other processes' in-flight counts are read from the slot table (and, with a
+#: multi-host store, this host's snapshot published): the age of what least connections sees.
+LOAD_INTERVAL: Final = 0.1
+
+#: Life of the prober lease; renewed every poll, so a dead prober is replaced within this.
+PROBER_TTL: Final = 3.0
+
+#: How often the whole membership is read even when its version has not changed.
+FULL_READ_INTERVAL: Final = 5.0
+
+#: Marker on health changes this module applies, so they are not written back to the store.
+_SHARED: Final = "shared: "
+
+
+def runtime_dir() -> str:
+    """A private directory for files that live as long as the balancer: under
+    ``$XDG_RUNTIME_DIR`` when set, else the temporary directory, per user."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        path = os.path.join(base, "softlb")
+    else:
+        path = os.path.join(tempfile.gettempdir(), f"softlb-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def sqlite_path(state_url: str) -> str:
+    """The file of a ``sqlite:///relative`` or ``sqlite:////absolute`` URL (SQLAlchemy's
+    convention: three slashes, then the path; a fourth makes it absolute)."""
+    rest = state_url[len("sqlite:///") :]
+    return rest if rest.startswith("/") else os.path.abspath(rest)
+
+
+def slot_path(state_url: str, cluster: str, node: str) -> str:
+    """Where the in-flight table of this host lives for a store: beside a SQLite file, or in
+    the runtime directory, named after the store, the cluster and the node."""
+    if state_url.startswith("sqlite:"):
+        return f"{sqlite_path(state_url)}.{cluster}.slots"
+    digest = hashlib.sha1(state_url.encode(), usedforsecurity=False).hexdigest()[:10]
+    safe_node = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in node)
+    return os.path.join(runtime_dir(), f"{cluster}-{safe_node}-{digest}.slots")
+
+
+def node_name() -> str:
+    """This host's name in a shared store: ``$SOFTLB_NODE`` or the host name."""
+    return os.environ.get("SOFTLB_NODE") or socket.gethostname()
+
+
+class SharedState:
+    """Binds a :class:`Pool` (and its :class:`HealthChecker`) to a :class:`StateStore`.
+
+    ``seed`` is the config's ``(url, weight)`` list, written to a store that has no membership
+    yet. ``slots`` is the host's in-flight table, when several processes share this host.
+    Create it in the process that serves requests (after ``fork()``), then :meth:`start`.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        store: StateStore,
+        *,
+        checker: HealthChecker | None = None,
+        seed: Iterable[tuple[str, int]] = (),
+        slots: SlotTable | None = None,
+        node: str | None = None,
+        poll_interval: float = POLL_INTERVAL,
+        load_interval: float = LOAD_INTERVAL,
+        prober_ttl: float = PROBER_TTL,
+    ) -> None:
+        self.pool = pool
+        self.store = store
+        self.checker = checker
+        self.seed = [(url, weight) for url, weight in seed]
+        self.slots = slots
+        self.node = node or node_name()
+        self.owner = f"{self.node}:{os.getpid()}"
+        self.poll_interval = poll_interval
+        self.load_interval = load_interval
+        self.prober_ttl = prober_ttl
+        if checker is not None:
+            self.health_ttl = 3 * checker.interval + 2 * checker.timeout
+        else:
+            self.health_ttl = 30.0
+        #: Called with the URL of every backend that left the pool (the proxy closes its
+        #: pooled connections); reassigned after a fork, like the admin API's.
+        self.on_remove: Callable[[str], None] | None = None
+        #: Whether the last attempt to reach the store failed.
+        self.stale = False
+        #: What went wrong, while :attr:`stale`.
+        self.last_error: str | None = None
+        self._known: Membership | None = None  # the membership last applied
+        self._apply_lock = threading.RLock()  # one membership application at a time
+        self._local = threading.local()  # .applying: health changes made by this module
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._next_poll = 0.0
+        self._next_full_read = 0.0
+        self._remote: dict[str, int] = {}  # other hosts' in-flight counts, by URL
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> SharedState:
+        """Read (or seed) the store once, then keep in step from a background thread."""
+        if self._unsubscribe is None:
+            self._unsubscribe = self.pool.subscribe(self._on_event)
+        if self.slots is not None:
+            self.slots.claim()
+            self.pool.count_sink = self._write_counts
+        if self.checker is not None:
+            self.checker.on_verdict = self._publish_verdict
+        self.poll()
+        if self.store.kind != "memory" and self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="softlb-state", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread, give up the prober lease and close the store."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(5)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        self.pool.count_sink = None
+        with contextlib.suppress(StoreUnavailable):
+            self.store.release_prober(self.owner)
+        self.store.close()
+        if self.slots is not None:
+            self.slots.close()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.load_interval):
+            try:
+                if time.monotonic() >= self._next_poll:
+                    self.poll()
+                self.refresh_loads()
+            except Exception:  # the thread must outlive any surprise
+                log.exception("shared state update failed")
+
+    # -- the store ----------------------------------------------------------------------
+
+    def _failed(self, exc: StoreUnavailable) -> None:
+        if not self.stale:
+            log.warning("state store unavailable, serving with the last known state: %s", exc)
+        self.stale = True
+        self.last_error = str(exc)
+
+    def poll(self) -> None:
+        """One round with the store: membership, health verdicts, prober lease, load."""
+        self._next_poll = time.monotonic() + self.poll_interval
+        store = self.store
+        try:
+            version = store.version()
+            if version is None:
+                known = self._known
+                if known is not None:
+                    log.warning(
+                        "state store has no membership (data lost?): writing back the %d "
+                        "backends last known",
+                        len(known.members),
+                    )
+                    pairs = [(m.url, m.weight) for m in known.members]
+                else:
+                    pairs = self.seed
+                self.apply(store.seed(pairs))
+            elif (
+                self._known is None
+                or version != self._known.version
+                or time.monotonic() >= self._next_full_read
+            ):
+                # A differing version means a change. Every few seconds the membership is
+                # read anyway: a store that lost its data and was written back can reach the
+                # version this process knew with different contents.
+                self._next_full_read = time.monotonic() + FULL_READ_INTERVAL
+                membership = store.membership()
+                if membership is not None:
+                    self.apply(membership)
+            self._apply_health(store.health())
+            if self.checker is not None:
+                self._elect(store.claim_prober(self.owner, self.prober_ttl))
+            if store.multi_host and self.slots is not None:
+                store.publish_load(self.node, self._host_loads(), 2 * self.poll_interval + 1)
+                self._remote = store.remote_load(self.node)
+        except StoreUnavailable as exc:
+            self._failed(exc)
+            return
+        if self.stale:
+            log.warning("state store available again")
+        self.stale = False
+        self.last_error = None
+
+    def _elect(self, prober: bool) -> None:
+        checker = self.checker
+        assert checker is not None
+        if prober != checker.active:
+            log.info(
+                "%s active health checks in this process (%s)",
+                "running" if prober else "leaving",
+                self.owner,
+            )
+            checker.set_active(prober)
+
+    # -- membership ----------------------------------------------------------------------
+
+    def apply(self, membership: Membership) -> None:
+        """Make the local pool match ``membership`` (order, weights, slots)."""
+        with self._apply_lock:
+            local = {b.url: b for b in self.pool.backends}
+            wanted = {m.url: m for m in membership.members}
+            for url, backend in local.items():
+                member = wanted.get(url)
+                if member is None or member.weight != backend.weight:
+                    self._drop(backend)
+            for member in membership.members:
+                present = local.get(member.url)
+                if present is not None and member.weight == present.weight:
+                    if present._slot != member.slot:  # renumbered (a store written back)
+                        self._move_slot(present, member.slot)
+                    continue
+                fresh = Backend(member.url, member.weight)
+                fresh._slot = member.slot
+                try:
+                    self.pool.add(fresh)
+                except Exception:  # already there by a concurrent path: keep it
+                    log.debug("backend %s already present", member.url)
+            self._known = membership
+
+    def _move_slot(self, backend: Backend, slot: int) -> None:
+        """Give a backend a new slot: its counts leave the old column for the new one."""
+        with self.pool._lock:
+            old, backend._slot = backend._slot, slot
+            if self.slots is not None:
+                if old is not None:
+                    self.slots.clear_slot(old)
+                self.slots.set(slot, backend.active, backend.requests, backend.failures)
+
+    def _drop(self, backend: Backend) -> None:
+        slot = backend._slot
+        with self.pool._lock:  # no count may be written to the slot after it is cleared
+            backend._slot = None
+            if slot is not None and self.slots is not None:
+                self.slots.clear_slot(slot)
+        try:
+            self.pool.remove(backend)
+        except Exception:
+            return
+        if self.on_remove is not None:
+            try:
+                self.on_remove(backend.url)
+            except Exception:
+                log.exception("on_remove hook failed for %s", backend.url)
+
+    def add(self, url: str, weight: int) -> Backend:
+        """Add a backend everywhere: to the store first, then here.
+
+        Raises :class:`StoreUnavailable` (nothing changes anywhere),
+        :class:`~softlb.errors.BackendExists`, :class:`~softlb.errors.InvalidBackend`.
+        """
+        membership = self.store.add(url, weight)
+        self.apply(membership)
+        return self.pool.get(url)
+
+    def remove(self, url: str) -> Backend:
+        """Remove a backend everywhere; its requests in flight finish."""
+        backend = self.pool.get(url) if url in self.pool else None
+        membership = self.store.remove(url)
+        self.apply(membership)
+        return backend if backend is not None else Backend(url)
+
+    # -- health --------------------------------------------------------------------------
+
+    def _apply_health(self, verdicts: Mapping[str, HealthVerdict]) -> None:
+        self._local.applying = True
+        try:
+            for backend in self.pool.backends:
+                verdict = verdicts.get(backend.url)
+                if verdict is not None and verdict.healthy != backend.healthy:
+                    self.pool.set_healthy(backend, verdict.healthy, _SHARED + verdict.reason)
+        finally:
+            self._local.applying = False
+
+    def _on_event(self, event: PoolEvent) -> None:
+        if event.kind != "health" or getattr(self._local, "applying", False):
+            return
+        if event.detail.startswith(_SHARED):
+            return
+        # A verdict decided here (passive failures, or this process's probes): share it.
+        self._write_verdict(event.backend, event.backend.healthy, event.detail)
+
+    def _publish_verdict(self, backend: Backend, healthy: bool, detail: str) -> None:
+        """The prober's verdict after each probe, refreshed in the store."""
+        self._write_verdict(backend, healthy, detail)
+
+    def _write_verdict(self, backend: Backend, healthy: bool, detail: str) -> None:
+        try:
+            self.store.set_health(backend.url, HealthVerdict(healthy, detail), self.health_ttl)
+        except StoreUnavailable as exc:
+            self._failed(exc)
+
+    # -- in-flight counts ----------------------------------------------------------------
+
+    def _write_counts(self, backend: Backend) -> None:
+        """Called by the pool, under its lock, whenever a backend's counts change."""
+        slot = backend._slot
+        if slot is not None and self.slots is not None:
+            self.slots.set(slot, backend.active, backend.requests, backend.failures)
+
+    def _host_loads(self) -> dict[str, int]:
+        slots = self.slots
+        if slots is None:
+            return {b.url: b.active for b in self.pool.backends}
+        by_slot = {b._slot: b.url for b in self.pool.backends if b._slot is not None}
+        totals = slots.totals(by_slot)
+        return {url: totals[slot][0] for slot, url in by_slot.items() if slot in totals}
+
+    def refresh_loads(self) -> None:
+        """Read the other processes' in-flight counts and hand the balancer a new snapshot."""
+        slots = self.slots
+        if slots is not None:
+            slots.heartbeat()
+        remote = self._remote
+        changed = False
+        for backend in self.pool.backends:
+            others = remote.get(backend.url, 0)
+            if slots is not None and backend._slot is not None:
+                others += slots.in_flight_of_others(backend._slot)
+            if others != backend.shared_active:
+                backend.shared_active = others
+                changed = True
+        if changed:
+            self.pool.refresh()
+
+    def figures(self) -> list[dict[str, object]]:
+        """Every backend as the admin API reports it, with host-wide counts."""
+        backends = self.pool.backends
+        slots = self.slots
+        if slots is None:
+            return [b.as_dict() for b in backends]
+        totals = slots.totals([b._slot for b in backends if b._slot is not None])
+        out = []
+        for backend in backends:
+            entry = backend.as_dict()
+            if backend._slot is not None and backend._slot in totals:
+                entry["active"], entry["requests"], entry["failures"] = totals[backend._slot]
+            out.append(entry)
+        return out
+
+    def __repr__(self) -> str:
+        state = "stale" if self.stale else "in step"
+        version = self._known.version if self._known else None
+        return f"<SharedState {self.store!r} v{version} {state} owner={self.owner}>"

@@ -1,0 +1,1 @@
+"""Tests of the state stores (one contract suite over all of them) and the in-flight table."""
