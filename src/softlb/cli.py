@@ -1,4 +1,4 @@
-"""The ``softlb`` command: ``serve``, ``check`` and ``demo`` (SPEC §1).
+"""The ``softlb`` command: ``serve``, ``check``, ``demo`` (SPEC §1) and ``simulate``.
 
 Every failure the user can cause — a bad or missing config, a bad flag, a port in use — ends
 with one readable line on stderr and a non-zero exit, never a traceback; so does Ctrl-C.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from softlb import __version__
@@ -86,6 +87,13 @@ def _port(value: str) -> int:
     if number > 65535:
         raise argparse.ArgumentTypeError(f"port {number} is out of range; use 1 to 65535")
     return number
+
+
+def _integer(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
 
 
 def _duration(value: str) -> float:
@@ -170,6 +178,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(port)
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Replay a workload against the strategies; print a table or JSON, maybe draw a chart."""
+    from softlb.simulate import PlotUnavailable, plot, simulate
+
+    scenario: str = args.scenario or ("recorded" if args.csv is not None else "slow-backend")
+    if args.plot is not None and not Path(args.plot).resolve().parent.is_dir():
+        raise _CommandError(f"--plot {args.plot}: no such directory", EXIT_USAGE)
+    strategies = None
+    if args.strategies is not None:
+        strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
+    try:
+        report = simulate(
+            scenario,
+            strategies=strategies,
+            seed=args.seed,
+            requests=args.requests,
+            csv_path=args.csv,
+        )
+    except ValueError as exc:
+        raise _CommandError(str(exc), EXIT_USAGE) from None
+    if args.plot is not None:
+        try:
+            plot(report, args.plot)
+        except PlotUnavailable as exc:
+            raise _CommandError(str(exc), EXIT_FAILED) from None
+        except ValueError as exc:  # a file name matplotlib has no format for
+            raise _CommandError(f"--plot {args.plot}: {exc}", EXIT_USAGE) from None
+        except OSError as exc:
+            raise _CommandError(
+                f"cannot write {args.plot}: {exc.strerror or exc}", EXIT_FAILED
+            ) from None
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.table(), end="")
+        if args.plot is not None:
+            print(f"chart written to {args.plot}")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- the parser
 
 
@@ -250,6 +298,42 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"balancer port on {HOST} (default: {DEFAULT_PORT})",
     )
     demo.set_defaults(handler=cmd_demo)
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="compare the strategies on a simulated or recorded workload",
+        description="Replay a workload against every balancing strategy on a virtual clock "
+        "(no sockets) and report latency percentiles, each backend's share and the tries that "
+        "hit a down backend. The same seed gives the same numbers.",
+    )
+    simulate.add_argument(
+        "--scenario",
+        metavar="NAME",
+        help="slow-backend, slowdown, failure, baseline or recorded "
+        "(default: slow-backend, or recorded with --csv)",
+    )
+    simulate.add_argument(
+        "--strategies",
+        metavar="A,B,...",
+        help="comma-separated algorithm names (default: all seven)",
+    )
+    simulate.add_argument(
+        "--seed", metavar="N", type=_integer, default=1, help="random seed (default: 1)"
+    )
+    simulate.add_argument(
+        "--requests",
+        metavar="N",
+        type=_positive,
+        help="requests per strategy (default: 20000; every row of a --csv)",
+    )
+    simulate.add_argument(
+        "--csv", metavar="FILE", help="recorded workload: time,key,latency[,backend] rows"
+    )
+    simulate.add_argument(
+        "--plot", metavar="FILE.png", help="also draw a chart (needs pip install softlb[plot])"
+    )
+    simulate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    simulate.set_defaults(handler=cmd_simulate)
     return parser
 
 
