@@ -10,11 +10,13 @@ leaves this module as one of :class:`~softlb.errors.UpstreamConnectError` (nothi
 from __future__ import annotations
 
 import http.client
+import importlib.metadata
+import inspect
 import socket
 import ssl
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Final
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Final, TypeAlias, cast
 
 import urllib3
 from urllib3.exceptions import (
@@ -31,7 +33,17 @@ from softlb.backend import Backend
 from softlb.errors import UpstreamBroken, UpstreamConnectError, UpstreamError, UpstreamTimeout
 from softlb.health import ProbeResult, StatusRanges, parse_status_ranges
 
-__all__ = ["CHUNK_SIZE", "SMALL_BODY", "HttpProbe", "Upstream", "UpstreamResponse"]
+__all__ = [
+    "CHUNK_SIZE",
+    "CLIENT_USER_AGENT",
+    "SMALL_BODY",
+    "ClientResponse",
+    "HttpProbe",
+    "TimeoutValue",
+    "Upstream",
+    "UpstreamResponse",
+    "encode_form",
+]
 
 #: Size of the pieces a streamed body is read and written in. 64 KiB matches the socket
 #: buffers on Linux and keeps a 100 MiB body at a constant, small memory cost.
@@ -44,6 +56,17 @@ SMALL_BODY: Final = 64 * 1024
 
 #: User-Agent of health probes, so backends can tell them from client traffic in their logs.
 PROBE_USER_AGENT: Final = f"softlb-health/{__version__}"
+
+#: User-Agent that :class:`softlb.client.BalancedClient` sends when the caller gives none:
+#: urllib3's own default (a drop-in for ``PoolManager`` says the same), with softlb added.
+CLIENT_USER_AGENT: Final = (
+    f"python-urllib3/{importlib.metadata.version('urllib3')} softlb/{__version__}"
+)
+
+#: A timeout as callers give it: seconds for both connect and read, a ``(connect, read)``
+#: pair (``None`` in either place for no limit; requests' convention), a
+#: :class:`urllib3.Timeout`, or ``None`` for the :class:`Upstream`'s own.
+TimeoutValue: TypeAlias = "float | tuple[float | None, float | None] | urllib3.Timeout | None"
 
 
 def translate(exc: BaseException, backend: str, *, sent: bool) -> UpstreamError:
@@ -173,13 +196,16 @@ class Upstream:
         body: bytes | Iterable[bytes] | None,
         *,
         chunked: bool = False,
+        timeout: TimeoutValue = None,
     ) -> UpstreamResponse:
         """Send one request and return the answer's status and headers, body unread.
 
         ``target`` is the path and query as the client sent them; a backend URL with a path
         (``http://host/api``) gets it prepended. ``body`` is bytes, an iterable of bytes
         (streamed, with ``chunked=True`` when its length is unknown) or ``None``.
+        ``timeout`` overrides the connect and read timeouts for this request only.
         """
+        timeout_obj = self.timeout if timeout is None else _as_timeout(timeout)
         pool, base = self._pool_for(backend_url)
         # urllib3 and http.client add User-Agent and Accept-Encoding when a request has none;
         # a proxy must not invent headers the client did not send.
@@ -203,7 +229,7 @@ class Upstream:
                 target,
                 body=body,
                 headers=headers,
-                timeout=self.timeout,
+                timeout=timeout_obj,
                 chunked=chunked,
                 response_conn=conn,
                 preload_content=False,
@@ -227,6 +253,261 @@ class Upstream:
 
     def __repr__(self) -> str:
         return f"<Upstream [{len(self._pools)} backends] maxsize={self.maxsize}>"
+
+
+def _as_timeout(value: TimeoutValue) -> urllib3.Timeout:
+    """A :class:`urllib3.Timeout` from any :data:`TimeoutValue` but ``None``."""
+    if isinstance(value, urllib3.Timeout):
+        return value
+    if isinstance(value, tuple):
+        connect, read = value
+        return urllib3.Timeout(connect=connect, read=read)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return urllib3.Timeout(connect=value, read=value)
+    raise TypeError(
+        f"timeout must be seconds, a (connect, read) pair or a urllib3.Timeout, got {value!r}"
+    )
+
+
+def encode_form(fields: Mapping[str, Any] | Sequence[tuple[str, Any]]) -> tuple[bytes, str]:
+    """A ``multipart/form-data`` body and its Content-Type for form ``fields``, as urllib3's
+    ``request()`` encodes them (a value may be a ``(filename, data[, mime type])`` tuple)."""
+    return urllib3.encode_multipart_formdata(fields)
+
+
+#: What reading a response body can raise below urllib3's own error tree.
+_READ_ERRORS: Final = (HTTPError, OSError, http.client.HTTPException)
+
+#: Whether this urllib3 has ``BaseHTTPResponse(version_string=...)`` (2.3 and later).
+_HAS_VERSION_STRING: Final = (
+    "version_string" in inspect.signature(urllib3.BaseHTTPResponse.__init__).parameters
+)
+
+
+class ClientResponse(urllib3.BaseHTTPResponse):
+    """A backend's answer as a :class:`urllib3.BaseHTTPResponse`, for client-side balancing.
+
+    Everything urllib3's own response offers works the same — ``status``, ``headers``,
+    ``data``, ``json()``, ``read()``, ``stream()``, ``release_conn()``, use as a file — over
+    the response urllib3 made, with two differences:
+
+    * errors while reading the body come out as softlb's
+      (:class:`~softlb.errors.UpstreamTimeout`, :class:`~softlb.errors.UpstreamBroken`);
+    * ``on_done`` is called exactly once, when the request is over as far as the backend is
+      concerned: with ``None`` when the body has been read to the end or the response is
+      closed or released before that (the caller's choice, not the backend's failure), or
+      with the error when reading failed. :mod:`softlb.client` ends the request's lease there.
+
+    A body that was not read to the end is never left on a pooled connection: closing or
+    releasing the response early drops that connection. Answers without a body (HEAD, 204,
+    304) are done at once. Not thread-safe, like urllib3's own responses: one reader.
+
+    :attr:`wrap_error`, when set, turns a softlb error met while reading into the exception
+    to raise instead (chained to it); the requests adapter raises requests' own exceptions so.
+    """
+
+    #: Makes the exception raised when reading the body fails (default: the softlb error).
+    wrap_error: Callable[[UpstreamError], BaseException] | None = None
+
+    def __init__(
+        self,
+        answer: UpstreamResponse,
+        *,
+        request_url: str,
+        decode_content: bool = True,
+        on_done: Callable[[UpstreamError | None], None] | None = None,
+    ) -> None:
+        # Upstream.request makes it with HTTPConnectionPool._make_request: an HTTPResponse.
+        inner = cast(urllib3.HTTPResponse, answer._resp)
+        self._inner = inner  # first: close() (from __del__) must work on a half-made object
+        self._backend = answer._backend
+        self._on_done = on_done
+        self._done = False
+        self._body: bytes | None = None
+        options: dict[str, Any] = {}
+        if _HAS_VERSION_STRING:
+            options["version_string"] = getattr(inner, "version_string", "HTTP/1.1")
+        super().__init__(
+            headers=inner.headers,
+            status=inner.status,
+            version=inner.version,
+            reason=inner.reason,
+            decode_content=decode_content,
+            request_url=request_url,
+            **options,
+        )
+        if inner.length_remaining == 0:  # HEAD, 204, 304, Content-Length: 0
+            self.read()
+
+    # -- the end of the request ------------------------------------------------------------
+
+    def _finish(self, error: UpstreamError | None) -> None:
+        """End the request once: free or drop the connection, then tell ``on_done``."""
+        if self._done:
+            return
+        self._done = True
+        inner = self._inner
+        try:
+            if error is not None or not inner.isclosed():
+                inner.close()  # a half-read connection must never carry another request
+            inner.release_conn()
+        finally:
+            if self._on_done is not None:
+                self._on_done(error)
+
+    def _failed(self, exc: BaseException) -> BaseException:
+        """End the request with the softlb error for ``exc``; return what to raise."""
+        error = translate(exc, self._backend, sent=True)
+        error.__cause__ = exc
+        self._finish(error)
+        if self.wrap_error is None:
+            return error
+        wrapped = self.wrap_error(error)
+        wrapped.__cause__ = error
+        return wrapped
+
+    def _after_read(self) -> None:
+        if not self._done and self._inner.isclosed():
+            self._finish(None)
+
+    def _guard_iter(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                break
+            except _READ_ERRORS as exc:
+                raise self._failed(exc)  # noqa: B904 - chained inside
+            yield chunk
+        self._after_read()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def data(self) -> bytes:
+        """The whole body (decoded unless ``decode_content=False``), read and kept once."""
+        if self._body is not None:
+            return self._body
+        return self.read(cache_content=True)
+
+    def read(
+        self,
+        amt: int | None = None,
+        decode_content: bool | None = None,
+        cache_content: bool = False,
+    ) -> bytes:
+        """Up to ``amt`` bytes of the body (all of it when ``None``); ``b""`` at the end."""
+        decode = self.decode_content if decode_content is None else decode_content
+        try:
+            data = self._inner.read(amt, decode_content=decode)
+        except _READ_ERRORS as exc:
+            raise self._failed(exc)  # noqa: B904 - chained inside
+        if amt is None and cache_content:
+            self._body = data
+        self._after_read()
+        return data
+
+    def read1(self, amt: int | None = None, decode_content: bool | None = None) -> bytes:
+        """At most ``amt`` bytes, with at most one read from the connection."""
+        decode = self.decode_content if decode_content is None else decode_content
+        try:
+            data = self._inner.read1(amt, decode_content=decode)
+        except _READ_ERRORS as exc:
+            raise self._failed(exc)  # noqa: B904 - chained inside
+        self._after_read()
+        return data
+
+    def stream(
+        self, amt: int | None = 2**16, decode_content: bool | None = None
+    ) -> Iterator[bytes]:
+        """The body in pieces of up to ``amt`` bytes, as they arrive."""
+        decode = self.decode_content if decode_content is None else decode_content
+        return self._guard_iter(self._inner.stream(amt, decode_content=decode))
+
+    def read_chunked(
+        self, amt: int | None = None, decode_content: bool | None = None
+    ) -> Iterator[bytes]:
+        """The body of a chunked answer, chunk by chunk (urllib3's ``read_chunked``)."""
+        decode = self.decode_content if decode_content is None else decode_content
+        return self._guard_iter(self._inner.read_chunked(amt, decode_content=decode))
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._guard_iter(iter(self._inner))
+
+    # -- the connection --------------------------------------------------------------------
+
+    def release_conn(self) -> None:
+        """End the request; the connection is pooled again if the body was read to the end."""
+        self._finish(None)
+
+    def drain_conn(self) -> None:
+        """Read and discard the rest of the body, so the connection can be pooled again."""
+        if not self._done:
+            self._inner.drain_conn()
+            self._finish(None)
+
+    def close(self) -> None:
+        """End the request, dropping the connection if the body was not read to the end."""
+        if getattr(self, "_done", True):  # done, or a half-made object
+            return
+        self._finish(None)
+
+    def shutdown(self) -> None:
+        """Shut the connection's socket down for reading, from another thread (urllib3 2.3+)."""
+        self._inner.shutdown()
+
+    @property
+    def closed(self) -> bool:
+        inner = getattr(self, "_inner", None)
+        return inner is None or self._done or inner.closed
+
+    @property
+    def connection(self) -> Any:
+        """The connection the answer is read from, until it is released."""
+        return self._inner.connection
+
+    @property
+    def url(self) -> str | None:
+        """The URL the request went to: the chosen backend's URL and the request's path."""
+        return self._request_url
+
+    @url.setter
+    def url(self, url: str | None) -> None:
+        self._request_url = url
+
+    @property
+    def _original_response(self) -> http.client.HTTPResponse | None:
+        # requests reads this to put the answer's Set-Cookie headers in the session's jar.
+        return self._inner._original_response
+
+    @property
+    def length_remaining(self) -> int | None:  # type: ignore[override]
+        """Bytes of the body still to come, when the answer said how many."""
+        return self._inner.length_remaining
+
+    def isclosed(self) -> bool:
+        """Whether the body has been read to the end or the response closed."""
+        return self.closed
+
+    def tell(self) -> int:
+        """Bytes of the body read from the connection so far (before decoding)."""
+        return self._inner.tell()
+
+    def fileno(self) -> int:
+        return self._inner.fileno()
+
+    def flush(self) -> None:
+        self._inner.flush()
+
+    def readable(self) -> bool:
+        return True
+
+    def supports_chunked_reads(self) -> bool:
+        return self._inner.supports_chunked_reads()
+
+    def __repr__(self) -> str:
+        state = "done" if self._done else "reading"
+        return f"<ClientResponse {self.status} from {self._backend} [{state}]>"
 
 
 class HttpProbe:
