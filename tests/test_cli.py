@@ -495,3 +495,29 @@ def test_serve_options_validate(bad: dict[str, Any]) -> None:
     """ServeOptions refuses values gunicorn could not run with."""
     with pytest.raises(ValueError):
         ServeOptions(**bad)
+
+
+def test_softlb_state_environment_variable_chooses_the_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SOFTLB_STATE names the store when the config does not; the config still wins."""
+    monkeypatch.setenv("SOFTLB_STATE", "redis://127.0.0.1:6379/0")
+    assert server.default_state(Config(), ServeOptions(workers=2)) == (
+        "redis://127.0.0.1:6379/0",
+        [],
+    )
+    assert server.default_state(Config(state="memory"), ServeOptions(workers=2)) == ("memory", [])
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://user:pw@h/0", "redis://user:***@h/0"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+        ("sqlite:////var/lib/softlb/state.db", "sqlite:////var/lib/softlb/state.db"),
+    ],
+)
+def test_store_passwords_are_not_printed(url: str, shown: str) -> None:
+    """The startup line names the store without its password."""
+    assert server._redact_password(url) == shown

@@ -1105,3 +1105,26 @@ def test_load_config_reports_every_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert len(info.value.problems) == 3
+
+
+def test_more_servers_than_a_pool_holds_is_an_error() -> None:
+    """A servers list longer than a pool's 1,024 slots is refused at check time, not at start."""
+    servers = [f"http://10.0.{i // 250}.{i % 250 + 1}:80" for i in range(1025)]
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"servers": servers})
+    assert caught.value.problems == ["servers: lists 1025 backends; a pool holds at most 1024"]
+
+
+def test_redis_state_without_the_client_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A redis:// state on a machine without redis-py names the extra to install."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "redis" else real(name, *a)
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"state": "redis://127.0.0.1:6379/0"})
+    assert 'pip install "softlb[redis]"' in caught.value.problems[0]

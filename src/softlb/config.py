@@ -17,6 +17,7 @@ winning would hide a mistake.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import ipaddress
 import json
 import os
@@ -29,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 from softlb.backend import MAX_WEIGHT, normalize_url, validate_weight
 from softlb.durations import _show, parse_duration
 from softlb.errors import ConfigError, InvalidBackend
+from softlb.state.base import MAX_SLOTS
 
 __all__ = [
     "ALGORITHMS",
@@ -190,7 +192,7 @@ class Config:
     """A whole validated config. Every field has the default SPEC §2 gives it.
 
     ``state`` is ``None`` when the file does not set it, so that the CLI can choose by the
-    number of workers (today always ``memory``; shared state is planned). ``source`` is the
+    number of workers (``memory`` for one, a SQLite file for several). ``source`` is the
     file the config came from, if any, for messages.
     """
 
@@ -450,6 +452,11 @@ def _state(value: object) -> str | None:
         return text
     if text.startswith(("redis://", "rediss://")):
         _check_redis(text)
+        if importlib.util.find_spec("redis") is None:
+            raise _Invalid(
+                f"{_show(_redact(text))} needs the redis client, which is not installed; "
+                'run: pip install "softlb[redis]"'
+            )
         return text
     hint = _suggest(text.split(":", 1)[0], ("memory", "sqlite", "redis", "rediss"))
     raise _Invalid(f"{_show(_redact(text))} is not a supported store{hint}; {_STATE_ALLOWED}")
@@ -709,6 +716,9 @@ def _servers(c: _Checker, value: object) -> tuple[ServerSpec, ...] | _Missing:
             continue
         first_index[url] = index
         specs.append(ServerSpec(url=url, weight=weight))
+    if len(specs) > MAX_SLOTS:
+        c.add("servers", f"lists {len(specs)} backends; a pool holds at most {MAX_SLOTS}")
+        ok = False
     return tuple(specs) if ok else _MISSING
 
 

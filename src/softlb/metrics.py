@@ -18,6 +18,7 @@ name                                   type       what
 ``softlb_backend_weight``              gauge      configured weight
 ``softlb_backend_latency_seconds``     gauge      peak-EWMA of its answer latency
 ``softlb_backends``                    gauge      members of the pool
+``softlb_state_stale``                 gauge      1 while the shared state store is unreachable
 ``softlb_retries_total``               counter    requests tried again on another backend
 ``softlb_proxy_errors_total``          counter    error answers made by the proxy, by status
 ``softlb_request_duration_seconds``    histogram  time until the backend's answer started

@@ -184,15 +184,29 @@ def startup_warnings(config: Config, options: ServeOptions) -> list[str]:
     return warnings
 
 
+def _redact_password(url: str) -> str:
+    """``url`` with the password of its userinfo (``redis://:secret@host``) replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
 def default_state(config: Config, options: ServeOptions) -> tuple[str, list[str]]:
     """The store the workers use, and the files to delete at exit (made for this run only).
 
-    The config's ``state`` if set; else ``memory`` for one worker and, for several, a SQLite
+    The config's ``state`` if set; else ``$SOFTLB_STATE``; else ``memory`` for one worker and,
+    for several, a SQLite
     file in a runtime directory named after this process, so each run starts from the
     config's servers.
     """
     if config.state is not None:
         return config.state, []
+    from_environment = os.environ.get("SOFTLB_STATE")
+    if from_environment:
+        return from_environment, []
     if options.workers <= 1:
         return _STATE_MEMORY, []
     from softlb.state.sync import runtime_dir
@@ -369,7 +383,8 @@ def serve(
         print(line, file=sys.stderr, flush=True)
     _configure_logging()
     if options.workers > 1 and state != _STATE_MEMORY:
-        print(f"softlb: {options.workers} workers share their state in {state}", flush=True)
+        shown = _redact_password(state)
+        print(f"softlb: {options.workers} workers share their state in {shown}", flush=True)
     try:
         status = SoftLBServer(factory, gunicorn_settings(config, options)).run()
     finally:  # only the master gets here: workers leave run() through os._exit()

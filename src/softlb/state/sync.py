@@ -164,7 +164,12 @@ class SharedState:
         if self._unsubscribe is None:
             self._unsubscribe = self.pool.subscribe(self._on_event)
         if self.slots is not None:
-            self.slots.claim()
+            try:
+                self.slots.claim()
+            except StoreUnavailable as exc:  # table full or unusable: counts stay local
+                log.warning("in-flight counts will not be shared by this process: %s", exc)
+                self.slots = None
+        if self.slots is not None:
             self.pool.count_sink = self._write_counts
         if self.checker is not None:
             self.checker.on_verdict = self._publish_verdict
@@ -286,7 +291,23 @@ class SharedState:
                     self.pool.add(fresh)
                 except Exception:  # already there by a concurrent path: keep it
                     log.debug("backend %s already present", member.url)
+            self._reorder([m.url for m in membership.members])
             self._known = membership
+
+    def _reorder(self, order: list[str]) -> None:
+        """Keep the pool's members in the store's order, so every worker lists (and rotates
+        through) the backends the same way."""
+        pool = self.pool
+        with pool._lock:
+            members = pool._members
+            wanted = [url for url in order if url in members]
+            if list(members)[: len(wanted)] == wanted:
+                return
+            reordered = {url: members[url] for url in wanted}
+            for url, backend in members.items():
+                reordered.setdefault(url, backend)
+            pool._members = reordered
+            pool._rebuild(pool.clock())
 
     def _move_slot(self, backend: Backend, slot: int) -> None:
         """Give a backend a new slot: its counts leave the old column for the new one."""
