@@ -264,6 +264,17 @@ class SlotTable:
                 break
         return out
 
+    def own(self, slot: int) -> tuple[int, int, int]:
+        """This process's own ``(in_flight, requests, failures)`` for ``slot`` (zeros before
+        it has a row)."""
+        if not 0 <= slot < self.columns:
+            raise IndexError(f"slot {slot} is outside the table (0 .. {self.columns - 1})")
+        if self._own < 0:
+            return (0, 0, 0)
+        q = self._q
+        i = self._own + 3 * slot
+        return (q[i], q[i + 1], q[i + 2])
+
     def in_flight_of_others(self, slot: int) -> int:
         """In-flight requests on ``slot`` of every live owner but this process."""
         if not 0 <= slot < self.columns:

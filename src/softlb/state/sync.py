@@ -34,7 +34,14 @@ from typing import TYPE_CHECKING, Final
 
 from softlb.backend import Backend
 from softlb.pool import Pool, PoolEvent
-from softlb.state.base import HealthVerdict, Membership, StateStore, StoreUnavailable
+from softlb.state.base import (
+    MAX_SLOTS,
+    HealthVerdict,
+    Membership,
+    StateStore,
+    StoreUnavailable,
+)
+from softlb.stats import DURATION_BUCKETS, ProxyStats
 
 if TYPE_CHECKING:
     from softlb.health import HealthChecker
@@ -66,6 +73,15 @@ PROBER_TTL: Final = 3.0
 
 #: How often the whole membership is read even when its version has not changed.
 FULL_READ_INTERVAL: Final = 5.0
+
+#: Proxy-wide counters shared through the slot table, two per column (its requests and
+#: failures cells, which readers sum over every row, dead and retired ones included, so the
+#: host-wide totals never go down when a worker dies): retries, answered requests, the error
+#: answers the proxy made by status, the duration histogram's buckets and its sum in µs.
+PROXY_STATUSES: Final = (400, 500, 502, 503, 504)
+_PROXY_VALUES: Final = 2 + len(PROXY_STATUSES) + len(DURATION_BUCKETS) + 1 + 1
+#: Columns of the slot table after the backends' that hold the proxy counters.
+PROXY_COLUMNS: Final = (_PROXY_VALUES + 1) // 2
 
 #: Marker on health changes this module applies, so they are not written back to the store.
 _SHARED: Final = "shared: "
@@ -125,6 +141,7 @@ class SharedState:
         poll_interval: float = POLL_INTERVAL,
         load_interval: float = LOAD_INTERVAL,
         prober_ttl: float = PROBER_TTL,
+        stats: ProxyStats | None = None,
     ) -> None:
         self.pool = pool
         self.store = store
@@ -136,6 +153,8 @@ class SharedState:
         self.poll_interval = poll_interval
         self.load_interval = load_interval
         self.prober_ttl = prober_ttl
+        #: This process's proxy counters, published in the slot table for host-wide totals.
+        self.stats = stats
         if checker is not None:
             self.health_ttl = 3 * checker.interval + 2 * checker.timeout
         else:
@@ -156,6 +175,9 @@ class SharedState:
         self._next_poll = 0.0
         self._next_full_read = 0.0
         self._remote: dict[str, int] = {}  # other hosts' in-flight counts, by URL
+        self._pending: dict[str, tuple[Backend, HealthVerdict]] = {}  # verdicts to write
+        self._pending_lock = threading.Lock()
+        self._stale_since: float | None = None
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -199,6 +221,7 @@ class SharedState:
     def _loop(self) -> None:
         while not self._stop.wait(self.load_interval):
             try:
+                self._flush_verdicts()
                 if time.monotonic() >= self._next_poll:
                     self.poll()
                 self.refresh_loads()
@@ -208,10 +231,21 @@ class SharedState:
     # -- the store ----------------------------------------------------------------------
 
     def _failed(self, exc: StoreUnavailable) -> None:
+        now = time.monotonic()
         if not self.stale:
             log.warning("state store unavailable, serving with the last known state: %s", exc)
+            self._stale_since = now
         self.stale = True
         self.last_error = str(exc)
+        checker = self.checker
+        since = self._stale_since if self._stale_since is not None else now
+        if checker is not None and not checker.active and now - since >= self.prober_ttl:
+            # No lease can be won or seen: whoever probed may be gone. Rather than run blind,
+            # every process probes for itself until the store is back and elects again.
+            log.warning(
+                "state store unavailable for %.0f s: probing from this process", now - since
+            )
+            checker.set_active(True)
 
     def poll(self) -> None:
         """One round with the store: membership, health verdicts, prober lease, load."""
@@ -256,6 +290,7 @@ class SharedState:
             log.warning("state store available again")
         self.stale = False
         self.last_error = None
+        self._stale_since = None
 
     def _elect(self, prober: bool) -> None:
         checker = self.checker
@@ -368,8 +403,24 @@ class SharedState:
             return
         if event.detail.startswith(_SHARED):
             return
-        # A verdict decided here (passive failures, or this process's probes): share it.
-        self._write_verdict(event.backend, event.backend.healthy, event.detail)
+        # A verdict decided here (passive failures, or this process's probes): share it. This
+        # may run on a request's thread (a passive ejection), which must never wait for the
+        # store: the state thread writes it on its next tick.
+        if self._thread is None:  # no thread (the memory store): it cannot block anyway
+            self._write_verdict(event.backend, event.backend.healthy, event.detail)
+            return
+        with self._pending_lock:
+            self._pending[event.backend.url] = (
+                event.backend,
+                HealthVerdict(event.backend.healthy, event.detail),
+            )
+
+    def _flush_verdicts(self) -> None:
+        """Write the verdicts decided here since the last tick (on the state thread)."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+        for backend, verdict in pending.values():
+            self._write_verdict(backend, verdict.healthy, verdict.reason)
 
     def _publish_verdict(self, backend: Backend, healthy: bool, detail: str) -> None:
         """The prober's verdict after each probe, refreshed in the store."""
@@ -402,6 +453,7 @@ class SharedState:
         slots = self.slots
         if slots is not None:
             slots.heartbeat()
+            self._write_proxy_counters()
         remote = self._remote
         changed = False
         for backend in self.pool.backends:
@@ -413,6 +465,37 @@ class SharedState:
                 changed = True
         if changed:
             self.pool.refresh()
+
+    def _proxy_columns(self) -> range | None:
+        slots = self.slots
+        if slots is None or self.stats is None or slots.columns < MAX_SLOTS + PROXY_COLUMNS:
+            return None
+        return range(MAX_SLOTS, MAX_SLOTS + PROXY_COLUMNS)
+
+    def _write_proxy_counters(self) -> None:
+        columns = self._proxy_columns()
+        if columns is None or self.slots is None or self.stats is None:
+            return
+        values = _encode(self.stats.snapshot())
+        for n, column in enumerate(columns):
+            self.slots.set(column, 0, values[2 * n], values[2 * n + 1])
+
+    def proxy_snapshot(self) -> dict[str, object]:
+        """The proxy counters summed over every process of the host (this one's as of now,
+        the others' as of their last tick, ≤ 100 ms ago); in ProxyStats.snapshot()'s shape."""
+        stats = self.stats if self.stats is not None else ProxyStats()
+        mine = stats.snapshot()
+        columns = self._proxy_columns()
+        if columns is None or self.slots is None:
+            return mine
+        totals = self.slots.totals(columns)
+        summed: list[int] = []
+        for column in columns:
+            _, requests, failures = totals[column]
+            _, own_requests, own_failures = self.slots.own(column)
+            summed += [requests - own_requests, failures - own_failures]
+        live = _encode(mine)
+        return _decode([a + b for a, b in zip(summed, live, strict=False)])
 
     def figures(self) -> list[dict[str, object]]:
         """Every backend as the admin API reports it, with host-wide counts."""
@@ -433,3 +516,31 @@ class SharedState:
         state = "stale" if self.stale else "in step"
         version = self._known.version if self._known else None
         return f"<SharedState {self.store!r} v{version} {state} owner={self.owner}>"
+
+
+def _encode(snapshot: dict[str, object]) -> list[int]:
+    """ProxyStats.snapshot() as the flat list of integers the slot table holds (even length)."""
+    errors = snapshot["errors_by_status"]
+    buckets = snapshot["bucket_counts"]
+    assert isinstance(errors, dict) and isinstance(buckets, list)
+    values = [int(snapshot["retries"]), int(snapshot["requests"])]  # type: ignore[call-overload]
+    values += [int(errors.get(status, 0)) for status in PROXY_STATUSES]
+    values += [int(count) for count in buckets]
+    values.append(round(float(snapshot["duration_sum"]) * 1e6))  # type: ignore[arg-type]
+    if len(values) % 2:
+        values.append(0)
+    return values
+
+
+def _decode(values: list[int]) -> dict[str, object]:
+    """The inverse of :func:`_encode`."""
+    n = len(PROXY_STATUSES)
+    buckets = len(DURATION_BUCKETS) + 1
+    errors = {s: c for s, c in zip(PROXY_STATUSES, values[2 : 2 + n], strict=True) if c}
+    return {
+        "retries": values[0],
+        "requests": values[1],
+        "errors_by_status": errors,
+        "bucket_counts": values[2 + n : 2 + n + buckets],
+        "duration_sum": values[2 + n + buckets] / 1e6,
+    }
