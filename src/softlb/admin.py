@@ -11,6 +11,7 @@ method and path               body                      answers
 ``DELETE {prefix}/servers``   ``{"url"}``               200 the removed server; 400; 404
 ``GET {prefix}/metrics``                                200 Prometheus text exposition
 ``GET {prefix}/status``                                 200 the status page's figures, JSON
+``GET {prefix}/explain``      ``?key=&limit=``          200 what the next pick would be, why
 ``GET {prefix}/health``                                 200 ``{"status": "ok"}`` (liveness)
 ``GET {prefix}/``                                       200 the status page (HTML)
 ``GET {prefix}``                                        308 to ``{prefix}/``
@@ -34,6 +35,7 @@ import logging
 import os
 import secrets
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -54,7 +56,7 @@ if TYPE_CHECKING:
     from softlb.state.sync import SharedState
     from softlb.wsgi import Environ, StartResponse
 
-__all__ = ["MAX_BODY", "SEED_ADD", "SEED_REMOVE", "AdminApi"]
+__all__ = ["MAX_BODY", "SEED_ADD", "SEED_REMOVE", "STATUS_CANDIDATES", "AdminApi"]
 
 log = logging.getLogger("softlb.admin")
 
@@ -72,6 +74,13 @@ _EXAMPLE_URL: Final = '{"url": "http://10.0.0.1:8000"}'
 
 #: Longest field name or path echoed back in an error message.
 _ECHO_MAX: Final = 60
+
+#: Candidates the status page (and ``GET {prefix}/status``) lists under "Next pick": the
+#: choice and the runners-up are what a person reads; the full list is ``GET {prefix}/explain``.
+STATUS_CANDIDATES: Final = 10
+
+#: Query parameters ``GET {prefix}/explain`` takes.
+_EXPLAIN_PARAMS: Final = ("key", "limit")
 
 #: Sent with the status page: only its own inline style and script (by nonce) may run, it
 #: may fetch only from this origin, and nobody may frame it.
@@ -202,6 +211,7 @@ class AdminApi:
             p + "/servers": {"GET": self._list, "POST": self._add, "DELETE": self._remove},
             p + "/metrics": {"GET": self._metrics_text},
             p + "/status": {"GET": self._status_json},
+            p + "/explain": {"GET": self._explain},
             p + "/health": {"GET": self._health},
         }
         if seed_routes:
@@ -456,6 +466,7 @@ class AdminApi:
             },
             "state": self._state_status(),
             "servers": self.figures(),
+            "explain": self.pool.explain(limit=STATUS_CANDIDATES).as_dict(),
         }
 
     def _state_status(self) -> dict[str, object]:
@@ -468,6 +479,43 @@ class AdminApi:
             "error": state.last_error,
             "prober": state.checker.active if state.checker is not None else None,
         }
+
+    def _explain(self, environ: Environ) -> _Response:
+        """``GET {prefix}/explain[?key=K][&limit=N]``: :meth:`Pool.explain` as JSON.
+
+        ``key`` is the request key the hashing strategies would hash (a client address, a
+        path, a header or cookie value, as ``hash_key`` says); ``limit`` caps the candidates.
+        This process's view: its pool, with every worker's requests in flight counted.
+        """
+        query = environ.get("QUERY_STRING") or ""
+        try:
+            pairs = urllib.parse.parse_qsl(
+                query, keep_blank_values=True, strict_parsing=False, max_num_fields=8
+            )
+        except ValueError:
+            raise _Refused(400, "too many query parameters; use key= and limit=") from None
+        params: dict[str, str] = {}
+        for name, value in pairs:
+            if name not in _EXPLAIN_PARAMS:
+                raise _Refused(
+                    400,
+                    f"unknown query parameter {_echo(name)}; allowed: "
+                    + ", ".join(_EXPLAIN_PARAMS),
+                )
+            if name in params:
+                raise _Refused(400, f"query parameter {_echo(name)} is given twice")
+            params[name] = value
+        limit: int | None = None
+        if "limit" in params:
+            text = params["limit"]
+            if not (text.isascii() and text.isdigit() and len(text) <= 9 and int(text) >= 1):
+                raise _Refused(
+                    400, f"limit must be a whole number from 1 to 999999999, got {_echo(text)}"
+                )
+            limit = int(text)
+        # An empty key is no key, as for the proxy (LoadBalancer.request_key).
+        explanation = self.pool.explain(params.get("key") or None, limit=limit)
+        return _json_body(200, explanation.as_dict())
 
     def _status_json(self, environ: Environ) -> _Response:
         return _json_body(200, self.status())

@@ -154,6 +154,12 @@ class HealthChecker:
     ``initial_state="down"`` keeps every backend out of rotation until it has passed ``rise``
     probes; the default ``"up"`` trusts it until its first failure (HAProxy's rule).
 
+    Each verdict change reaches the pool with its reason — the probe's detail (``"HTTP 500"``,
+    ``"timeout"``) or, for a passive ejection, ``"passive: N failed requests in a row, last
+    ..."`` — which :meth:`Pool.explain() <softlb.pool.Pool.explain>` shows and the pool's
+    ``health`` and ``ejected`` hooks receive. ``log_changes`` (default ``True``) also logs
+    each change to ``softlb.health``.
+
     One scheduler thread decides what is due; at most ``workers`` probes run at a time. No
     thread exists before :meth:`start`; :meth:`stop` joins them. Both are idempotent. Without
     ``start()``, :meth:`run_pending` runs due probes on the calling thread (tests, or a
@@ -178,6 +184,7 @@ class HealthChecker:
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
         on_verdict: Callable[[Backend, bool, str], None] | None = None,
+        log_changes: bool = True,
     ) -> None:
         if interval <= 0 or timeout <= 0:
             raise ValueError(f"interval and timeout must be > 0, got {interval} and {timeout}")
@@ -207,6 +214,9 @@ class HealthChecker:
         #: Called after every active probe with the backend, its verdict (healthy or not, after
         #: rise/fall) and the probe's detail; shared state publishes verdicts through it.
         self.on_verdict = on_verdict
+        #: Whether the checker logs each verdict change itself (to ``softlb.health``). The
+        #: whole application turns it off: its event log (:mod:`softlb.logs`) says the same.
+        self.log_changes = log_changes
         self._active = True  # whether the scheduler runs probes (passive counting always runs)
         self._lock = threading.RLock()  # re-entrant: pool listeners may call back in
         # protected by _lock:
@@ -288,8 +298,8 @@ class HealthChecker:
                 return
             state.healthy, state.fragile = False, False
             state.successes = state.failures = 0
-            changed = self.pool.set_healthy(backend, False, detail)
-        if changed:
+            changed = self.pool.set_healthy(backend, False, detail, passive=True)
+        if changed and self.log_changes:
             log.warning("backend %s is down (%s)", backend.url, detail)
 
     def state_of(self, backend: Backend | str) -> HealthState | None:
@@ -308,7 +318,7 @@ class HealthChecker:
             # Applied under our lock so two results for one backend cannot land out of order
             # (lock order: checker, then pool; the pool never calls us while holding its own).
             changed = verdict is not None and self.pool.set_healthy(backend, verdict, detail)
-        if changed:
+        if changed and self.log_changes:
             log.warning("backend %s is %s (%s)", backend.url, "up" if verdict else "down", detail)
 
     # -- probing -------------------------------------------------------------------------

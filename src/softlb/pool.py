@@ -5,17 +5,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
+from softlb import events
 from softlb.backend import Backend, normalize_url
-from softlb.balancers.base import Balancer, balancer_by_name
+from softlb.balancers.base import Balancer, Candidate, balancer_by_name, candidate
 from softlb.balancers.least import LeastConnections
 from softlb.errors import BackendExists, InvalidBackend, NoBackendAvailable, UnknownBackend
+from softlb.events import Dispatcher, Event, Hook
 
-__all__ = ["SLOW_START_FLOOR", "Lease", "Pool", "PoolEvent"]
+__all__ = [
+    "SLOW_START_FLOOR",
+    "Candidate",
+    "Explanation",
+    "Lease",
+    "Pool",
+    "PoolEvent",
+    "Skipped",
+]
 
 log = logging.getLogger("softlb.pool")
 
@@ -30,6 +41,11 @@ SLOW_START_STEPS: Final = 20
 
 #: How many times a retry asks the balancer again before scanning for a backend not yet tried.
 _REPICKS: Final = 3
+
+#: Removed backends with requests still in flight that :meth:`Pool.explain` keeps listing (as
+#: "removed"), in the order they were removed. Beyond it the oldest are forgotten; one that has
+#: finished its requests is dropped at the next explain.
+_REMOVED_KEPT: Final = 64
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,58 @@ class PoolEvent:
 Listener = Callable[[PoolEvent], None]
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A backend :meth:`Pool.explain` found out of rotation, and why.
+
+    ``reason`` is ``"draining"``, ``"ejected (passive): <detail>"`` (taken out by failed
+    requests), ``"unhealthy: <detail>"`` (the reason it left rotation: a probe's status, a
+    timeout, another process's verdict) or ``"removed"`` (no longer a member, with requests
+    still in flight). ``in_flight`` counts its requests in flight, as for a candidate.
+    """
+
+    url: str
+    reason: str
+    in_flight: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        """The skipped backend as a JSON-ready mapping."""
+        return {"url": self.url, "reason": self.reason, "in_flight": self.in_flight}
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What :meth:`Pool.explain` found: the backend the next request would get, and why.
+
+    ``choice`` is the URL the next :meth:`Pool.lease` with the same key would pick (``None``
+    when nothing is in rotation); ``strategy`` the balancer's name; ``candidates`` every
+    backend in rotation with its score, ``choice`` first; ``skipped`` every member out of
+    rotation, and recently removed backends still serving requests, with the reason.
+    ``summary`` says the strategy's rule in one line; ``key`` is the request key explained;
+    ``omitted`` counts candidates left out by a ``limit``.
+    """
+
+    choice: str | None
+    strategy: str
+    candidates: tuple[Candidate, ...]
+    skipped: tuple[Skipped, ...]
+    summary: str = ""
+    key: str | None = None
+    omitted: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        """The explanation as a JSON-ready mapping (what ``GET /_softlb/explain`` answers)."""
+        return {
+            "choice": self.choice,
+            "strategy": self.strategy,
+            "summary": self.summary,
+            "key": self.key,
+            "candidates": [c.as_dict() for c in self.candidates],
+            "omitted": self.omitted,
+            "skipped": [s.as_dict() for s in self.skipped],
+        }
+
+
 class Pool:
     """A thread-safe set of backends and the balancer that chooses among them.
 
@@ -61,8 +129,14 @@ class Pool:
         with pool.lease() as backend:   # picks, and counts the request in flight
             call(backend.url)           # an exception here records a failure
 
-    Locking: ``_lock`` protects the membership, the eligible tuple, every backend's statistics
-    and the balancer's state. Picks never wait on I/O: listeners run after the lock is released.
+    Observing::
+
+        pool.explain()                  # what the next pick would be, and why (an Explanation)
+        pool.on("health", callback)     # callback(Event) on a background thread, see on()
+
+    Locking: ``_lock`` protects the membership, the eligible tuple, every backend's statistics,
+    the balancer's state and the explain() records (``_notes``, ``_removed``). Picks never wait
+    on I/O: listeners run after the lock is released, and hooks on the dispatcher's thread.
     """
 
     def __init__(
@@ -91,6 +165,14 @@ class Pool:
         self._eligible: tuple[Backend, ...] = ()
         self._ramp_next: float | None = None  # when effective weights must be recomputed
         self._listeners: list[Listener] = []
+        # Why each backend out of rotation for health is out: (detail, passive ejection).
+        self._notes: dict[Backend, tuple[str, bool]] = {}
+        # Removed backends that still had requests in flight, oldest first (an ordered set).
+        self._removed: dict[Backend, None] = {}
+        # Hooks (see on()): replaced, never mutated, so emitters read them without the lock.
+        self._hooks: tuple[Hook, ...] = ()
+        self._wanted: frozenset[str] = frozenset()  # the kinds some hook listens to
+        self._dispatcher: Dispatcher | None = None
         #: Called under the lock with a backend whose counts just changed (a lease taken or
         #: released); shared state points it at the host's in-flight table.
         self.count_sink: Callable[[Backend], None] | None = None
@@ -159,9 +241,11 @@ class Pool:
             now = self.clock()
             backend.healthy = self.admit_healthy
             self._members[backend.url] = backend
+            self._removed.pop(backend, None)
             self._start_ramp(backend, now)
             self._rebuild(now)
         self._emit(PoolEvent("added", backend))
+        self.publish(events.ADDED, backend, f"weight {backend.weight}")
         return backend
 
     def remove(self, url: str | Backend) -> Backend:
@@ -173,7 +257,14 @@ class Pool:
                 raise UnknownBackend(f"no backend {key} in the pool")
             self._rebuild(self.clock())
             backend._pool_id = None
+            self._notes.pop(backend, None)
+            in_flight = backend.active
+            if in_flight > 0:
+                self._removed[backend] = None
+                if len(self._removed) > _REMOVED_KEPT:
+                    del self._removed[next(iter(self._removed))]
         self._emit(PoolEvent("removed", backend))
+        self.publish(events.REMOVED, backend, _in_flight_text(in_flight))
         return backend
 
     def drain(self, url: str | Backend, draining: bool = True) -> Backend:
@@ -191,26 +282,42 @@ class Pool:
             if not draining:
                 self._start_ramp(backend, now)
             self._rebuild(now)
-        self._emit(PoolEvent("drain", backend, "draining" if draining else "ready"))
+        detail = "draining" if draining else "ready"
+        self._emit(PoolEvent("drain", backend, detail))
+        self.publish(events.DRAINED, backend, detail)
         return backend
 
-    def set_healthy(self, url: str | Backend, healthy: bool, reason: str = "") -> bool:
+    def set_healthy(
+        self, url: str | Backend, healthy: bool, reason: str = "", *, passive: bool = False
+    ) -> bool:
         """Put a backend in or out of rotation for health reasons; return whether it changed.
 
-        Health checkers call this; ``reason`` is passed on to listeners.
+        Health checkers call this; ``reason`` is passed on to listeners and shown by
+        :meth:`explain`. ``passive=True`` says the backend is taken out on the evidence of
+        failed requests (an ejection): hooks hear an ``ejected`` event besides ``health``.
         """
         with self._lock:
             backend = url if isinstance(url, Backend) else self._members.get(_normalized(url))
             if backend is None or self._members.get(backend.url) is not backend:
                 return False
             if backend.healthy == healthy:
+                if not healthy and reason and backend not in self._notes:
+                    self._notes[backend] = (reason, passive)
                 return False
             backend.healthy = healthy
+            if healthy:
+                self._notes.pop(backend, None)
+            else:
+                self._notes[backend] = (reason or "down", passive)
             now = self.clock()
             if healthy:
                 self._start_ramp(backend, now)
             self._rebuild(now)
-        self._emit(PoolEvent("health", backend, reason or ("up" if healthy else "down")))
+        verdict = "up" if healthy else "down"
+        self._emit(PoolEvent("health", backend, reason or verdict))
+        self.publish(events.HEALTH, backend, f"{verdict}: {reason}" if reason else verdict)
+        if passive and not healthy:
+            self.publish(events.EJECTED, backend, reason)
         return True
 
     # -- snapshots and slow start --------------------------------------------------------
@@ -267,18 +374,33 @@ class Pool:
             backend = self.balancer.pick(key, now)
             if exclude and backend is not None and backend in exclude:
                 backend = self._pick_excluding(key, now, exclude)
-            if backend is None:
-                raise NoBackendAvailable(
-                    "no backend available"
-                    if not self._members
-                    else "no backend in rotation"
-                    + (" that this request has not tried already" if exclude else "")
-                )
-            backend.active += 1
-            self.balancer.acquired(backend)
-            if self.count_sink is not None:
-                self.count_sink(backend)
-        return Lease(self, backend, now)
+            if backend is not None:
+                backend.active += 1
+                self.balancer.acquired(backend)
+                if self.count_sink is not None:
+                    self.count_sink(backend)
+                return Lease(self, backend, now)
+            members = len(self._members)
+            nothing_eligible = not self._eligible
+        raise self._unavailable(members, nothing_eligible, bool(exclude))
+
+    def _unavailable(
+        self, members: int, nothing_eligible: bool, excluded: bool
+    ) -> NoBackendAvailable:
+        """The error for a lease that found no backend; hooks hear ``no_backend`` when nothing
+        at all was in rotation (not when this request had tried everything there was)."""
+        if not members:
+            message = "no backend available"
+        else:
+            message = "no backend in rotation" + (
+                " that this request has not tried already"
+                if excluded and not nothing_eligible
+                else ""
+            )
+        if nothing_eligible and events.NO_BACKEND in self._wanted:
+            detail = f"{members} members, none in rotation" if members else "the pool is empty"
+            self.publish(events.NO_BACKEND, None, detail)
+        return NoBackendAvailable(message)
 
     def _pick_excluding(
         self, key: str | None, now: float, exclude: Collection[Backend]
@@ -323,6 +445,8 @@ class Pool:
         ever; the child gets a fresh one (the logging module does the same for its handlers).
         """
         self._lock = threading.Lock()
+        if self._dispatcher is not None:
+            self._dispatcher._after_fork()
 
     # -- events --------------------------------------------------------------------------
 
@@ -348,6 +472,156 @@ class Pool:
             except Exception:  # a listener must never break the pool
                 log.exception("pool listener %r failed", listener)
 
+    # -- hooks ---------------------------------------------------------------------------
+
+    def on(self, event: str, callback: Callable[[Event], object]) -> Callable[[], None]:
+        """Call ``callback(Event)`` for every event of kind ``event``; return an unsubscribe
+        function.
+
+        ``event`` is one of :data:`softlb.events.KINDS` — ``"added"``, ``"removed"``,
+        ``"drained"``, ``"health"``, ``"ejected"``, ``"retried"``, ``"no_backend"`` — or
+        ``"*"`` for all of them. Callbacks run one at a time, in the order events happened, on
+        the pool's dispatcher thread (started here, once), never on the thread that caused the
+        event; an exception in one is logged to ``softlb.events`` and the others still run.
+        When :data:`~softlb.events.QUEUE_SIZE` events wait for a slow callback, newer ones are
+        dropped and counted in :attr:`events_dropped`, so nothing waits for a callback. After
+        unsubscribing, the callback gets no event, even one already queued.
+
+        :meth:`subscribe` is the synchronous, internal counterpart used by the health checker
+        and shared state.
+        """
+        if event != events.ALL and event not in events.KINDS:
+            raise ValueError(
+                f"unknown event {event!r}; known: {', '.join(events.KINDS)}, or '*' for all"
+            )
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        hook = Hook(event, callback)
+        with self._lock:
+            dispatcher = self._dispatcher
+            if dispatcher is None:
+                dispatcher = self._dispatcher = Dispatcher()
+                # Stop the thread when the pool is collected; it holds no reference to the pool.
+                weakref.finalize(self, dispatcher.stop, 0).atexit = False
+            self._set_hooks((*self._hooks, hook))
+        dispatcher.start()
+
+        def unsubscribe() -> None:
+            hook.active = False
+            with self._lock:
+                self._set_hooks(tuple(h for h in self._hooks if h is not hook))
+
+        return unsubscribe
+
+    def _set_hooks(self, hooks: tuple[Hook, ...]) -> None:
+        """Install a new hook tuple; the caller holds the lock."""
+        kinds = {h.kind for h in hooks}
+        self._hooks = hooks
+        self._wanted = frozenset(events.KINDS if events.ALL in kinds else kinds)
+
+    def publish(self, kind: str, backend: Backend | str | None = None, detail: str = "") -> None:
+        """Hand an event to the hooks subscribed to ``kind`` (see :meth:`on`); never waits.
+
+        The pool publishes its own changes; adapters publish what only they see — the proxy
+        publishes ``"retried"``. Costs one set lookup when no hook listens to ``kind``.
+        """
+        if kind not in self._wanted:
+            if kind != events.ALL and kind not in events.KINDS:
+                raise ValueError(f"unknown event {kind!r}; known: {', '.join(events.KINDS)}")
+            return
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            return
+        url = backend.url if isinstance(backend, Backend) else backend
+        dispatcher.put(Event(kind, url, detail, time.time()), self._hooks)
+
+    def flush_events(self, timeout: float | None = 5.0) -> bool:
+        """Wait until every event published so far has reached its hooks; ``False`` if that
+        took longer than ``timeout`` seconds (a callback is stuck)."""
+        dispatcher = self._dispatcher
+        return True if dispatcher is None else dispatcher.flush(timeout)
+
+    @property
+    def events_dropped(self) -> int:
+        """Events dropped because hooks fell :data:`~softlb.events.QUEUE_SIZE` behind."""
+        dispatcher = self._dispatcher
+        return 0 if dispatcher is None else dispatcher.dropped
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Deliver the events queued for hooks, then stop the dispatcher thread (waiting up to
+        ``timeout`` seconds). Hooks stay subscribed: a later event starts the thread again.
+        The pool itself keeps working; idempotent."""
+        dispatcher = self._dispatcher
+        if dispatcher is not None:
+            dispatcher.stop(timeout)
+
+    # -- explain -------------------------------------------------------------------------
+
+    def explain(self, key: str | None = None, *, limit: int | None = None) -> Explanation:
+        """What the balancer would pick for a request now, and why; changes nothing.
+
+        Every backend in rotation is a candidate with its score (what the strategy compares:
+        load, running score, turn, probability, cost or ring distance; each candidate's
+        ``why`` says it in words), the one the next :meth:`lease` with this ``key`` would get
+        first and ``chosen``. Every member out of rotation is listed as skipped, with the
+        reason; so are removed backends still finishing requests. ``limit`` caps the number
+        of candidates listed (the choice is always among them).
+
+        The next pick is the same whether or not explain() ran: a strategy's position, running
+        scores and random generator are read, or saved and put back, never advanced.
+        """
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        balancer = self.balancer
+        with self._lock:
+            now = self.clock()
+            if self._ramp_next is not None and now >= self._ramp_next:
+                self._rebuild(now)  # as the next lease would, so that it explains that lease
+            eligible = self._eligible
+            try:
+                candidates = balancer.explain(key if balancer.uses_key else None, now, limit)
+                summary = f"{balancer.name}: {balancer.rule}" if balancer.rule else balancer.name
+            except NotImplementedError:
+                shown = eligible if limit is None else eligible[:limit]
+                candidates = [candidate(b, None, "not scored by this strategy") for b in shown]
+                summary = f"{balancer.name}: this strategy does not explain its choices"
+            skipped = self._skipped()
+        if not eligible:
+            why = "every backend is skipped" if skipped else "the pool is empty"
+            summary = f"nothing in rotation: {why}"
+        choice = next((c.url for c in candidates if c.chosen), None)
+        return Explanation(
+            choice=choice,
+            strategy=balancer.name,
+            candidates=tuple(candidates),
+            skipped=skipped,
+            summary=summary,
+            key=key,
+            omitted=max(len(eligible) - len(candidates), 0),
+        )
+
+    def _skipped(self) -> tuple[Skipped, ...]:
+        """Members out of rotation and removed backends still busy, with why; under the lock."""
+        out = []
+        for backend in self._members.values():
+            if backend.healthy and not backend.draining:
+                continue
+            if backend.draining:
+                reason = "draining"
+            else:
+                detail, passive = self._notes.get(backend, ("", False))
+                if passive:
+                    reason = "ejected (passive): " + detail.removeprefix("passive: ")
+                else:
+                    reason = "unhealthy: " + (detail or "no successful health check yet")
+            out.append(Skipped(backend.url, reason, backend.active + backend.shared_active))
+        for backend in list(self._removed):
+            if backend.active <= 0 or backend._pool_id is not None:  # done, or joined a pool
+                del self._removed[backend]
+            else:
+                out.append(Skipped(backend.url, "removed", backend.active))
+        return tuple(out)
+
     def __repr__(self) -> str:
         members = self.backends
         healthy = sum(1 for b in members if b.healthy and not b.draining)
@@ -355,6 +629,15 @@ class Pool:
             f"<Pool [{len(members)} backends: {healthy} healthy | "
             f"{sum(b.active for b in members)} in flight] {self.balancer.name}>"
         )
+
+
+def _in_flight_text(count: int) -> str:
+    """The detail of a ``removed`` event."""
+    if count == 0:
+        return "nothing in flight"
+    if count == 1:
+        return "1 request in flight finishes"
+    return f"{count} requests in flight finish"
 
 
 def _normalized(url: str) -> str:

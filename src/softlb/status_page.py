@@ -5,6 +5,10 @@ admin API's ``status`` endpoint every 2 seconds, refreshes the figures and works
 rates from the difference between two polls. Without JavaScript the page reloads itself every
 5 seconds instead (and shows no rates).
 
+Below the backends, "Next pick" shows the pool's explanation (:meth:`Pool.explain()
+<softlb.pool.Pool.explain>`): the backend the next request would get, the runners-up with their
+scores and why, and every backend skipped with the reason.
+
 Every value is HTML-escaped on the server and set with ``textContent`` by the script: a
 backend URL is user input. The inline style and script carry a per-response nonce that the
 admin API also puts in the page's Content-Security-Policy, so nothing else can run.
@@ -93,6 +97,50 @@ def _health_text(health: Mapping[str, Any] | None) -> str:
     )
 
 
+def _score(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "–"
+    if isinstance(value, int) or float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:.4g}"
+
+
+def _explain_rows(explain: Mapping[str, Any] | None, prefix: str) -> str:
+    if not explain:
+        return '<tr><td colspan="4" class="empty">No explanation available.</td></tr>'
+    candidates: Sequence[Mapping[str, Any]] = explain.get("candidates") or []
+    if not candidates:
+        return (
+            '<tr><td colspan="4" class="empty">Nothing in rotation: '
+            "requests get 503 until a backend is back.</td></tr>"
+        )
+    rows = []
+    for cand in candidates:
+        mark = '<span class="pill next">next</span>' if cand.get("chosen") else ""
+        rows.append(
+            "<tr>"
+            f"<td>{mark}</td>"
+            f'<td class="url">{_e(cand.get("url", ""))}</td>'
+            f'<td class="num">{_e(_score(cand.get("score")))}</td>'
+            f'<td class="why">{_e(cand.get("why", ""))}</td>'
+            "</tr>"
+        )
+    omitted = explain.get("omitted") or 0
+    if omitted:
+        rows.append(
+            f'<tr><td colspan="4" class="empty">and {_n(omitted)} more: '
+            f"<code>GET {_e(prefix)}/explain</code></td></tr>"
+        )
+    return "\n".join(rows)
+
+
+def _skipped_text(explain: Mapping[str, Any] | None) -> str:
+    skipped: Sequence[Mapping[str, Any]] = (explain or {}).get("skipped") or []
+    if not skipped:
+        return "Skipped: none, every member is in rotation."
+    return "Skipped: " + "; ".join(f"{s.get('url', '')} ({s.get('reason', '')})" for s in skipped)
+
+
 def render_status_page(status: Mapping[str, Any], *, prefix: str, nonce: str) -> str:
     """Return the page for ``status`` (the admin API's ``GET {prefix}/status`` document).
 
@@ -113,6 +161,9 @@ def render_status_page(status: Mapping[str, Any], *, prefix: str, nonce: str) ->
         "errors": _e(_errors_text(proxy.get("errors", {}))),
         "rows": _rows(servers, prefix),
         "health": _health_text(status.get("health_check")),
+        "explain_summary": _e((status.get("explain") or {}).get("summary", "")),
+        "explain_rows": _explain_rows(status.get("explain"), prefix),
+        "explain_skipped": _e(_skipped_text(status.get("explain"))),
         "nonce": _e(nonce),
         "prefix": _e(prefix),
         "poll_ms": str(POLL_SECONDS * 1000),
@@ -196,6 +247,10 @@ td.empty { color: var(--muted); text-align: center; padding: 24px; }
 .pill.up { color: var(--up); background: var(--up-bg); }
 .pill.down { color: var(--down); background: var(--down-bg); }
 .pill.draining { color: var(--drain); background: var(--drain-bg); }
+.pill.next { min-width: 0; color: var(--accent); border: 1px solid var(--accent); }
+h2 { font-size: 15px; margin: 28px 0 4px; }
+h2 + p { margin: 0 0 10px; }
+td.why { color: var(--muted); font-size: 13px; }
 footer { margin-top: 16px; color: var(--muted); font-size: 13px; }
 footer a { color: var(--accent); }
 code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px; }
@@ -234,9 +289,23 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
 {{rows}}
   </tbody>
 </table>
+<section id="explain">
+  <h2>Next pick</h2>
+  <p class="muted" id="explain_summary">{{explain_summary}}</p>
+  <table>
+    <thead><tr>
+      <th></th><th>Backend</th><th class="num">Score</th><th>Why</th>
+    </tr></thead>
+    <tbody id="explain_rows">
+{{explain_rows}}
+    </tbody>
+  </table>
+  <p class="muted" id="explain_skipped">{{explain_skipped}}</p>
+</section>
 <footer>
   <p>{{health}}</p>
   <p>JSON: <a href="servers">{{prefix}}/servers</a> · <a href="status">{{prefix}}/status</a>
+    · <a href="explain">{{prefix}}/explain</a>
     · Prometheus: <a href="metrics">{{prefix}}/metrics</a></p>
 </footer>
 </main>
@@ -264,6 +333,41 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
     td.textContent = text;
     row.appendChild(td);
     return td;
+  }
+
+  function score(v) {
+    if (typeof v !== "number") { return "–"; }
+    return Number.isInteger(v) ? v.toLocaleString("en-US") : String(Number(v.toPrecision(4)));
+  }
+  function renderExplain(ex, prefix) {
+    if (!ex) { return; }
+    var rows = document.createDocumentFragment(), candidates = ex.candidates || [];
+    candidates.forEach(function (c) {
+      var row = document.createElement("tr"), first = cell(row, "");
+      if (c.chosen) {
+        var pill = document.createElement("span");
+        pill.className = "pill next";
+        pill.textContent = "next";
+        first.appendChild(pill);
+      }
+      cell(row, c.url, "url");
+      cell(row, score(c.score), "num");
+      cell(row, c.why || "", "why");
+      rows.appendChild(row);
+    });
+    var note = !candidates.length
+      ? "Nothing in rotation: requests get 503 until a backend is back."
+      : ex.omitted ? "and " + num(ex.omitted) + " more: GET " + prefix + "/explain" : "";
+    if (note) {
+      var extra = document.createElement("tr");
+      cell(extra, note, "empty").colSpan = 4;
+      rows.appendChild(extra);
+    }
+    document.getElementById("explain_rows").replaceChildren(rows);
+    set("explain_summary", ex.summary || "");
+    var skipped = (ex.skipped || []).map(function (s) { return s.url + " (" + s.reason + ")"; });
+    set("explain_skipped", skipped.length ? "Skipped: " + skipped.join("; ")
+      : "Skipped: none, every member is in rotation.");
   }
 
   function render(data, now) {
@@ -313,6 +417,7 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
     set("uptime", duration(data.uptime_seconds || 0));
     set("rate", dt > 0 && previous.total <= total ? rate((total - previous.total) / dt) : "–");
     previous = {at: now, requests: seen, total: total};
+    renderExplain(data.explain, body.dataset.prefix);
   }
 
   function poll() {

@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from softlb.backend import Backend
 from softlb.errors import (
+    ConfigError,
     NoBackendAvailable,
     ProxyError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamTimeout,
 )
+from softlb.events import RETRIED
 from softlb.http.headers import (
     downstream_response_headers,
     is_chunked_request,
@@ -221,7 +223,9 @@ class LoadBalancer:
     streamed both ways. A request that cannot be connected is tried on another backend (any
     method); one that failed after it was sent is tried again only if its method is
     idempotent or it carries ``Idempotency-Key``; at most ``retries`` more backends are tried.
-    What cannot be served gets 502, 503 or 504.
+    What cannot be served gets 502, 503 or 504. Each retry is published to the pool's
+    ``retried`` hooks (:meth:`Pool.on() <softlb.pool.Pool.on>`) with the failed backend and
+    the failure.
 
     ``rewrite(request, environ)``, if given, may change the method, target or headers of
     each :class:`UpstreamRequest` before it is sent (default: nothing changes).
@@ -348,6 +352,7 @@ class LoadBalancer:
                 retryable = isinstance(exc, UpstreamConnectError) or may_resend
                 if retryable and body.replayable and len(tried) <= self.retries:
                     self.stats.retried()
+                    self.pool.publish(RETRIED, backend, f"{method} {request.target}: {exc}")
                     continue
                 break
             except ClientBodyError:
@@ -409,9 +414,16 @@ class Application:
     SQLite file it made); with neither, the ``SOFTLB_STATE`` environment variable, else
     ``memory``.
 
-    Threads (the health checker, the state poller), connections and shared files are made in
-    the process that serves requests: :meth:`start` runs on creation and again in a child
-    after ``fork()``, so the app is safe under ``gunicorn --preload`` as well as without it.
+    Threads (the health checker, the state poller, the event dispatcher), connections and
+    shared files are made in the process that serves requests: :meth:`start` runs on creation
+    and again in a child after ``fork()``, so the app is safe under ``gunicorn --preload`` as
+    well as without it.
+
+    State changes (backends added, removed, drained, going down or up, ejected; requests that
+    found no backend) are logged to ``softlb.events`` through the pool's event hooks
+    (:func:`softlb.logs.install_event_logging`), as text or, with ``log_format="json"``, one
+    JSON object per line; ``log_format`` defaults to the ``SOFTLB_LOG_FORMAT`` environment
+    variable, else ``"text"``.
     """
 
     def __init__(
@@ -421,6 +433,7 @@ class Application:
         threads: int | None = None,
         start: bool = True,
         state: str | None = None,
+        log_format: str | None = None,
     ) -> None:
         from softlb.admin import AdminApi
         from softlb.balancers import balancer_by_name
@@ -428,6 +441,12 @@ class Application:
 
         self.config = config
         self.state_url = state or config.state or os.environ.get("SOFTLB_STATE") or "memory"
+        source = "log_format" if log_format else "SOFTLB_LOG_FORMAT"
+        log_format = log_format or os.environ.get("SOFTLB_LOG_FORMAT") or "text"
+        if log_format not in ("text", "json"):
+            raise ConfigError(f"{source}: {log_format!r} is not a log format; allowed: text, json")
+        self.log_format = log_format
+        self._event_log: Callable[[], None] | None = None  # uninstalls the event log
         self.pool = Pool(
             [Backend(s.url, s.weight) for s in config.servers],
             balancer=balancer_by_name(config.algorithm),
@@ -445,6 +464,7 @@ class Application:
                 fall=hc.fall,
                 expected_status=hc.expected_status,
                 initial_state=hc.initial_state,
+                log_changes=False,  # the event log says it (see start())
             )
         self.threads = threads or int(os.environ.get("SOFTLB_THREADS", "0") or 0) or 16
         self.proxy = LoadBalancer(
@@ -492,11 +512,16 @@ class Application:
         return state
 
     def start(self) -> None:
-        """Start the shared state and the health checker in this process; idempotent."""
+        """Start the event log, the shared state and the health checker in this process;
+        idempotent."""
         with self._start_lock:
             if self._pid == os.getpid():
                 return
             self._pid = os.getpid()
+            if self._event_log is None:  # kept across a fork: the child's pool has the hooks
+                from softlb.logs import install_event_logging
+
+                self._event_log = install_event_logging(self.pool, json=self.log_format == "json")
             self.state = self._open_state()
             self.admin.state = self.state
             if self.checker is not None:
@@ -532,6 +557,7 @@ class Application:
         if self.checker is not None:
             self.checker.stop()
         self.proxy.close()
+        self.pool.close()  # the last events are logged, then the dispatcher thread ends
         self._pid = None
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -564,7 +590,6 @@ def create_app(config: str | os.PathLike[str] | Config | None = None) -> Applica
     config raises :class:`~softlb.errors.ConfigError` listing every problem.
     """
     from softlb.config import Config, load_config
-    from softlb.errors import ConfigError
 
     if config is None:
         path = os.environ.get("SOFTLB_CONFIG")

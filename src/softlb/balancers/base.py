@@ -6,17 +6,86 @@ it updates incrementally (least connections keeps its backends bucketed by load,
 instance). The pool hands the balancer a new tuple of eligible backends — healthy, not
 draining — whenever membership, health or an effective weight changes (grpc-go's "new picker
 per state change"); between two rebuilds only ``pick``, ``acquired`` and ``released`` run.
+
+:meth:`Balancer.explain` answers "what would you pick now, and why?" without changing what
+later picks return: it reads the strategy's state, and a strategy that draws at random saves
+its generator's state and puts it back. :meth:`Pool.explain() <softlb.pool.Pool.explain>` is
+how users call it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
 from softlb.backend import Backend
 
-__all__ = ["BALANCERS", "Balancer", "balancer_by_name", "register"]
+__all__ = ["BALANCERS", "Balancer", "Candidate", "balancer_by_name", "candidate", "register"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A backend in rotation, as :meth:`Balancer.explain` sees it.
+
+    ``weight`` is the configured weight and ``effective_weight`` the one the strategy uses
+    (lower during slow start); ``slow_start`` is their ratio while a ramp runs (0.1 to 1), else
+    ``None``. ``in_flight`` counts this process's requests and, with shared state, the other
+    processes' (``active + shared_active``); ``latency`` is the peak-EWMA in seconds (``None``
+    before the first answer). ``score`` is the figure the strategy compares — its meaning is
+    strategy-specific and ``why`` says it in words — and ``chosen`` marks the backend the next
+    pick returns.
+    """
+
+    url: str
+    weight: int
+    effective_weight: float
+    in_flight: int
+    latency: float | None
+    score: float | None
+    why: str
+    chosen: bool = False
+    slow_start: float | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        """The candidate as a JSON-ready mapping."""
+        return {
+            "url": self.url,
+            "chosen": self.chosen,
+            "score": _rounded(self.score),
+            "why": self.why,
+            "weight": self.weight,
+            "effective_weight": _rounded(self.effective_weight),
+            "slow_start": _rounded(self.slow_start),
+            "in_flight": self.in_flight,
+            "latency": _rounded(self.latency),
+        }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+def candidate(backend: Backend, score: float | None, why: str, chosen: bool = False) -> Candidate:
+    """A :class:`Candidate` for ``backend`` with its current figures; the caller holds the
+    pool's lock."""
+    ramp = backend.eff_weight / backend.weight if backend._ramp_from is not None else None
+    return Candidate(
+        url=backend.url,
+        weight=backend.weight,
+        effective_weight=backend.eff_weight,
+        in_flight=backend.active + backend.shared_active,
+        latency=backend.latency,
+        score=score,
+        why=why,
+        chosen=chosen,
+        slow_start=ramp,
+    )
+
+
+#: What :meth:`Balancer.explain` says about the only backend in rotation.
+ONLY_ONE = "the only backend in rotation"
 
 
 class Balancer(ABC):
@@ -26,6 +95,9 @@ class Balancer(ABC):
     name: ClassVar[str]
     #: Whether the strategy reads the request key passed to :meth:`pick`.
     uses_key: ClassVar[bool] = False
+    #: How the strategy chooses, in one line, for :meth:`Pool.explain()
+    #: <softlb.pool.Pool.explain>`.
+    rule: ClassVar[str] = ""
 
     @abstractmethod
     def rebuild(self, eligible: tuple[Backend, ...], now: float) -> None:
@@ -34,6 +106,16 @@ class Balancer(ABC):
     @abstractmethod
     def pick(self, key: str | None, now: float) -> Backend | None:
         """Return the backend for the next request, or ``None`` when none is eligible."""
+
+    def explain(self, key: str | None, now: float, limit: int | None = None) -> list[Candidate]:
+        """Every eligible backend with its score, the one :meth:`pick` would return next first
+        (``chosen``), the others in the order the strategy prefers them; at most ``limit``.
+
+        Must leave the strategy as it was: the next :meth:`pick` returns the same backend
+        whether this ran or not. The pool holds its lock. The default raises
+        :class:`NotImplementedError`, and the pool then lists the eligible backends unscored.
+        """
+        raise NotImplementedError
 
     def acquired(self, backend: Backend) -> None:  # noqa: B027 - optional hook
         """Called after ``backend.active`` went up by one (the backend may not be eligible)."""

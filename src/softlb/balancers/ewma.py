@@ -6,7 +6,7 @@ import math
 from typing import Final
 
 from softlb.backend import EWMA_DECAY_SECONDS, Backend
-from softlb.balancers.base import register
+from softlb.balancers.base import Candidate, register
 from softlb.balancers.randomized import _WeightedDraw
 
 __all__ = ["DEFAULT_RTT", "PeakEwma", "peak_ewma_cost"]
@@ -57,6 +57,10 @@ class PeakEwma(_WeightedDraw):
     """
 
     name = "peak_ewma"
+    rule = (
+        "two backends drawn at random by effective weight; the lower "
+        "latency estimate × (in flight + 1) / effective weight wins"
+    )
 
     def __init__(self, *, seed: int | None = None) -> None:
         super().__init__(seed=seed)
@@ -83,3 +87,28 @@ class PeakEwma(_WeightedDraw):
         cost_a = peak_ewma_cost(a, now, seeded_at=seeded.get(a))
         cost_b = peak_ewma_cost(b, now, seeded_at=seeded.get(b))
         return b if cost_b < cost_a else a
+
+    def explain(self, key: str | None, now: float, limit: int | None = None) -> list[Candidate]:
+        """Score: :func:`peak_ewma_cost` now. The next two draws (made on a copy of the
+        generator's state) come first: the winner, ``chosen``, then the other; the rest follow
+        by increasing cost."""
+        seeded = self._seeded
+
+        def cost(backend: Backend) -> float:
+            return peak_ewma_cost(backend, now, seeded_at=seeded.get(backend))
+
+        def describe(backend: Backend, value: float) -> str:
+            pending = backend.active + backend.shared_active
+            if not backend._ewma_at and pending == 0:
+                return "not measured yet and idle: cost 0, so it is tried at once"
+            estimate = value * backend.eff_weight / (pending + 1)
+            if backend._ewma_at:
+                measured = f"latency estimate {estimate * 1000:.4g} ms"
+            else:
+                measured = f"not measured yet: {estimate * 1000:.4g} ms assumed"
+            return (
+                f"{measured} × ({pending} in flight + 1) / effective weight "
+                f"{backend.eff_weight:.4g} = {value:.4g}"
+            )
+
+        return self._explain_pair(limit, cost, describe)

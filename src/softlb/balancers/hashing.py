@@ -9,7 +9,7 @@ import zlib
 from typing import Final
 
 from softlb.backend import Backend
-from softlb.balancers.base import Balancer, register
+from softlb.balancers.base import ONLY_ONE, Balancer, Candidate, candidate, register
 
 __all__ = ["HASH_KEYS", "ConsistentHash", "parse_hash_key"]
 
@@ -81,6 +81,10 @@ class ConsistentHash(Balancer):
 
     name = "consistent_hash"
     uses_key = True
+    rule = (
+        "the request key is hashed onto a ring; the backend owning the next point clockwise "
+        "serves it (no key: a random backend)"
+    )
 
     def __init__(self, *, seed: int | None = None) -> None:
         self._rng = random.Random(seed)
@@ -132,3 +136,66 @@ class ConsistentHash(Balancer):
             return eligible[int(self._rng.random() * len(eligible))]
         i = bisect.bisect_left(self._points, key_position(key))
         return self._owners[i if i < len(self._owners) else 0]
+
+    def explain(self, key: str | None, now: float, limit: int | None = None) -> list[Candidate]:
+        """Score: how far clockwise from the key's ring position the backend's first point is.
+        The owner of the key (the nearest) is ``chosen``; the others follow in the order the
+        key would move to them if those before them left rotation. Without a key, every
+        backend has the same chance and the next random draw is ``chosen``."""
+        eligible = self._eligible
+        n = len(eligible)
+        if n == 0:
+            return []
+        if n == 1:
+            return [candidate(eligible[0], 0, ONLY_ONE, True)]
+        count = n if limit is None else min(n, limit)
+        if key is None:
+            rng = self._rng
+            state = rng.getstate()
+            try:
+                drawn = int(rng.random() * n)
+            finally:
+                rng.setstate(state)
+            order = [drawn, *(k for k in range(n) if k != drawn)]
+            return [
+                candidate(
+                    eligible[k],
+                    1.0 / n,
+                    f"no request key: drawn with probability {1 / n:.1%}"
+                    + ("; the next draw" if k == drawn else ""),
+                    k == drawn,
+                )
+                for k in order[:count]
+            ]
+        position = key_position(key)
+        points, owners = self._points, self._owners
+        size = len(points)
+        start = bisect.bisect_left(points, position)
+        out: list[Candidate] = []
+        seen: set[Backend] = set()
+        for step in range(size):  # walk clockwise until every backend (or `limit`) is found
+            index = (start + step) % size
+            owner = owners[index]
+            if owner in seen:
+                continue
+            seen.add(owner)
+            distance = (points[index] - position) % (1 << 32)
+            if not out:
+                why = (
+                    f"owns the key: its point is the first clockwise from the key's ring "
+                    f"position {position:#010x}, {distance:,} further on"
+                )
+            else:
+                before = (
+                    "the backend before it leaves"
+                    if len(out) == 1
+                    else f"the {len(out)} backends before it leave"
+                )
+                why = (
+                    f"its first point is {distance:,} clockwise from the key's position: the "
+                    f"key moves here if {before} rotation"
+                )
+            out.append(candidate(owner, distance, why, not out))
+            if len(out) >= count:
+                break
+        return out

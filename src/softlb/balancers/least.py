@@ -6,7 +6,7 @@ import heapq
 from collections import OrderedDict
 
 from softlb.backend import Backend
-from softlb.balancers.base import Balancer, register
+from softlb.balancers.base import ONLY_ONE, Balancer, Candidate, candidate, register
 
 __all__ = ["LeastConnections", "load_of"]
 
@@ -34,6 +34,7 @@ class LeastConnections(Balancer):
     """
 
     name = "least_connections"
+    rule = "the lowest (in flight + 1) / effective weight wins; equal loads take turns"
 
     def __init__(self) -> None:
         # load -> backends with that load, oldest arrival first (an ordered set).
@@ -84,3 +85,29 @@ class LeastConnections(Balancer):
                 return next(iter(bucket))
             heapq.heappop(heap)
         return None
+
+    def explain(self, key: str | None, now: float, limit: int | None = None) -> list[Candidate]:
+        """Score: the load the backend is indexed under, :func:`load_of` as of its last change.
+        Backends are listed as picks would take them: lowest load first, and within one load
+        in the order of their bucket (the first is next)."""
+        buckets = self._buckets
+        alone = sum(len(bucket) for bucket in buckets.values()) == 1
+        out: list[Candidate] = []
+        for load in sorted(k for k, bucket in buckets.items() if bucket):
+            for place, backend in enumerate(buckets[load]):
+                if limit is not None and len(out) >= limit:
+                    return out
+                in_flight = backend.active + backend.shared_active
+                why = (
+                    f"({in_flight} in flight + 1) / effective weight {backend.eff_weight:.4g} "
+                    f"= {load:.4g}"
+                )
+                chosen = not out
+                if alone:
+                    why += f"; {ONLY_ONE}"
+                elif chosen:
+                    why += "; the lowest load, first in line"
+                elif place:
+                    why += f"; {place} ahead of it at this load"
+                out.append(candidate(backend, load, why, chosen))
+        return out

@@ -6,7 +6,7 @@ import heapq
 from typing import Final
 
 from softlb.backend import Backend
-from softlb.balancers.base import Balancer, register
+from softlb.balancers.base import ONLY_ONE, Balancer, Candidate, candidate, register
 
 __all__ = ["RoundRobin", "WeightedRoundRobin"]
 
@@ -21,6 +21,7 @@ class RoundRobin(Balancer):
     """
 
     name = "round_robin"
+    rule = "each backend in rotation in turn, weights ignored"
 
     def __init__(self) -> None:
         self._eligible: tuple[Backend, ...] = ()
@@ -39,6 +40,25 @@ class RoundRobin(Balancer):
         i = self._next % n
         self._next = i + 1
         return eligible[i]
+
+    def explain(self, key: str | None, now: float, limit: int | None = None) -> list[Candidate]:
+        """Score: how many picks come before the backend's turn (0 = next), from the position
+        the next pick takes."""
+        eligible = self._eligible
+        n = len(eligible)
+        if n == 0:
+            return []
+        if n == 1:
+            return [candidate(eligible[0], 0, ONLY_ONE, True)]
+        start = self._next % n
+        out = []
+        for turn in range(n if limit is None else min(n, limit)):
+            if turn == 0:
+                why = f"next in turn (position {start + 1} of {n})"
+            else:
+                why = f"{turn} pick{'s' if turn > 1 else ''} before its turn"
+            out.append(candidate(eligible[(start + turn) % n], turn, why, turn == 0))
+        return out
 
 
 #: Up to this many eligible backends, :class:`WeightedRoundRobin` runs nginx's algorithm,
@@ -65,6 +85,11 @@ class WeightedRoundRobin(Balancer):
     """
 
     name = "weighted_round_robin"
+    rule = (
+        "the highest running score + effective weight is picked and loses the total weight "
+        "(nginx's smooth weighted round robin; Envoy's earliest deadline first beyond "
+        f"{SMOOTH_EXACT_LIMIT} backends)"
+    )
 
     def __init__(self) -> None:
         self._eligible: tuple[Backend, ...] = ()
@@ -120,3 +145,33 @@ class WeightedRoundRobin(Balancer):
                 best, best_score = i, score
         current[best] = best_score - self._total
         return eligible[best]
+
+    def explain(self, key: str | None, now: float, limit: int | None = None) -> list[Candidate]:
+        """Score: the running score the next pick compares (nginx mode: current + weight, the
+        highest wins, ties to the earlier backend), or the next deadline (EDF mode: the
+        earliest wins)."""
+        eligible = self._eligible
+        n = len(eligible)
+        if n == 0:
+            return []
+        if n == 1:
+            return [candidate(eligible[0], None, ONLY_ONE, True)]
+        weights = self._weights
+        count = n if limit is None else min(n, limit)
+        out = []
+        if self._heap:
+            for rank, (deadline, _, i) in enumerate(heapq.nsmallest(count, self._heap)):
+                why = f"next turn due at {deadline:.4g} (a turn every 1/{weights[i]:.4g})"
+                if rank == 0:
+                    why += "; the earliest, so it is picked next"
+                out.append(candidate(eligible[i], deadline, why, rank == 0))
+            return out
+        current = self._current
+        scores = [c + w for c, w in zip(current, weights, strict=True)]
+        order = sorted(range(n), key=lambda i: (-scores[i], i))  # ties to the earlier backend
+        for rank, i in enumerate(order[:count]):
+            why = f"running score {current[i]:.4g} + effective weight {weights[i]:.4g}"
+            if rank == 0:
+                why += f"; the highest, so it is picked next and drops by {self._total:.4g}"
+            out.append(candidate(eligible[i], scores[i], why, rank == 0))
+        return out
