@@ -699,3 +699,35 @@ def test_membership_changes_during_leases_keep_totals_exact() -> None:
     assert sum(b.requests for b in created) == threads * per_thread
     assert sum(b.failures for b in created) == threads * per_thread // 5
     assert len(created) > 4, "the churn thread got to run"
+
+
+def test_retry_goes_to_the_least_loaded_backend_left() -> None:
+    """When least connections keeps choosing the tried backend, a retry takes the least
+    loaded of the others, not the first in the list (found by the simulator)."""
+    pool = Pool(["http://a:1", "http://b:1", "http://c:1"])
+    a, b, c = pool.backends
+    held = [pool.lease(exclude={b, c}) for _ in range(3)] + [pool.lease(exclude={a, c})]
+    assert (a.active, b.active, c.active) == (3, 1, 0)
+    first = pool.lease()
+    assert first.backend is c
+    first.release("connect")
+    retry = pool.lease(exclude={c})
+    assert retry.backend is b
+    for lease in [*held, retry]:
+        lease.release()
+
+
+def test_consistent_hash_retry_moves_to_the_next_owner_on_the_ring() -> None:
+    """A retried key goes where it would go if its backend left, not to the first backend."""
+    urls = [f"http://h{i}:1" for i in range(8)]
+    pool = Pool(urls, balancer="consistent_hash")
+    for n in range(50):
+        key = f"user{n}"
+        owner = pool.lease(key)
+        owner.release()
+        retry = pool.lease(key, exclude={owner.backend})
+        retry.release()
+        survivors = Pool([u for u in urls if u != owner.backend.url], balancer="consistent_hash")
+        expected = survivors.lease(key)
+        expected.release()
+        assert retry.backend.url == expected.backend.url

@@ -201,7 +201,12 @@ class AdminApi:
         self.state = state
         self._token = token.encode() if token is not None else None
         self._metrics = Metrics(
-            pool, self.stats, version=__version__, figures=self.figures, stale=self._stale
+            pool,
+            self.stats,
+            version=__version__,
+            figures=self.figures,
+            stale=self._stale,
+            snapshot=self.proxy_snapshot,
         )
         self._started = time.monotonic()
         p = self.prefix
@@ -382,6 +387,13 @@ class AdminApi:
             return state.figures()
         return [b.as_dict() for b in self.pool.backends]
 
+    def proxy_snapshot(self) -> dict[str, object]:
+        """The proxy's counters: summed over the host's workers when they share state."""
+        state = self.state
+        if state is not None:
+            return state.proxy_snapshot()
+        return self.stats.snapshot()
+
     def _stale(self) -> bool:
         return self.state is not None and self.state.stale
 
@@ -439,7 +451,7 @@ class AdminApi:
 
     def status(self) -> dict[str, object]:
         """What the status page shows, as served by ``GET {prefix}/status``."""
-        snap = self.stats.snapshot()
+        snap = self.proxy_snapshot()
         errors = snap["errors_by_status"]
         assert isinstance(errors, Mapping)
         checker = self.checker

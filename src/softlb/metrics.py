@@ -64,8 +64,10 @@ class SoftLBCollector:
         version: str = "",
         figures: Callable[[], list[dict[str, object]]] | None = None,
         stale: Callable[[], bool] | None = None,
+        snapshot: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         self.pool = pool
+        self.snapshot = snapshot if snapshot is not None else stats.snapshot
         self.stats = stats
         self.version = version
         self.figures = figures
@@ -133,7 +135,7 @@ class SoftLBCollector:
             value=1 if self.stale is not None and self.stale() else 0,
         )
 
-        snap = self.stats.snapshot()
+        snap = self.snapshot()
         yield CounterMetricFamily(
             "softlb_retries_total",
             "Requests tried again on another backend after a failure.",
@@ -193,9 +195,12 @@ class Metrics:
         version: str = "",
         figures: Callable[[], list[dict[str, object]]] | None = None,
         stale: Callable[[], bool] | None = None,
+        snapshot: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = SoftLBCollector(pool, stats, version=version, figures=figures, stale=stale)
+        self.collector = SoftLBCollector(
+            pool, stats, version=version, figures=figures, stale=stale, snapshot=snapshot
+        )
         self.registry.register(self.collector)
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:

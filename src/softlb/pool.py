@@ -14,7 +14,7 @@ from typing import Final
 from softlb import events
 from softlb.backend import Backend, normalize_url
 from softlb.balancers.base import Balancer, Candidate, balancer_by_name, candidate
-from softlb.balancers.least import LeastConnections
+from softlb.balancers.least import LeastConnections, load_of
 from softlb.errors import BackendExists, InvalidBackend, NoBackendAvailable, UnknownBackend
 from softlb.events import Dispatcher, Event, Hook
 
@@ -405,14 +405,19 @@ class Pool:
     def _pick_excluding(
         self, key: str | None, now: float, exclude: Collection[Backend]
     ) -> Backend | None:
+        failover = getattr(self.balancer, "pick_excluding", None)
+        if failover is not None:  # a strategy with its own rule (consistent hashing's ring)
+            chosen: Backend | None = failover(key, now, exclude)
+            if chosen is not None:
+                return chosen
         for _ in range(_REPICKS):
             backend = self.balancer.pick(key, now)
             if backend is not None and backend not in exclude:
                 return backend
-        for backend in self._eligible:
-            if backend not in exclude:
-                return backend
-        return None
+        # The strategy keeps choosing tried backends (least connections' least loaded one):
+        # take the least loaded of the rest, never merely the first in the list.
+        rest = [b for b in self._eligible if b not in exclude]
+        return min(rest, key=load_of) if rest else None
 
     def _release(self, lease: Lease, failure: str | None) -> None:
         backend = lease.backend

@@ -492,21 +492,25 @@ class Application:
             self.start()
 
     def _open_state(self) -> SharedState:
-        from softlb.state import open_store
-        from softlb.state.sync import SharedState, node_name, slot_path
+        from softlb.state import MAX_SLOTS, open_store
+        from softlb.state.sync import PROXY_COLUMNS, SharedState, node_name, slot_path
 
         store = open_store(self.state_url, cluster=self.config.cluster)
         slots = None
         if store.kind != "memory":
             from softlb.state.slots import SlotTable
 
-            slots = SlotTable(slot_path(self.state_url, self.config.cluster, node_name()))
+            slots = SlotTable(
+                slot_path(self.state_url, self.config.cluster, node_name()),
+                columns=MAX_SLOTS + PROXY_COLUMNS,  # the backends, then the proxy counters
+            )
         state = SharedState(
             self.pool,
             store,
             checker=self.checker,
             seed=[(s.url, s.weight) for s in self.config.servers],
             slots=slots,
+            stats=self.proxy.stats,
         )
         state.on_remove = self.proxy.upstream.forget
         return state

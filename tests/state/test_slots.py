@@ -17,7 +17,14 @@ import pytest
 
 from softlb.state import MAX_SLOTS, StoreUnavailable
 from softlb.state import slots as slots_module
-from softlb.state.slots import DEAD_AFTER, LAYOUT_VERSION, MAGIC, SlotTable, SlotTableFull
+from softlb.state.slots import (
+    DEAD_AFTER,
+    LAYOUT_VERSION,
+    MAGIC,
+    MAX_COLUMNS,
+    SlotTable,
+    SlotTableFull,
+)
 
 ctx = multiprocessing.get_context("spawn")
 
@@ -179,7 +186,7 @@ def test_an_unusable_path_is_store_unavailable(tmp_path: Path) -> None:
         table.claim()
 
 
-@pytest.mark.parametrize("kwargs", [{"rows": 0}, {"columns": 0}, {"columns": MAX_SLOTS + 1}])
+@pytest.mark.parametrize("kwargs", [{"rows": 0}, {"columns": 0}, {"columns": MAX_COLUMNS + 1}])
 def test_bad_dimensions_are_refused(path: str, kwargs: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         SlotTable(path, **kwargs)

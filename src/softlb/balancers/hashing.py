@@ -6,6 +6,7 @@ import bisect
 import hashlib
 import random
 import zlib
+from collections.abc import Collection
 from typing import Final
 
 from softlb.backend import Backend
@@ -136,6 +137,22 @@ class ConsistentHash(Balancer):
             return eligible[int(self._rng.random() * len(eligible))]
         i = bisect.bisect_left(self._points, key_position(key))
         return self._owners[i if i < len(self._owners) else 0]
+
+    def pick_excluding(
+        self, key: str | None, now: float, exclude: Collection[Backend]
+    ) -> Backend | None:
+        """For a retry: the next owner clockwise that is not excluded, so the key fails over
+        to the backend that would own it if the failed one left (not to the first in list)."""
+        owners = self._owners
+        if key is None or not owners:
+            return None
+        start = bisect.bisect_left(self._points, key_position(key))
+        n = len(owners)
+        for step in range(n):
+            owner = owners[(start + step) % n]
+            if owner not in exclude:
+                return owner
+        return None
 
     def explain(self, key: str | None, now: float, limit: int | None = None) -> list[Candidate]:
         """Score: how far clockwise from the key's ring position the backend's first point is.

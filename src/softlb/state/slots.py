@@ -82,6 +82,10 @@ DEAD_AFTER: Final = 10.0
 #: How long a reader trusts what it learnt about which owners are alive (the issue: ~1 s).
 LIVENESS_TTL: Final = 1.0
 
+#: Widest table accepted: every backend slot plus room for counters kept beside them (the
+#: proxy's own, see softlb.state.sync.PROXY_COLUMNS).
+MAX_COLUMNS: Final = MAX_SLOTS + 64
+
 _HEADER: Final = 8  # words before row 0
 _ROW_HEADER: Final = 8  # words before the cells of a row
 _CELLS: Final = 3  # in_flight, requests, failures
@@ -141,8 +145,8 @@ class SlotTable:
     ) -> None:
         if rows < 1:
             raise ValueError(f"an in-flight table needs at least one row, not {rows}")
-        if not 1 <= columns <= MAX_SLOTS:
-            raise ValueError(f"columns must be between 1 and {MAX_SLOTS}, not {columns}")
+        if not 1 <= columns <= MAX_COLUMNS:
+            raise ValueError(f"columns must be between 1 and {MAX_COLUMNS}, not {columns}")
         self.path = os.path.abspath(path)
         self.rows = rows
         self.columns = columns
