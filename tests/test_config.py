@@ -1094,7 +1094,7 @@ def test_load_config_duplicate_keys_reported_once() -> None:
     assert problems(data) == [
         "retries: is given more than once; write each key once",
         "x: unknown key; allowed: listen, algorithm, servers, health_check, hash_key, retries, "
-        "slow_start, timeouts, admin, state, cluster (and the aliases listenPort, port, "
+        "slow_start, timeouts, admin, state, cluster, access_log (and the aliases listenPort, port, "
         "healthCheckInterval)",
     ]
 
@@ -1128,3 +1128,21 @@ def test_redis_state_without_the_client_says_what_to_install(
     with pytest.raises(ConfigError) as caught:
         parse_config({"state": "redis://127.0.0.1:6379/0"})
     assert 'pip install "softlb[redis]"' in caught.value.problems[0]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("logs/access.csv", "logs/access.csv"), (None, None)],
+)
+def test_access_log_is_a_file_path_or_null(value: object, expected: object) -> None:
+    """access_log names the CSV file the proxy appends to; null turns it off."""
+    assert parse_config({"access_log": value}).access_log == expected
+
+
+@pytest.mark.parametrize("value", ["", 3, True, "logs/", ["a.csv"]])
+def test_bad_access_log_is_an_error(value: object) -> None:
+    """Anything but a file path or null is one problem naming access_log."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"access_log": value})
+    assert len(caught.value.problems) == 1
+    assert caught.value.problems[0].startswith("access_log: ")

@@ -459,3 +459,31 @@ def test_client_that_stops_mid_upload_is_not_held_against_the_backend(
     assert response.status_code == 400
     member = lb.pool.get(backend.url)
     assert (member.failures, member.active, member.healthy) == (0, 0, True)
+
+
+def test_access_log_rows_replay_in_the_simulator(
+    backends: list[TestBackend], tmp_path: Any
+) -> None:
+    """With an access log, each answered request (small or streamed) appends one CSV row that
+    softlb simulate --csv reads back."""
+    from softlb.access_log import AccessLog
+    from softlb.simulate import simulate
+
+    path = tmp_path / "access.csv"
+    lb, client = make(
+        [b.url for b in backends], hash_key="header:X-User", access_log=AccessLog(path)
+    )
+    for i in range(6):
+        assert client.get("/", headers={"X-User": f"u{i}"}).status_code == 200
+    response = client.get("/big/200000", buffered=False, headers={"X-User": "big"})
+    assert sum(len(p) for p in response.response) == 200000
+    response.close()
+    lb.close()
+    lines = path.read_text().splitlines()
+    assert lines[0] == "time,key,latency,backend"
+    rows = [line.split(",") for line in lines[1:]]
+    assert [r[1] for r in rows] == [f"u{i}" for i in range(6)] + ["big"]
+    assert {r[3] for r in rows} == {b.url for b in backends}
+    assert all(float(r[2]) >= 0 for r in rows)
+    report = simulate("recorded", csv_path=str(path), strategies=["round_robin"], seed=1)
+    assert report.result("round_robin").answered == 7

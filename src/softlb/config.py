@@ -83,6 +83,7 @@ _TOP_KEYS: Final = (
     "admin",
     "state",
     "cluster",
+    "access_log",
 )
 #: Alternative names the seed project used, mapped to the setting they stand for.
 _LISTEN_NAMES: Final = ("listen", "listenPort", "port")
@@ -208,6 +209,8 @@ class Config:
     admin: AdminConfig = AdminConfig()
     state: str | None = None
     cluster: str = "softlb"
+    #: CSV file the proxy appends a row to per answered request (``softlb simulate --csv``).
+    access_log: str | None = None
     source: str | None = None
 
     @property
@@ -477,6 +480,17 @@ def _check_redis(url: str) -> None:
     database = parts.path.strip("/")
     if database and not (database.isascii() and database.isdigit()):
         raise _Invalid(f'{shown} has a database that is not a number; use "redis://HOST:PORT/0"')
+
+
+def _access_log(value: object) -> str | None:
+    """A file path for the CSV access log, or null for none."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise _Invalid(f"must be a file path (a non-empty string) or null, {_got(value)}")
+    if value.endswith(("/", os.sep)):
+        raise _Invalid(f"{_show(value)} is a directory; name a file, like \"access.csv\"")
+    return value
 
 
 def _cluster(value: object) -> str:
@@ -849,6 +863,7 @@ def parse_config(data: object, *, source: str | None = None) -> Config:
         "slow_start": lambda v: parse_duration(v, key="slow_start"),
         "state": _state,
         "cluster": _cluster,
+        "access_log": _access_log,
     }
     for name, check in simple.items():
         if name in top:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from softlb.access_log import AccessLog, wall_clock_of
 from softlb.backend import Backend
 from softlb.errors import (
     ConfigError,
@@ -193,13 +194,16 @@ class _StreamedAnswer:
     a second status.
     """
 
-    __slots__ = ("_complete", "_failure", "_lease", "_resp")
+    __slots__ = ("_complete", "_done", "_failure", "_lease", "_resp")
 
-    def __init__(self, resp: UpstreamResponse, lease: Lease) -> None:
+    def __init__(
+        self, resp: UpstreamResponse, lease: Lease, done: Callable[[Lease], None] | None = None
+    ) -> None:
         self._resp = resp
         self._lease = lease
         self._complete = False
         self._failure: str | None = None
+        self._done = done  # told of the released lease (the access log)
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -213,6 +217,8 @@ class _StreamedAnswer:
     def close(self) -> None:
         self._resp.close(self._complete)
         self._lease.release(self._failure)
+        if self._done is not None:
+            self._done(self._lease)
 
 
 class LoadBalancer:
@@ -251,6 +257,7 @@ class LoadBalancer:
         error_handler: ErrorHandler | None = None,
         upstream: Upstream | None = None,
         stats: ProxyStats | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         from softlb.balancers.hashing import parse_hash_key
 
@@ -267,6 +274,8 @@ class LoadBalancer:
             maxsize=max_connections,
         )
         self.stats = stats or ProxyStats()
+        #: Where a CSV row per answered request goes (``softlb simulate --csv`` replays it).
+        self.access_log = access_log
         self._environ_header = (
             "HTTP_" + self.hash_name.upper().replace("-", "_") if self.hash_name else ""
         )
@@ -316,7 +325,11 @@ class LoadBalancer:
         if self.rewrite is not None:
             self.rewrite(request, environ)
         body = _Body(environ)
-        key = self.request_key(environ) if self.pool.balancer.uses_key else None
+        access_log = self.access_log
+        if self.pool.balancer.uses_key or access_log is not None:
+            key = self.request_key(environ)
+        else:
+            key = None
         may_resend = method in IDEMPOTENT_METHODS or "Idempotency-Key" in request.headers
         tried: list[Backend] = []
         error: ProxyError | None = None
@@ -364,13 +377,30 @@ class LoadBalancer:
             self.stats.observe(time.perf_counter() - started)
             headers = downstream_response_headers(resp.headers)
             status_line = f"{resp.status} {resp.reason}"
+            if access_log is None:
+                done = None
+            else:
+
+                def done(lease: Lease, key: str | None = key) -> None:
+                    self._log_access(lease, key)
+
             if data is not None:
                 lease.release()
+                if done is not None:
+                    done(lease)
                 start_response(status_line, headers)
                 return (data,) if data else ()
             start_response(status_line, headers)
-            return _StreamedAnswer(resp, lease)
+            return _StreamedAnswer(resp, lease, done)
         return self._error(environ, start_response, error)
+
+    def _log_access(self, lease: Lease, key: str | None) -> None:
+        access_log = self.access_log
+        if access_log is None:
+            return
+        now = self.pool.clock()
+        latency = max(now - lease.started, 0.0)
+        access_log.record(wall_clock_of(lease.started, now), key, latency, lease.backend.url)
 
     def _error(
         self, environ: Environ, start_response: StartResponse, error: ProxyError
@@ -390,8 +420,10 @@ class LoadBalancer:
         return (body,)
 
     def close(self) -> None:
-        """Close the pooled backend connections."""
+        """Close the pooled backend connections and the access log."""
         self.upstream.close()
+        if self.access_log is not None:
+            self.access_log.close()
 
     def __repr__(self) -> str:
         return f"<LoadBalancer {self.pool!r} retries={self.retries}>"
@@ -474,6 +506,7 @@ class Application:
             read_timeout=config.timeouts.read,
             hash_key=config.hash_key,
             max_connections=self.threads,
+            access_log=AccessLog(config.access_log) if config.access_log else None,
         )
         self.admin = AdminApi(
             self.pool,
