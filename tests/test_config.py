@@ -1094,8 +1094,8 @@ def test_load_config_duplicate_keys_reported_once() -> None:
     assert problems(data) == [
         "retries: is given more than once; write each key once",
         "x: unknown key; allowed: listen, algorithm, servers, health_check, hash_key, retries, "
-        "slow_start, timeouts, admin, state, cluster, access_log (and the aliases listenPort, port, "
-        "healthCheckInterval)",
+        "slow_start, timeouts, admin, state, cluster, access_log (and the aliases listenPort, "
+        "port, healthCheckInterval)",
     ]
 
 

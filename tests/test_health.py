@@ -700,3 +700,22 @@ def test_scattered_passive_failures_do_not_eject(probe: FakeProbe, clock: FakeCl
         pool.lease(exclude=others).release()
     assert a.healthy
     assert a.failures == 20
+
+
+def test_backend_back_from_passive_ejection_starts_a_fresh_run(
+    probe: FakeProbe, clock: FakeClock
+) -> None:
+    """After rise probes bring an ejected backend back, one failed request does not eject it."""
+    pool = Pool([A, B], balancer="round_robin")
+    checker = checker_for(pool, probe, clock, rise=1, fall=3)
+    checker.run_pending()
+    a = pool.get(A)
+    others = {pool.get(B)}
+    for _ in range(3):
+        pool.lease(exclude=others).release("connect refused")
+    assert not a.healthy
+    clock.now += 5.0
+    checker.run_pending()
+    assert a.healthy and a.consecutive_failures == 0
+    pool.lease(exclude=others).release("connect refused")
+    assert a.healthy

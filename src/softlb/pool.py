@@ -307,6 +307,9 @@ class Pool:
             backend.healthy = healthy
             if healthy:
                 self._notes.pop(backend, None)
+                # Back in rotation: it starts a fresh run, so passive checks need `fall` new
+                # failures in a row, not one more on top of those that took it out.
+                backend.consecutive_failures = 0
             else:
                 self._notes[backend] = (reason or "down", passive)
             now = self.clock()
