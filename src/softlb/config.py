@@ -489,7 +489,7 @@ def _access_log(value: object) -> str | None:
     if not isinstance(value, str) or not value.strip() or "\x00" in value:
         raise _Invalid(f"must be a file path (a non-empty string) or null, {_got(value)}")
     if value.endswith(("/", os.sep)):
-        raise _Invalid(f"{_show(value)} is a directory; name a file, like \"access.csv\"")
+        raise _Invalid(f'{_show(value)} is a directory; name a file, like "access.csv"')
     return value
 
 
