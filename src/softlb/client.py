@@ -33,9 +33,7 @@ from softlb.backend import Backend
 from softlb.errors import (
     NoBackendAvailable,
     ProxyError,
-    UpstreamConnectError,
     UpstreamError,
-    UpstreamTimeout,
 )
 from softlb.http.upstream import (
     CHUNK_SIZE,
@@ -46,7 +44,7 @@ from softlb.http.upstream import (
     encode_form,
 )
 from softlb.pool import Lease, Pool, PoolEvent
-from softlb.wsgi import IDEMPOTENT_METHODS
+from softlb.retry import failure_kind, may_resend, may_retry
 
 __all__ = [
     "DEFAULT_BUDGET_WINDOW",
@@ -186,15 +184,6 @@ class RetryBudget:
             f"<RetryBudget {self.ratio:.0%} of requests + {self.min_per_second:g}/s "
             f"over {self.window:g}s | {self.balance} retries available>"
         )
-
-
-def _failure_kind(error: UpstreamError) -> str:
-    """The failure name a lease records for an upstream error, as the proxy records it."""
-    if isinstance(error, UpstreamConnectError):
-        return "connect"
-    if isinstance(error, UpstreamTimeout):
-        return "timeout"
-    return "broken"
 
 
 class _RequestBody:
@@ -442,7 +431,7 @@ class BalancedClient:
         _check_path(target)
         limit = self.retries if retries is None else int(retries)
         source = _RequestBody(body)
-        may_resend = method in IDEMPOTENT_METHODS or _header(headers, "Idempotency-Key") is not None
+        resend = may_resend(method, _header(headers, "Idempotency-Key") is not None)
         self.budget.deposit()
         tried: list[Backend] = []
         error: ProxyError | None = None
@@ -467,12 +456,16 @@ class BalancedClient:
                     response.read(cache_content=True)  # kept as .data; ends the lease
             except UpstreamError as exc:
                 log.warning("%s %s via %s failed: %s", method, target, backend.url, exc)
-                lease.release(_failure_kind(exc))  # already done if the body read failed
+                lease.release(failure_kind(exc))  # already done if the body read failed
                 tried.append(backend)
                 error = exc
-                if not (isinstance(exc, UpstreamConnectError) or may_resend):
-                    break
-                if not source.replayable or len(tried) > limit:
+                if not may_retry(
+                    exc,
+                    resend=resend,
+                    replayable=source.replayable,
+                    tried=len(tried),
+                    limit=limit,
+                ):
                     break
                 if not self.budget.try_withdraw():
                     log.warning("%s %s not retried: the retry budget is spent", method, target)
@@ -518,6 +511,6 @@ def _ender(lease: Lease) -> Callable[[UpstreamError | None], None]:
     """The ``on_done`` of a response: ends ``lease`` with the outcome of reading the body."""
 
     def end(error: UpstreamError | None) -> None:
-        lease.release(None if error is None else _failure_kind(error))
+        lease.release(None if error is None else failure_kind(error))
 
     return end

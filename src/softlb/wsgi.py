@@ -29,7 +29,6 @@ from softlb.errors import (
     ProxyError,
     UpstreamConnectError,
     UpstreamError,
-    UpstreamTimeout,
 )
 from softlb.events import RETRIED
 from softlb.http.headers import (
@@ -40,6 +39,7 @@ from softlb.http.headers import (
 )
 from softlb.http.upstream import CHUNK_SIZE, SMALL_BODY, Upstream, UpstreamResponse
 from softlb.pool import Lease, Pool
+from softlb.retry import IDEMPOTENT_METHODS, failure_kind, may_resend, may_retry
 from softlb.stats import ProxyStats
 
 if TYPE_CHECKING:
@@ -66,17 +66,8 @@ class StartResponse(Protocol):
     ) -> Callable[[bytes], object]: ...
 
 
-#: Methods a request may be sent again with after it reached a backend (RFC 9110 §9.2.2).
-IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-
 #: Statuses whose answers never have a body (RFC 9110 §6.4.1), besides every answer to HEAD.
 _BODILESS: Final = frozenset({204, 304})
-
-#: Failure names recorded on a backend for each kind of upstream error (see Lease.release).
-_FAILURE_KIND: Final = {
-    UpstreamConnectError: "connect",
-    UpstreamTimeout: "timeout",
-}
 
 
 class ClientBodyError(Exception):
@@ -209,7 +200,7 @@ class _StreamedAnswer:
         try:
             yield from self._resp.chunks()
         except UpstreamError as exc:
-            self._failure = _FAILURE_KIND.get(type(exc), "broken")
+            self._failure = failure_kind(exc)
             log.warning("answer from %s cut short: %s", self._lease.backend.url, exc)
             raise
         self._complete = True
@@ -330,7 +321,7 @@ class LoadBalancer:
             key = self.request_key(environ)
         else:
             key = None
-        may_resend = method in IDEMPOTENT_METHODS or "Idempotency-Key" in request.headers
+        resend = may_resend(method, "Idempotency-Key" in request.headers)
         tried: list[Backend] = []
         error: ProxyError | None = None
         while True:
@@ -358,12 +349,17 @@ class LoadBalancer:
                 else:
                     data = None
             except UpstreamError as exc:
-                lease.release(_FAILURE_KIND.get(type(exc), "broken"))
+                lease.release(failure_kind(exc))
                 tried.append(backend)
                 error = exc
                 log.warning("%s %s via %s failed: %s", method, request.target, backend.url, exc)
-                retryable = isinstance(exc, UpstreamConnectError) or may_resend
-                if retryable and body.replayable and len(tried) <= self.retries:
+                if may_retry(
+                    exc,
+                    resend=resend,
+                    replayable=body.replayable,
+                    tried=len(tried),
+                    limit=self.retries,
+                ):
                     self.stats.retried()
                     self.pool.publish(RETRIED, backend, f"{method} {request.target}: {exc}")
                     continue
