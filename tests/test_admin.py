@@ -1036,3 +1036,19 @@ def test_application_admin_config(make_app: Any, backend: TestBackend) -> None:
     assert client.get("/ops/servers", headers=AUTH).status_code == 200
     assert client.get("/_softlb/servers").status_code == 200
     assert backend.last.target == "/_softlb/servers"
+
+
+def test_status_page_says_when_the_state_is_stale() -> None:
+    """While the shared store is unreachable the page shows a warning with the error (SPEC §7),
+    and no warning otherwise."""
+    stale = render_status_page(
+        {"state": {"store": "redis", "stale": True, "error": "refused <x>"}, "servers": []},
+        prefix="/_softlb",
+        nonce="n",
+    )
+    assert "State is stale: the redis store cannot be reached (refused &lt;x&gt;)" in stale
+    fresh = render_status_page(
+        {"state": {"store": "redis", "stale": False}, "servers": []}, prefix="/_softlb", nonce="n"
+    )
+    assert "State is stale" not in fresh
+    assert 'id="store" class="banner" hidden' in fresh

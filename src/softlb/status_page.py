@@ -141,6 +141,17 @@ def _skipped_text(explain: Mapping[str, Any] | None) -> str:
     return "Skipped: " + "; ".join(f"{s.get('url', '')} ({s.get('reason', '')})" for s in skipped)
 
 
+def _store_text(state: Mapping[str, Any] | None) -> str:
+    """The warning shown while the shared state store cannot be reached (SPEC §7), else ""."""
+    if not state or not state.get("stale"):
+        return ""
+    error = state.get("error") or "no answer"
+    return (
+        f"State is stale: the {state.get('store', 'state')} store cannot be reached ({error}). "
+        "Traffic goes on with the last known backends and health; admin changes are refused."
+    )
+
+
 def render_status_page(status: Mapping[str, Any], *, prefix: str, nonce: str) -> str:
     """Return the page for ``status`` (the admin API's ``GET {prefix}/status`` document).
 
@@ -164,6 +175,8 @@ def render_status_page(status: Mapping[str, Any], *, prefix: str, nonce: str) ->
         "explain_summary": _e((status.get("explain") or {}).get("summary", "")),
         "explain_rows": _explain_rows(status.get("explain"), prefix),
         "explain_skipped": _e(_skipped_text(status.get("explain"))),
+        "store_text": _e(_store_text(status.get("state"))),
+        "store_hidden": "" if _store_text(status.get("state")) else " hidden",
         "nonce": _e(nonce),
         "prefix": _e(prefix),
         "poll_ms": str(POLL_SECONDS * 1000),
@@ -253,6 +266,8 @@ h2 + p { margin: 0 0 10px; }
 td.why { color: var(--muted); font-size: 13px; }
 footer { margin-top: 16px; color: var(--muted); font-size: 13px; }
 footer a { color: var(--accent); }
+.banner { margin: 0 0 16px; padding: 10px 14px; border-radius: 6px;
+  background: var(--down-bg); color: var(--down); border: 1px solid var(--down); }
 code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px; }
 </style>
 </head>
@@ -262,6 +277,7 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
   <span id="live" class="live">snapshot</span>
 </header>
 <main>
+<p id="store" class="banner"{{store_hidden}}>{{store_text}}</p>
 <section class="cards">
   <div class="card"><div class="label">In rotation</div>
     <div class="value" id="rotation">{{rotation}}</div></div>
@@ -418,6 +434,15 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
     set("rate", dt > 0 && previous.total <= total ? rate((total - previous.total) / dt) : "–");
     previous = {at: now, requests: seen, total: total};
     renderExplain(data.explain, body.dataset.prefix);
+    var store = document.getElementById("store"), st = data.state || {};
+    if (st.stale) {
+      store.textContent = "State is stale: the " + (st.store || "state") + " store cannot be " +
+        "reached (" + (st.error || "no answer") + "). Traffic goes on with the last known " +
+        "backends and health; admin changes are refused.";
+      store.hidden = false;
+    } else {
+      store.hidden = true;
+    }
   }
 
   function poll() {
