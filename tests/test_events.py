@@ -756,3 +756,29 @@ def test_application_health_changes_are_logged_once(
     assert len(downs) == 1
     assert downs[0][0] == "softlb.events"
     assert downs[0][1].startswith(f"backend {refused_url} is down: ")
+
+
+def test_access_events_reach_only_hooks_that_ask_for_them(backends: list) -> None:
+    """The proxy publishes one 'access' event per answered request, to hooks subscribed to
+    'access' by name; '*' does not include them."""
+    from werkzeug.test import Client
+
+    from softlb import Pool
+    from softlb.events import ACCESS
+    from softlb.wsgi import LoadBalancer
+
+    pool = Pool([b.url for b in backends], balancer="round_robin")
+    access: list[ev.Event] = []
+    everything: list[ev.Event] = []
+    pool.on(ACCESS, access.append)
+    pool.on("*", everything.append)
+    client = Client(LoadBalancer(pool))
+    assert client.get("/x?y=1").status_code == 200
+    assert client.get("/status/404").status_code == 404
+    assert pool.flush_events()
+    assert [e.kind for e in access] == [ACCESS, ACCESS]
+    assert access[0].detail.startswith("GET /x?y=1 200 ") and access[0].detail.endswith(" ms")
+    assert access[1].detail.startswith("GET /status/404 404 ")
+    assert {e.backend for e in access} == {backends[0].url, backends[1].url}
+    assert all(e.kind != ACCESS for e in everything)
+    pool.close()

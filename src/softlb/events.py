@@ -22,6 +22,9 @@ constant               ``Event.kind``      when, and ``Event.detail``
                                            backend that failed, and why
 :data:`NO_BACKEND`     ``"no_backend"``    a request found nothing in rotation (``backend``
                                            is ``None``)
+:data:`ACCESS`         ``"access"``        a backend answered a request (the proxy):
+                                           ``"GET /path 200 12.3 ms"``; only to hooks that
+                                           name it, never to ``"*"``
 =====================  ==================  =================================================
 
 Each change is reported once, after it is visible in the pool. The queue holds
@@ -40,12 +43,14 @@ from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
+    "ACCESS",
     "ADDED",
     "ALL",
     "DRAINED",
     "EJECTED",
     "HEALTH",
     "KINDS",
+    "KNOWN",
     "NO_BACKEND",
     "QUEUE_SIZE",
     "REMOVED",
@@ -64,11 +69,18 @@ HEALTH: Final = "health"
 EJECTED: Final = "ejected"
 RETRIED: Final = "retried"
 NO_BACKEND: Final = "no_backend"
-#: Subscribes a callback to every kind of event.
+#: One per request a backend answered, published by the proxy: ``"GET /path 200 12.3 ms"``.
+#: Not part of :data:`ALL`: it is per request, so it is delivered only to hooks that ask for
+#: it by name (the access log of :func:`softlb.logs.install_event_logging`).
+ACCESS: Final = "access"
+#: Subscribes a callback to every kind of event but :data:`ACCESS`.
 ALL: Final = "*"
 
 #: Every event kind, in the order the documentation lists them.
 KINDS: Final = (ADDED, REMOVED, DRAINED, HEALTH, EJECTED, RETRIED, NO_BACKEND)
+
+#: Every kind :meth:`Pool.on() <softlb.pool.Pool.on>` accepts by name.
+KNOWN: Final = (*KINDS, ACCESS)
 
 #: Events waiting for delivery beyond which new ones are dropped. State changes come a few at a
 #: time; 1,024 rides out a burst (a whole cluster's membership applied at once, a flood of
@@ -227,7 +239,9 @@ class Dispatcher:
                 continue
             event, hooks = item
             for hook in hooks:
-                if hook.active and hook.kind in (event.kind, ALL):
+                if hook.active and (
+                    hook.kind == event.kind or (hook.kind == ALL and event.kind != ACCESS)
+                ):
                     try:
                         hook.callback(event)
                     except Exception:  # a callback must never stop the dispatcher

@@ -105,7 +105,8 @@ def install_event_logging(
     function that stops it.
 
     ``kinds`` are the events logged (default :data:`STATE_CHANGES`; add ``"retried"`` for a
-    line per retried request). ``json=True`` makes each message one JSON object. Levels: a
+    line per retried request, and ``"access"`` for an access log: a line per answered
+    request, ``GET /path 200 12.3 ms via URL``). ``json=True`` makes each message one JSON object. Levels: a
     backend going down, an ejection and a retry are warnings, a request finding no backend is
     an error, the rest is info.
     """
@@ -147,6 +148,8 @@ def _text(event: Event) -> str:
         return f"request retried on another backend after {url} failed: {detail}"
     if kind == events.NO_BACKEND:
         return f"no backend available: {detail}"
+    if kind == events.ACCESS:
+        return f"{detail} via {url}"
     return f"{kind} {url}: {detail}"
 
 

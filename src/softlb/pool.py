@@ -498,9 +498,9 @@ class Pool:
         :meth:`subscribe` is the synchronous, internal counterpart used by the health checker
         and shared state.
         """
-        if event != events.ALL and event not in events.KINDS:
+        if event != events.ALL and event not in events.KNOWN:
             raise ValueError(
-                f"unknown event {event!r}; known: {', '.join(events.KINDS)}, or '*' for all"
+                f"unknown event {event!r}; known: {', '.join(events.KNOWN)}, or '*' for all"
             )
         if not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
@@ -525,7 +525,14 @@ class Pool:
         """Install a new hook tuple; the caller holds the lock."""
         kinds = {h.kind for h in hooks}
         self._hooks = hooks
-        self._wanted = frozenset(events.KINDS if events.ALL in kinds else kinds)
+        if events.ALL in kinds:  # every kind but the per-request ones named explicitly
+            kinds = (kinds - {events.ALL}) | set(events.KINDS)
+        self._wanted = frozenset(kinds)
+
+    def wants(self, kind: str) -> bool:
+        """Whether a hook listens to ``kind``: an adapter checks it before building an event
+        it would publish per request."""
+        return kind in self._wanted
 
     def publish(self, kind: str, backend: Backend | str | None = None, detail: str = "") -> None:
         """Hand an event to the hooks subscribed to ``kind`` (see :meth:`on`); never waits.
@@ -534,8 +541,8 @@ class Pool:
         publishes ``"retried"``. Costs one set lookup when no hook listens to ``kind``.
         """
         if kind not in self._wanted:
-            if kind != events.ALL and kind not in events.KINDS:
-                raise ValueError(f"unknown event {kind!r}; known: {', '.join(events.KINDS)}")
+            if kind != events.ALL and kind not in events.KNOWN:
+                raise ValueError(f"unknown event {kind!r}; known: {', '.join(events.KNOWN)}")
             return
         dispatcher = self._dispatcher
         if dispatcher is None:

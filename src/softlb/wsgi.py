@@ -30,7 +30,7 @@ from softlb.errors import (
     UpstreamConnectError,
     UpstreamError,
 )
-from softlb.events import RETRIED
+from softlb.events import ACCESS, RETRIED
 from softlb.http.headers import (
     downstream_response_headers,
     is_chunked_request,
@@ -373,12 +373,16 @@ class LoadBalancer:
             self.stats.observe(time.perf_counter() - started)
             headers = downstream_response_headers(resp.headers)
             status_line = f"{resp.status} {resp.reason}"
-            if access_log is None:
+            if access_log is None and not self.pool.wants(ACCESS):
                 done = None
             else:
 
-                def done(lease: Lease, key: str | None = key) -> None:
-                    self._log_access(lease, key)
+                def done(
+                    lease: Lease,
+                    key: str | None = key,
+                    line: str = f"{method} {target} {resp.status}",
+                ) -> None:
+                    self._log_access(lease, key, line)
 
             if data is not None:
                 lease.release()
@@ -390,13 +394,14 @@ class LoadBalancer:
             return _StreamedAnswer(resp, lease, done)
         return self._error(environ, start_response, error)
 
-    def _log_access(self, lease: Lease, key: str | None) -> None:
-        access_log = self.access_log
-        if access_log is None:
-            return
+    def _log_access(self, lease: Lease, key: str | None, line: str) -> None:
+        """One answered request, to the CSV access log and to the pool's ``access`` hooks."""
         now = self.pool.clock()
         latency = max(now - lease.started, 0.0)
-        access_log.record(wall_clock_of(lease.started, now), key, latency, lease.backend.url)
+        access_log = self.access_log
+        if access_log is not None:
+            access_log.record(wall_clock_of(lease.started, now), key, latency, lease.backend.url)
+        self.pool.publish(ACCESS, lease.backend, f"{line} {latency * 1000:.1f} ms")
 
     def _error(
         self, environ: Environ, start_response: StartResponse, error: ProxyError
