@@ -106,9 +106,9 @@ def install_event_logging(
 
     ``kinds`` are the events logged (default :data:`STATE_CHANGES`; add ``"retried"`` for a
     line per retried request, and ``"access"`` for an access log: a line per answered
-    request, ``GET /path 200 12.3 ms via URL``). ``json=True`` makes each message one JSON object. Levels: a
-    backend going down, an ejection and a retry are warnings, a request finding no backend is
-    an error, the rest is info.
+    request, ``GET /path 200 12.3 ms via URL``). ``json=True`` makes each message one JSON
+    object. Levels: a backend going down, an ejection and a retry are warnings, a request
+    finding no backend is an error, the rest is info.
     """
     hook = EventLogger(logger or logging.getLogger("softlb.events"), json=json)
     offs = [pool.on(kind, hook) for kind in dict.fromkeys(kinds)]
