@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from softlb.config import parse_config
+from softlb.wsgi import Application
 from tests.helpers.servers import RefusingURL, TestBackend
 
 #: The real redis-server fixtures (redis_server, redis_url, redis_isolated), for every test.
@@ -34,3 +37,19 @@ def backends() -> Iterator[list[TestBackend]]:
 def refused_url() -> str:
     """``http://127.0.0.1:PORT`` where nothing listens: connecting is refused."""
     return RefusingURL()
+
+
+@pytest.fixture
+def make_app() -> Iterator[Any]:
+    """A factory of Applications from config dicts (health checks off), stopped at teardown."""
+    apps: list[Application] = []
+
+    def make(**config: Any) -> Application:
+        config.setdefault("health_check", {"enabled": False})
+        app = Application(parse_config(config))
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.stop()

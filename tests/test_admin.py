@@ -7,7 +7,6 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Iterator
 from typing import Any
 from wsgiref.validate import validator
 
@@ -17,12 +16,10 @@ from werkzeug.test import Client, EnvironBuilder, TestResponse
 import softlb
 from softlb.admin import MAX_BODY, AdminApi
 from softlb.backend import MAX_WEIGHT, Backend
-from softlb.config import parse_config
 from softlb.health import HealthChecker
 from softlb.pool import Pool
 from softlb.stats import ProxyStats
 from softlb.status_page import format_duration, render_status_page, server_state
-from softlb.wsgi import Application
 from tests.helpers.servers import TestBackend
 
 A = "http://10.0.0.1:8000"
@@ -950,22 +947,6 @@ def test_answers_are_valid_wsgi(api: AdminApi, method: str, path: str, body: obj
 
 
 # --------------------------------------------------------------------------- the whole application
-
-
-@pytest.fixture
-def make_app() -> Iterator[Any]:
-    """A factory of Applications from config dicts (health checks off), stopped at teardown."""
-    apps: list[Application] = []
-
-    def make(**config: Any) -> Application:
-        config.setdefault("health_check", {"enabled": False})
-        app = Application(parse_config(config))
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.stop()
 
 
 def test_application_counts_proxied_requests(make_app: Any, backend: TestBackend) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,11 +13,9 @@ from werkzeug.test import Client
 import softlb
 from softlb.admin import AdminApi
 from softlb.backend import Backend
-from softlb.config import parse_config
 from softlb.metrics import CONTENT_TYPE, Metrics, cumulative_buckets, render_metrics
 from softlb.pool import Pool
 from softlb.stats import DURATION_BUCKETS, ProxyStats
-from softlb.wsgi import Application
 from tests.helpers.servers import TestBackend
 
 A = "http://10.0.0.1:8000"
@@ -63,22 +60,6 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def value(text: str, name: str, **labels: str) -> float:
     """The value of one sample (KeyError if it is absent)."""
     return samples(text)[(name, tuple(sorted(labels.items())))]
-
-
-@pytest.fixture
-def make_app() -> Iterator[Any]:
-    """A factory of Applications from config dicts (health checks off), stopped at teardown."""
-    apps: list[Application] = []
-
-    def make(**config: Any) -> Application:
-        config.setdefault("health_check", {"enabled": False})
-        app = Application(parse_config(config))
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.stop()
 
 
 # --------------------------------------------------------------------------- names and types

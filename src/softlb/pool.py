@@ -353,7 +353,10 @@ class Pool:
 
     def refresh(self) -> None:
         """Hand the balancer a fresh snapshot, after loads changed outside the pool's view
-        (another process's in-flight counts)."""
+        (another process's in-flight counts). Only a strategy that indexes loads needs it;
+        the others read loads at pick time (rebuilding a hash ring every 100 ms would not)."""
+        if not self.balancer.indexes_load:
+            return
         with self._lock:
             self._rebuild(self.clock())
 

@@ -95,6 +95,10 @@ class Balancer(ABC):
     name: ClassVar[str]
     #: Whether the strategy reads the request key passed to :meth:`pick`.
     uses_key: ClassVar[bool] = False
+    #: Whether the strategy indexes backends by load when rebuilt, so that loads changed
+    #: outside its acquired/released hooks (other processes' in-flight counts) need a rebuild.
+    #: The others read loads live at pick time.
+    indexes_load: ClassVar[bool] = False
     #: How the strategy chooses, in one line, for :meth:`Pool.explain()
     #: <softlb.pool.Pool.explain>`.
     rule: ClassVar[str] = ""

@@ -34,6 +34,7 @@ class LeastConnections(Balancer):
     """
 
     name = "least_connections"
+    indexes_load = True
     rule = "the lowest (in flight + 1) / effective weight wins; equal loads take turns"
 
     def __init__(self) -> None:
