@@ -979,9 +979,9 @@ def test_application_added_backend_gets_traffic(make_app: Any, backends: list[Te
         assert client.get("/x").status_code == 200
     assert first.request_count == 2
     assert second.request_count == 2
-    assert second.url in app.proxy.upstream._pools
+    assert second.url in app.proxy.upstream._backends
     assert send(client, "DELETE", "/_softlb/servers", {"url": second.url}).status_code == 200
-    assert second.url not in app.proxy.upstream._pools  # on_remove closed its connections
+    assert second.url not in app.proxy.upstream._backends  # on_remove closed its connections
     for _ in range(2):
         assert client.get("/y").status_code == 200
     assert second.request_count == 2

@@ -138,6 +138,60 @@ def test_short_request_body_gets_400_and_nothing_is_sent(
     assert backend.request_count == 0
 
 
+class _FailingInput:
+    """A WSGI server's input stream whose client connection fails after ``good`` bytes."""
+
+    def __init__(self, good: bytes, error: BaseException) -> None:
+        self._data = io.BytesIO(good)
+        self._error = error
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._data.read(size)
+        if not data:
+            raise self._error
+        return data
+
+
+@pytest.mark.parametrize("error", [TimeoutError("timed out"), OSError("reset by peer")])
+def test_client_failing_during_a_streamed_body_is_not_the_backends_fault(
+    backend: TestBackend, proxy: tuple[LoadBalancer, Client], error: BaseException
+) -> None:
+    """A 1 MiB upload whose client goes quiet or away half-way: 400, no failure recorded."""
+    lb, client = proxy
+    response = client.post(
+        "/echo",
+        environ_overrides={
+            "CONTENT_LENGTH": str(1024 * 1024),
+            "wsgi.input": _FailingInput(b"x" * 300_000, error),
+        },
+    )
+    assert response.status_code == 400
+    member = lb.pool.get(backend.url)
+    assert (member.failures, member.active) == (0, 0)
+
+
+def test_answer_refused_by_the_wsgi_server_frees_its_lease(
+    backend: TestBackend, proxy: tuple[LoadBalancer, Client]
+) -> None:
+    """If start_response raises (the server refuses a header), the lease and the backend
+    connection are released all the same."""
+    lb, _ = proxy
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": f"/big/{1024 * 1024}",
+        "SERVER_NAME": "localhost",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+    }
+
+    def refuse(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        raise ValueError("header refused")
+
+    with pytest.raises(ValueError, match="header refused"):
+        lb._proxy(environ, refuse, 0.0)
+    assert lb.pool.get(backend.url).active == 0
+
+
 # -- headers -------------------------------------------------------------------------------
 
 
@@ -270,7 +324,7 @@ def test_large_answer_is_streamed_in_bounded_memory(proxy: tuple[LoadBalancer, C
     finally:
         tracemalloc.stop()
     assert total == size
-    assert biggest <= 64 * 1024
+    assert biggest <= 256 * 1024  # the most one read from the backend asks for
     assert peak < 8 * 1024 * 1024
     assert lb.pool.in_flight == 0
 

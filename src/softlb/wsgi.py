@@ -38,6 +38,7 @@ from softlb.http.headers import (
     upstream_request_headers,
 )
 from softlb.http.upstream import CHUNK_SIZE, SMALL_BODY, Upstream, UpstreamResponse
+from softlb.http.wire import ProxyUpstream, WireResponse
 from softlb.pool import Lease, Pool
 from softlb.retry import IDEMPOTENT_METHODS, failure_kind, may_resend, may_retry
 from softlb.stats import ProxyStats
@@ -157,11 +158,22 @@ class _Body:
             return None
         return self._stream()
 
+    def _read(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the client's body; the client's failures are its own."""
+        source = self._input
+        if source is None:
+            return b""
+        try:
+            data: bytes = source.read(size)
+        except (OSError, ValueError) as exc:  # a timeout, a reset, a malformed chunk
+            raise ClientBodyError(f"reading the request body failed: {exc}") from exc
+        return data
+
     def _stream(self) -> Iterator[bytes]:
         self.started = True
         if self._input is None:
             return
-        read = self._input.read
+        read = self._read
         remaining = self._remaining
         if remaining < 0:
             while True:
@@ -188,7 +200,10 @@ class _StreamedAnswer:
     __slots__ = ("_complete", "_done", "_failure", "_lease", "_resp")
 
     def __init__(
-        self, resp: UpstreamResponse, lease: Lease, done: Callable[[Lease], None] | None = None
+        self,
+        resp: WireResponse | UpstreamResponse,
+        lease: Lease,
+        done: Callable[[Lease], None] | None = None,
     ) -> None:
         self._resp = resp
         self._lease = lease
@@ -246,7 +261,7 @@ class LoadBalancer:
         max_connections: int = 10,
         rewrite: Rewrite | None = None,
         error_handler: ErrorHandler | None = None,
-        upstream: Upstream | None = None,
+        upstream: ProxyUpstream | Upstream | None = None,
         stats: ProxyStats | None = None,
         access_log: AccessLog | None = None,
     ) -> None:
@@ -259,7 +274,7 @@ class LoadBalancer:
         self.hash_kind, self.hash_name = parse_hash_key(hash_key)
         self.rewrite = rewrite
         self.error_handler = error_handler or default_error_page
-        self.upstream = upstream or Upstream(
+        self.upstream = upstream or ProxyUpstream(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             maxsize=max_connections,
@@ -390,8 +405,13 @@ class LoadBalancer:
                     done(lease)
                 start_response(status_line, headers)
                 return (data,) if data else ()
-            start_response(status_line, headers)
-            return _StreamedAnswer(resp, lease, done)
+            answer = _StreamedAnswer(resp, lease, done)
+            try:
+                start_response(status_line, headers)
+            except BaseException:
+                answer.close()  # the server refused the answer: free the lease and connection
+                raise
+            return answer
         return self._error(environ, start_response, error)
 
     def _log_access(self, lease: Lease, key: str | None, line: str) -> None:
@@ -574,7 +594,7 @@ class Application:
         was_running = self._pid is not None
         self._start_lock = threading.Lock()
         self.pool._after_fork()
-        self.proxy.upstream = Upstream(
+        self.proxy.upstream = ProxyUpstream(
             connect_timeout=self.config.timeouts.connect,
             read_timeout=self.config.timeouts.read,
             maxsize=self.threads,

@@ -269,6 +269,26 @@ def _as_timeout(value: TimeoutValue) -> urllib3.Timeout:
     )
 
 
+def timeout_pair(
+    value: TimeoutValue, default: tuple[float | None, float | None]
+) -> tuple[float | None, float | None]:
+    """``(connect, read)`` seconds from any :data:`TimeoutValue` (``None``: no limit);
+    ``default`` fills in what ``value`` leaves unset."""
+    if value is None:
+        return default
+    timeout = _as_timeout(value)
+    return (
+        _seconds(timeout.connect_timeout, default[0]),
+        _seconds(timeout.read_timeout, default[1]),
+    )
+
+
+def _seconds(value: object, default: float | None) -> float | None:
+    if value is None:
+        return None
+    return float(value) if isinstance(value, (int, float)) else default
+
+
 def encode_form(fields: Mapping[str, Any] | Sequence[tuple[str, Any]]) -> tuple[bytes, str]:
     """A ``multipart/form-data`` body and its Content-Type for form ``fields``, as urllib3's
     ``request()`` encodes them (a value may be a ``(filename, data[, mime type])`` tuple)."""
