@@ -467,7 +467,7 @@ def test_gunicorn_settings() -> None:
     """gthread workers, the app built after the fork, a graceful stop, a generous timeout."""
     config = Config(timeouts=TimeoutsConfig(read=120.0))
     settings = server.gunicorn_settings(config, ServeOptions(threads=8, graceful_timeout=2.5))
-    assert settings["worker_class"] == "gthread"
+    assert settings["worker_class"] == "softlb.worker.SoftLBWorker"
     assert settings["workers"] == 1
     assert settings["threads"] == 8
     assert settings["preload_app"] is False
@@ -484,7 +484,7 @@ def test_embedded_gunicorn_takes_known_settings_only() -> None:
     settings = server.gunicorn_settings(Config(), ServeOptions(threads=3))
     settings["no_such_setting_in_any_gunicorn"] = 1
     app = server.SoftLBServer(lambda: None, settings)  # type: ignore[arg-type,return-value]
-    assert app.cfg.worker_class_str == "gthread"
+    assert app.cfg.worker_class_str == "softlb.worker.SoftLBWorker"
     assert app.cfg.threads == 3
     assert app.cfg.preload_app is False
     assert app.cfg.graceful_timeout == 30

@@ -1,9 +1,10 @@
-"""Run the balancer on gunicorn: the only module of softlb that imports gunicorn.
+"""Run the balancer on gunicorn; this and its worker class (:mod:`softlb.worker`) import gunicorn.
 
 :func:`serve` embeds gunicorn the way its ``examples/standalone_app.py`` does: a
 :class:`~gunicorn.app.base.BaseApplication` whose fields are set before ``super().__init__()``
-and that passes gunicorn only settings it knows. Workers are ``gthread`` (one process, a pool of
-threads), so a slow backend ties up a thread, not a process.
+and that passes gunicorn only settings it knows. Workers are gunicorn's ``gthread`` worker (one
+process, a pool of threads) as subclassed by :mod:`softlb.worker` to save syscalls per request,
+so a slow backend ties up a thread, not a process.
 
 Nothing that owns a thread or a socket is made before the fork. The master parses the config and
 binds the listening socket; the WSGI app — pool, health checker thread, backend connections — is
@@ -319,7 +320,9 @@ def gunicorn_settings(config: Config, options: ServeOptions) -> dict[str, Any]:
     worker_timeout = max(WORKER_TIMEOUT_MIN, math.ceil(config.timeouts.read) + WORKER_TIMEOUT_SLACK)
     return {
         "bind": [options.bind or config.listen],
-        "worker_class": "gthread",
+        # gthread with one send() per small answer and no needless settimeout()s; falls back to
+        # plain gthread behaviour on a gunicorn whose internals differ (see softlb/worker.py).
+        "worker_class": "softlb.worker.SoftLBWorker",
         "workers": options.workers,
         "threads": options.threads,
         "preload_app": False,  # the app is built in each worker, after the fork

@@ -125,7 +125,7 @@ def test_serve_prints_the_banner_first(shared: Running) -> None:
         f"admin at http://127.0.0.1:{shared.port}/_softlb/"
     )
     assert output.splitlines()[0] == line
-    assert "Using worker: gthread" in output
+    assert "Using worker: softlb.worker.SoftLBWorker" in output
     assert_clean(output)
 
 
