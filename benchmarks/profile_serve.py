@@ -2,9 +2,9 @@
 
 Run it from a checkout: ``python benchmarks/profile_serve.py``. It starts the
 two nginx backends of ``run.py`` and softlb's app under gunicorn exactly as ``softlb serve``
-runs it (gthread, 1 worker, 16 threads, keep-alive 5 s, least_connections) plus the hooks of
-``profile_hooks.py``, pinned to CPU 1, and loads it with ``wrk -t1 -c16`` on ``/small``
-(``--body big``: ``/big``) from CPU 0, three times:
+runs it (``softlb.worker.SoftLBWorker``, gthread-based, 1 worker, 16 threads, keep-alive 5 s,
+least_connections) plus the hooks of ``profile_hooks.py``, pinned to CPU 1, and loads it with
+``wrk -t1 -c16`` on ``/small`` (``--body big``: ``/big``) from CPU 0, three times:
 
 1. *timing*: the worker's CPU per request from /proc, split into its main thread (gunicorn's
    event loop) and the request threads' ``handle()`` (per-thread CPU clock), and within that
@@ -67,6 +67,9 @@ RULES: list[tuple[str, frozenset[str] | None, str]] = [
     ),
     ("gunicorn/http/", None, "gunicorn: reading + parsing the request"),
     ("gunicorn/", None, "gunicorn: gthread handle()/handle_request() glue, config lookups"),
+    # softlb's worker class sits on gunicorn's side of the request: the client socket's
+    ("softlb/worker.py", None, "gunicorn: softlb.worker (one send per answer, drain skip)"),
+    ("softlb/http/wire.py", None, "softlb: HTTP/1.1 client to the backends (wire.py)"),
     ("softlb/http/headers.py", None, "softlb: header rules (headers.py)"),
     ("softlb/http/upstream.py", None, "softlb: upstream.py glue"),
     ("softlb/pool.py", None, "softlb: pool lease/release + balancer"),
@@ -272,7 +275,7 @@ def _measure(mode: str, ctx: Any, seconds: int, pyspy: Path | None, out: Path) -
     conf.write_text(
         f"import sys\nsys.path.insert(0, {str(HERE)!r})\n"
         "from profile_hooks import post_worker_init  # noqa: F401\n"
-        f"bind = ['127.0.0.1:{port}']\nworker_class = 'gthread'\nworkers = 1\n"
+        f"bind = ['127.0.0.1:{port}']\nworker_class = 'softlb.worker.SoftLBWorker'\nworkers = 1\n"
         f"threads = {harness.THREADS}\nkeepalive = 5\ntimeout = 60\nloglevel = 'warning'\n"
         "control_socket_disable = True\npreload_app = False\n"
     )

@@ -577,3 +577,33 @@ def test_proxy_passes_a_dechunked_answer_without_the_conflicting_length() -> Non
         assert "Transfer-Encoding" not in resp.headers  # the WSGI server frames it again
         resp.close()
         lb.close()
+
+
+def test_python_socket_timeouts_where_the_kernel_ones_are_not_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The path of platforms other than Linux: Python-level socket timeouts, and select()
+    to look at an idle connection (a peek would wait for the whole timeout there)."""
+    from softlb.http import wire
+
+    monkeypatch.setattr(wire, "_KERNEL_TIMEOUTS", False)
+    up = ProxyUpstream(read_timeout=0.3)
+
+    def late_extra(sock: socket.socket) -> None:
+        sock.sendall(OK)
+        time.sleep(0.02)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPWNED!")
+
+    with RawBackend([OK, OK, late_extra, OK, SILENT]) as backend:
+        for _ in range(2):
+            assert fetch(up, backend.url)[1] == b"hello"  # reused, without waiting
+        assert backend.connections == 1
+        assert fetch(up, backend.url)[1] == b"hello"
+        time.sleep(0.05)
+        started = time.monotonic()
+        assert fetch(up, backend.url)[1] == b"hello"  # the stray bytes were seen
+        assert time.monotonic() - started < 0.25
+        assert backend.connections == 2
+        with pytest.raises(UpstreamTimeout):
+            up.request(backend.url, "GET", "/", {}, None)
+    up.close()
