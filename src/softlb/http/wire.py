@@ -491,8 +491,10 @@ class ProxyUpstream:
                 backend_url, method, target, headers, body, chunked=chunked, timeout=timeout
             )
         backend = self._backend(backend_url)
-        connect_timeout, read_timeout = self._timeouts(timeout)
-        head, body, stream = _encode_request(
+        connect_timeout, read_timeout = timeout_pair(
+            timeout, (self.connect_timeout, self.read_timeout)
+        )
+        head, data, stream, chunked = _encode_request(
             backend, method, target, headers, body, chunked=chunked
         )
         resendable = stream is None and may_resend(method, "Idempotency-Key" in headers)
@@ -511,7 +513,13 @@ class ProxyUpstream:
                     ) from exc
             try:
                 return self._exchange(
-                    backend, conn, method=method, head=head, body=body, stream=stream
+                    backend,
+                    conn,
+                    method=method,
+                    head=head,
+                    body=data,
+                    stream=stream,
+                    chunked=chunked,
                 )
             except _Stale as exc:
                 conn.close()
@@ -522,11 +530,6 @@ class ProxyUpstream:
             except BaseException:
                 conn.close()
                 raise
-
-    def _timeouts(self, timeout: TimeoutValue) -> tuple[float | None, float | None]:
-        if timeout is None:
-            return self.connect_timeout, self.read_timeout
-        return timeout_pair(timeout, (self.connect_timeout, self.read_timeout))
 
     @staticmethod
     def _connect(backend: _Backend, connect_timeout: float | None) -> _Conn:
@@ -557,6 +560,7 @@ class ProxyUpstream:
         head: bytes,
         body: bytes,
         stream: Iterable[bytes] | None,
+        chunked: bool,
     ) -> WireResponse:
         sock = conn.sock
         reused = conn.reused
@@ -567,7 +571,7 @@ class ProxyUpstream:
                     sock.sendall(body)
             else:
                 sock.sendall(head)
-                _send_stream(sock, stream, body == b"chunked")
+                _send_stream(sock, stream, chunked=chunked)
             data = sock.recv(_RECV)
         except _TIMEOUTS as exc:
             raise UpstreamTimeout(
@@ -631,10 +635,10 @@ def _encode_request(
     body: bytes | Iterable[bytes] | None,
     *,
     chunked: bool,
-) -> tuple[bytes, bytes, Iterable[bytes] | None]:
-    """The request head as bytes, the body when it is in memory, and the body's stream.
+) -> tuple[bytes, bytes, Iterable[bytes] | None, bool]:
+    """The request head as bytes, the body when it is in memory, the body's stream, and
+    whether the stream goes out in chunked encoding.
 
-    For a streamed body the second item says how it is framed: ``b"chunked"`` or ``b""``.
     Raises ``ValueError`` for a method, target or header that cannot go on the wire, as
     ``http.client`` does.
     """
@@ -651,12 +655,14 @@ def _encode_request(
     if "host" not in present:
         lines.append(f"Host: {backend.host_header}")
     stream: Iterable[bytes] | None = None
+    data = b""
     framing = ""
     if body is None:
-        data = b""
+        chunked = False
         if method in _METHODS_WITH_BODY and not framed:
             framing = "Content-Length: 0"
     elif isinstance(body, (bytes, bytearray, memoryview)):
+        chunked = False
         data = bytes(body)
         if not framed:
             framing = f"Content-Length: {len(data)}"
@@ -669,7 +675,6 @@ def _encode_request(
                 headers = {k: v for k, v in headers.items() if k.lower() != "content-length"}
             if "transfer-encoding" not in present:
                 framing = "Transfer-Encoding: chunked"
-        data = b"chunked" if chunked else b""
     for name in headers:
         if not _TOKEN.fullmatch(name):
             raise ValueError(f"invalid header name {name!r}")
@@ -682,10 +687,10 @@ def _encode_request(
     if text.count("\n") != len(lines) or text.count("\r") != len(lines) or "\x00" in text:
         bad = next(name for name, value in headers.items() if _BAD_VALUE.search(value))
         raise ValueError(f"invalid value for header {bad!r}: line breaks or NUL")
-    return text.encode("latin-1"), data, stream
+    return text.encode("latin-1"), data, stream, chunked
 
 
-def _send_stream(sock: socket.socket, stream: Iterable[bytes], chunked: bool) -> None:
+def _send_stream(sock: socket.socket, stream: Iterable[bytes], *, chunked: bool) -> None:
     if not chunked:
         for piece in stream:
             if piece:
