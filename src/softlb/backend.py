@@ -231,7 +231,8 @@ def validate_weight(weight: object) -> int:
 class Backend:
     """One upstream server and its live statistics.
 
-    ``url`` and ``weight`` are fixed at construction. The statistics (``active``,
+    ``url`` is fixed at construction; ``weight`` changes only through
+    :meth:`Pool.set_weight <softlb.pool.Pool.set_weight>`. The statistics (``active``,
     ``requests``, ``failures``, ``consecutive_failures``, ``latency``, ``healthy``) are
     maintained by the :class:`~softlb.pool.Pool` the backend belongs to, under the pool's
     lock; read them freely, they are plain attributes.
