@@ -184,7 +184,7 @@ def seed_entries(members: Iterable[SeedEntry]) -> list[tuple[str, int, bool]]:
     unique: dict[str, tuple[str, int, bool]] = {}
     for entry in members:
         url, weight = entry[0], int(entry[1])
-        draining = bool(entry[2]) if len(entry) > 2 else False  # type: ignore[misc]
+        draining = bool(entry[2]) if len(entry) > 2 else False
         unique.setdefault(url, (url, weight, draining))
     return list(unique.values())
 

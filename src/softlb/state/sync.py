@@ -419,7 +419,9 @@ class SharedState:
         self.apply(membership)
         return backend if backend is not None else Backend(url)
 
-    def update(self, url: str, *, weight: int | None = None, draining: bool | None = None) -> Backend:
+    def update(
+        self, url: str, *, weight: int | None = None, draining: bool | None = None
+    ) -> Backend:
         """Change a backend's weight and/or draining flag everywhere (``None``: leave it);
         here it is changed in place, keeping its counters.
 
