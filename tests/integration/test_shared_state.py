@@ -1033,10 +1033,9 @@ def test_patch_reaches_the_other_host_within_1s(
     hosts = two_hosts(launch, tmp_path, redis_isolated, [first.url, second.url], interval=5)
     pins = pin_hosts(hosts)
     by = next(iter(pins["host-a"].values()))
-    everyone = {name: p for name, p in flat(pins).items()}
-    # patch_everywhere drains through "another worker": make it one of host-b's.
-    ordered = {by.name: by, **{n: p for n, p in pins["host-b"].items()}}
-    ordered.update(everyone)
+    # patch_everywhere drains through "another worker" (the second listed): one of host-b's.
+    ordered = {by.name: by, **pins["host-b"]}
+    ordered.update(flat(pins))
     patch_everywhere(ordered, by, first, second, "redis")
     assert assert_hosts_agree(pins) == [
         (first.url, 3, True, False),
