@@ -305,7 +305,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Hand every later piece of the body to ``sink``; ``on_done`` when the answer ends."""
         self.sink = sink
         self.on_done = on_done
-        if self.complete:
+        if self.complete and not self.upgraded:
             self.on_done = None
             on_done(None)
 
