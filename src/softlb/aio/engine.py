@@ -65,6 +65,7 @@ _REPLACED: Final = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"expect", b"content-length"}
 )
 _UNREMOVABLE: Final = frozenset({b"host", b"content-length"})
+_DROPPED: Final = _HOP | _REPLACED
 _METHODS_WITH_BODY: Final = frozenset({"POST", "PUT", "PATCH"})
 
 _REASONS: Final = {
@@ -1175,23 +1176,28 @@ class Engine:
     def _fields(self, conn: ClientConnection, request: _Request) -> bytes:
         """The request's header block for the backend: hop-by-hop fields (and the ones the
         Connection header names) dropped, ``X-Forwarded-*`` set (SPEC §3)."""
-        skip = _HOP | _REPLACED
-        connection = [v.decode("latin-1") for n, v in request.headers if n.lower() == b"connection"]
-        if connection:
-            named = {t.encode() for t in connection_tokens(connection)} - _UNREMOVABLE
-            skip = skip | named
-        out: list[bytes] = []
+        lines: list[tuple[bytes, bytes]] = []
         forwarded_for: list[bytes] = []
+        connection: list[str] = []
         host = b""
         for name, value in request.headers:
             lname = name.lower()
-            if lname in skip:
-                if lname == b"x-forwarded-for" and lname not in (skip - _REPLACED - _HOP):
+            if lname in _DROPPED:
+                if lname == b"x-forwarded-for":
                     forwarded_for.append(value)
+                elif lname == b"connection":
+                    connection.append(value.decode("latin-1"))
                 continue
             if lname == b"host":
                 host = value
-            out += (name, b": ", value, b"\r\n")
+            lines.append((lname, b"%b: %b\r\n" % (name, value)))
+        if connection:
+            named = {t.encode() for t in connection_tokens(connection)} - _UNREMOVABLE
+            if named:
+                lines = [line for line in lines if line[0] not in named]
+                if b"x-forwarded-for" in named:
+                    forwarded_for = []  # the client asked for it to go no further
+        out = [line for _, line in lines]
         peer = conn.peer[0].encode()
         if peer:
             forwarded_for.append(peer)
