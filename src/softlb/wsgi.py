@@ -537,7 +537,13 @@ class Application:
             stats=self.proxy.stats,
             checker=self.checker,
             on_remove=self.proxy.upstream.forget,
+            allow=getattr(config.admin, "allow", ()),
         )
+        #: The port of ``admin.listen``: the admin API is served there only (SPEC §2).
+        self.admin_port: int | None = None
+        admin_listen = getattr(config.admin, "listen", None)
+        if admin_listen is not None:
+            self.admin_port = int(admin_listen.rpartition(":")[2])
         self.state: SharedState | None = None
         self._pid: int | None = None  # the process whose threads are running
         self._start_lock = threading.Lock()
@@ -619,6 +625,11 @@ class Application:
         self._pid = None
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if self.admin_port is not None:
+            # admin.listen: the admin API on its own address, the proxy everywhere else.
+            if _local_port(environ) == self.admin_port:
+                return self.admin(environ, start_response)
+            return self.proxy(environ, start_response)
         if self.admin.matches(environ.get("PATH_INFO") or "/"):
             return self.admin(environ, start_response)
         return self.proxy(environ, start_response)
@@ -627,6 +638,22 @@ class Application:
         return (
             f"<Application {self.pool!r} state={self.state_url} admin={self.config.admin.prefix}>"
         )
+
+
+def _local_port(environ: Environ) -> int | None:
+    """The local port the request arrived on: from the connection itself where the server
+    gives it (gunicorn's ``gunicorn.socket``), else ``SERVER_PORT`` (which a Host header can
+    set, so only where nothing better is known)."""
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        try:
+            return int(sock.getsockname()[1])
+        except (OSError, IndexError, TypeError, ValueError):
+            return None
+    try:
+        return int(environ.get("SERVER_PORT") or 0)
+    except ValueError:
+        return None
 
 
 #: Every live Application, so that a forked child can make each one usable again.
