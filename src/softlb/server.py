@@ -342,19 +342,11 @@ def gunicorn_settings(config: Config, options: ServeOptions) -> dict[str, Any]:
 
 
 def _configure_logging() -> None:
-    """Send softlb's own log lines to stderr in gunicorn's format, unless logging is set up."""
-    logger = logging.getLogger("softlb")
-    if logger.handlers or logging.getLogger().handlers:
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(
-            "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
-            datefmt="%Y-%m-%d %H:%M:%S %z",
-        )
-    )
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    """Send softlb's own log lines to stderr in gunicorn's format (JSON with
+    ``SOFTLB_LOG_FORMAT=json``), unless logging is set up."""
+    from softlb.logs import configure_logging
+
+    configure_logging()
 
 
 def serve(
