@@ -210,8 +210,9 @@ def default_state(config: Config, options: ServeOptions) -> tuple[str, list[str]
         return from_environment, []
     if options.workers <= 1:
         return _STATE_MEMORY, []
-    from softlb.state.sync import runtime_dir
+    from softlb.state.sync import remove_stale_runs, runtime_dir
 
+    remove_stale_runs()  # files of earlier runs that did not end cleanly
     path = os.path.join(runtime_dir(), f"{config.cluster}-{os.getpid()}.db")
     files = [path, path + "-wal", path + "-shm", f"{path}.{config.cluster}.slots"]
     return f"sqlite:///{path}", files
