@@ -31,9 +31,7 @@ from typing import Any
 try:
     from flask import Flask, jsonify, request
 except ImportError:  # one readable line, not a traceback
-    raise SystemExit(
-        "examples/flask_app.py needs Flask: python -m pip install flask"
-    ) from None
+    raise SystemExit("examples/flask_app.py needs Flask: python -m pip install flask") from None
 
 from softlb import Backend, BackendExists, HealthChecker, InvalidBackend, Pool, UnknownBackend
 from softlb.balancers import balancer_by_name

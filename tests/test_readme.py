@@ -240,7 +240,7 @@ def start_demo(page: Page, shell: Shell) -> Running:
     assert printed, running.output()
     urls = printed[1].split()
     assert len(urls) == 3
-    for doc_port, url in zip((8081, 8082, 8083), urls):
+    for doc_port, url in zip((8081, 8082, 8083), urls, strict=True):
         page.ports[doc_port] = int(url.rsplit(":", 1)[1])
     return running
 
@@ -332,7 +332,7 @@ def test_quickstart(shell: Shell, three_backends: list[TestBackend]) -> None:
     shows("curl -X POST http://127.0.0.1:8082/heal")
     stop(demo)
 
-    for doc_port, backend in zip((8081, 8082, 8083), three_backends):
+    for doc_port, backend in zip((8081, 8082, 8083), three_backends, strict=True):
         page.ports[doc_port] = backend.port
     seed, with_token = json_blocks(QUICKSTART)
     (shell.directory / "config.json").write_text(page.rewrite(json.dumps(seed)))

@@ -35,7 +35,6 @@ from softlb.errors import (
     ProxyError,
     UpstreamError,
 )
-from softlb.logs import failure_text
 from softlb.http.upstream import (
     CHUNK_SIZE,
     CLIENT_USER_AGENT,
@@ -44,6 +43,7 @@ from softlb.http.upstream import (
     Upstream,
     encode_form,
 )
+from softlb.logs import failure_text
 from softlb.pool import Lease, Pool, PoolEvent
 from softlb.retry import failure_kind, may_resend, may_retry
 

@@ -157,9 +157,9 @@ class HealthChecker:
 
     Each verdict change reaches the pool with its reason — the probe's detail (``"HTTP 500"``,
     ``"timeout"``) or, for a passive ejection, ``"passive: N requests in a row failed, the
-    last: could not connect"`` — which :meth:`Pool.explain() <softlb.pool.Pool.explain>` shows and the pool's
-    ``health`` and ``ejected`` hooks receive. ``log_changes`` (default ``True``) also logs
-    each change to ``softlb.health``.
+    last: could not connect"`` — which :meth:`Pool.explain() <softlb.pool.Pool.explain>`
+    shows and the pool's ``health`` and ``ejected`` hooks receive. ``log_changes`` (default
+    ``True``) also logs each change to ``softlb.health``.
 
     One scheduler thread decides what is due; at most ``workers`` probes run at a time. No
     thread exists before :meth:`start`; :meth:`stop` joins them. Both are idempotent. Without

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from softlb import events
 from softlb.events import Event
-from softlb.retry import failure_reason
 
 if TYPE_CHECKING:
     from softlb.pool import Pool

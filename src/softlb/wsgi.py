@@ -22,7 +22,6 @@ from http.cookies import CookieError, SimpleCookie
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from softlb.access_log import AccessLog, wall_clock_of
-from softlb.logs import failure_text, warn_if_serial
 from softlb.backend import Backend
 from softlb.errors import (
     ConfigError,
@@ -40,6 +39,7 @@ from softlb.http.headers import (
 )
 from softlb.http.upstream import CHUNK_SIZE, SMALL_BODY, Upstream, UpstreamResponse
 from softlb.http.wire import ProxyUpstream, WireResponse
+from softlb.logs import failure_text, warn_if_serial
 from softlb.pool import Lease, Pool
 from softlb.retry import IDEMPOTENT_METHODS, failure_kind, may_resend, may_retry
 from softlb.stats import ProxyStats
