@@ -384,7 +384,11 @@ class LoadBalancer:
                     limit=self.retries,
                 ):
                     self.stats.retried()
-                    self.pool.publish(RETRIED, backend, f"{method} {request.target}: {exc}")
+                    self.pool.publish(
+                        RETRIED,
+                        backend,
+                        f"{method} {request.target}: {failure_text(exc, backend.url)}",
+                    )
                     continue
                 break
             except ClientBodyError:
