@@ -294,3 +294,20 @@ def test_gunicorn_conf_example_logs_json(
     assert any(d.get("logger") == "softlb.server" for d in softlb_lines), output
     assert "one request at a time" not in output
     assert "[ERROR]" not in output and "Traceback" not in output, output
+
+
+def test_probe_failures_in_words(refused_url: str) -> None:
+    """A failed probe says the system's reason, not urllib3's exception reprs (issue #14)."""
+    from softlb.backend import Backend
+    from softlb.demo import DemoBackend
+    from softlb.http.upstream import HttpProbe
+
+    probe = HttpProbe(timeout=2.0)
+    assert probe(Backend(refused_url)).detail == "connect failed (connection refused)"
+    broken = DemoBackend(1)
+    try:
+        broken.break_()
+        detail = probe(Backend(broken.url)).detail
+    finally:
+        broken.stop()
+    assert detail == "connection broken (the connection closed before an answer)"

@@ -96,17 +96,21 @@ def translate(exc: BaseException, backend: str, *, sent: bool) -> UpstreamError:
 def _in_words(exc: BaseException) -> str:
     """Why a probe failed, in words: the operating system's reason when there is one
     (``"connection refused"``, ``"name or service not known"``), never urllib3's reprs."""
-    seen: set[int] = set()
+    chain: list[BaseException] = []
     cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:  # the innermost OSError says it best
-        seen.add(id(cause))
-        if isinstance(cause, (socket.timeout, TimeoutError, ReadTimeoutError, ConnectTimeoutError)):
-            return "no answer in time"
-        if isinstance(cause, OSError) and cause.strerror:
+    while cause is not None and cause not in chain and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for cause in chain:  # the innermost system error says it best
+        if isinstance(cause, OSError) and cause.strerror and not isinstance(cause, TimeoutError):
             return cause.strerror[:1].lower() + cause.strerror[1:]
+    for cause in chain:
+        if isinstance(cause, NewConnectionError):  # a ConnectTimeoutError only by ancestry
+            continue
+        if isinstance(cause, (TimeoutError, ReadTimeoutError, ConnectTimeoutError)):
+            return "no answer in time"
         if isinstance(cause, http.client.RemoteDisconnected):
             return "the connection closed before an answer"
-        cause = cause.__cause__ or cause.__context__
     return _short(exc)
 
 
