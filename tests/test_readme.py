@@ -324,6 +324,12 @@ def test_quickstart(shell: Shell, three_backends: list[TestBackend]) -> None:
 
     page.skip("python -m pip install softlb", "needs the network")
     demo = start_demo(page, shell)
+    # What the demo prints is the text the page shows.
+    text = QUICKSTART.read_text(encoding="utf-8")
+    shown = re.search(r"\n\n(   softlb demo: .*?\n   Press Ctrl-C to stop\.)\n", text, re.S)
+    assert shown, "the quickstart shows what softlb demo prints"
+    printed = demo.output().split("Press Ctrl-C to stop.")[0] + "Press Ctrl-C to stop."
+    assert printed.splitlines() == [page.rewrite(line[3:]) for line in shown[1].splitlines()]
     shows("curl http://127.0.0.1:8080/hello")
     shows("curl http://127.0.0.1:8080/hello")
     shows("curl -X POST http://127.0.0.1:8082/break")

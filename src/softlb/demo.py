@@ -197,8 +197,9 @@ def instructions(config: Config, backends: list[DemoBackend]) -> str:
         f"  servers:    {admin}/servers",
         "",
         f"  try:        curl {base}/hello",
-        f"  break one:  curl -X POST {broken}/break   (it stops answering; watch the status "
-        "page mark it down and the others take its traffic)",
+        f"  break one:  curl -X POST {broken}/break",
+        "              (it stops answering: the status page marks it down, the others take its "
+        "traffic)",
         f"  heal it:    curl -X POST {broken}/heal",
         f"  remove one: curl -X DELETE {admin}/servers -d '{payload}'",
         f"  add it:     curl -X POST {admin}/servers -d '{payload}'",
