@@ -226,7 +226,6 @@ class ClientConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self._deadline = 0.0
         self._deadline_kind = ""
-        self._timer: asyncio.TimerHandle | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._lost: asyncio.Future[None] | None = None
 
@@ -520,38 +519,25 @@ class ClientConnection(asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()
 
-    # -- one timer per connection -------------------------------------------------------
+    # -- deadlines, checked by the engine's sweep -----------------------------------------
 
     def _set_deadline(self, kind: str, seconds: float) -> None:
-        """Arm the connection's one timer for ``kind``: ``header`` (408), ``body`` (408),
-        ``idle`` (close quietly), ``tunnel`` (close) or ``""`` (none: an answer is being made,
-        the backend's read timeout applies). A later deadline only moves a number; the timer
-        re-arms itself when it fires early."""
+        """Set the connection's one deadline: ``header`` (408), ``body`` (408), ``idle``
+        (close quietly), ``tunnel`` (close) or ``""`` (none: an answer is being made, the
+        backend's read timeout applies). Only two numbers change: the engine's sweep
+        (:meth:`Engine._sweep`) looks at every connection a few times per shortest timeout,
+        so a request costs no timer of its own."""
         self._deadline_kind = kind
-        if not kind:
-            return
-        deadline = self.loop.time() + seconds
-        self._deadline = deadline
-        timer = self._timer
-        if timer is None:
-            self._timer = self.loop.call_at(deadline, self._on_timer)
-        elif timer.when() > deadline:
-            timer.cancel()
-            self._timer = self.loop.call_at(deadline, self._on_timer)
+        if kind:
+            self._deadline = self.loop.time() + seconds
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline_kind = ""
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def on_deadline(self, now: float) -> None:
+        """The sweep found the deadline passed."""
         kind = self._deadline_kind
-        if self.closed or not kind:
-            return
-        now = self.loop.time()
-        if now < self._deadline:
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+        if self.closed or not kind or now < self._deadline:
             return
         if kind == "header":
             if self.busy:
@@ -622,6 +608,26 @@ class Engine:
         self._executor = ThreadPoolExecutor(admin_threads, thread_name_prefix="softlb-admin")
         self._idle_waiter: asyncio.Future[None] | None = None
         self._forget_hook()
+        limits = self.limits
+        shortest = min(
+            limits.client_header, limits.keepalive, limits.client_body, limits.tunnel,
+            config.timeouts.read or 60.0,
+        )  # fmt: skip
+        #: Seconds between two sweeps: a deadline is met within this much of its time.
+        self.sweep_interval = min(max(shortest / 5, 0.02), 1.0)
+        self._sweep_handle = loop.call_later(self.sweep_interval, self._sweep)
+
+    def _sweep(self) -> None:
+        """Enforce every connection's deadline and every backend exchange's read timeout:
+        one timer for the whole worker instead of one per request."""
+        now = self.loop.time()
+        for conn in list(self.connections):
+            if conn._deadline_kind and now >= conn._deadline:
+                conn.on_deadline(now)
+        for upstream in list(self.upstreams.busy):
+            upstream.check_timeout(now)
+        if not self.loop.is_closed():
+            self._sweep_handle = self.loop.call_later(self.sweep_interval, self._sweep)
 
     def _forget_hook(self) -> None:
         """Backends removed by the admin API or the shared state close their idle connections
@@ -753,6 +759,7 @@ class Engine:
         self.upstreams.close()
 
     def close(self) -> None:
+        self._sweep_handle.cancel()
         self.upstreams.close()
         self._executor.shutdown(wait=False)
 
@@ -939,7 +946,8 @@ class Engine:
         """
         fresh = False
         while True:
-            upstream = await self.upstreams.connection(url, fresh=fresh)
+            found = None if fresh else self.upstreams.take_idle(url)
+            upstream = found if found is not None else await self.upstreams.connect(url)
             address = upstream.address
             body = request.take_body() if request.complete else b""
             if request.complete:
