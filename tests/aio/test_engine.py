@@ -518,3 +518,57 @@ def test_silent_backend_with_post_is_504_once(serve: Served) -> None:
         _, port = serve(servers=[raw_backend.url], timeouts={"read": "200ms"})
         assert get(port, "/x", method="POST", body=b"x")[0] == 504
         assert len(raw_backend.requests) == 1
+
+
+# -- TLS ----------------------------------------------------------------------------------------
+
+
+def test_tls_listener_and_https_backend(make_app: Callable[..., Application]) -> None:
+    """HTTPS on the listener (a trustme certificate) and an https:// backend whose
+    certificate is checked against a private CA."""
+    import ssl
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import trustme
+
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("localhost", "127.0.0.1")
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            body = f"tls ok {self.headers.get('X-Forwarded-Proto')}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    backend_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_cert.configure_cert(backend_ctx)
+    backend.socket = backend_ctx.wrap_socket(backend.socket, server_side=True)
+    thread = threading.Thread(target=backend.serve_forever, daemon=True)
+    thread.start()
+    try:
+        app = make_app(servers=[f"https://127.0.0.1:{backend.server_port}"], retries=0)
+        listener_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_cert.configure_cert(listener_ctx)
+        trusting = ssl.create_default_context()
+        ca.configure_trust(trusting)
+        with running(app, ssl_context=listener_ctx, upstream_ssl=trusting) as (_, port):
+            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=trusting)
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            assert (resp.status, resp.read()) == (200, b"tls ok https")
+            conn.close()
+        strict = ssl.create_default_context()  # does not know the private CA
+        with running(app, upstream_ssl=strict) as (_, port):
+            status, _, body = get(port, "/")
+            assert status == 502
+    finally:
+        backend.shutdown()
+        backend.server_close()

@@ -575,6 +575,9 @@ class _Listener:
 class Engine:
     """One worker's data plane over an :class:`~softlb.wsgi.Application`.
 
+    ``upstream_ssl`` verifies ``https://`` backends (default: the system's CAs, which honour
+    ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``).
+
     :meth:`listen` serves a listening socket (its own accept loop, so that at
     ``limits.max_connections`` it stops accepting and later clients wait in the kernel's
     backlog); :meth:`stop_accepting` and :meth:`drain` make the graceful stop of SPEC §1.
@@ -587,6 +590,7 @@ class Engine:
         *,
         limits: Limits | None = None,
         admin_threads: int = 4,
+        upstream_ssl: ssl.SSLContext | None = None,
     ) -> None:
         self.app = app
         self.loop = loop
@@ -599,6 +603,7 @@ class Engine:
             connect_timeout=config.timeouts.connect,
             read_timeout=config.timeouts.read,
             max_idle=64,
+            ssl_context=upstream_ssl,
         )
         self.connections: set[ClientConnection] = set()
         self.listeners: list[_Listener] = []
