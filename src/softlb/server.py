@@ -180,7 +180,7 @@ def banner(config: Config, options: ServeOptions, *, version: str) -> str:
     """The one line ``softlb serve`` prints before gunicorn's logs."""
     bind = options.bind or config.listen
     host, port = _split_bind(bind)
-    scheme = "https" if options.certfile or getattr(config, "tls", None) else "http"
+    scheme = "https" if options.certfile or config.tls else "http"
     local = f"{scheme}://{_url_host(_local_host(host))}:{port}"
     where = f"{scheme}://{_url_host(host)}:{port}"
     if local != where:
@@ -342,11 +342,11 @@ def _flush() -> None:
 def gunicorn_settings(config: Config, options: ServeOptions) -> dict[str, Any]:
     """The gunicorn settings :func:`serve` runs with."""
     worker_timeout = max(WORKER_TIMEOUT_MIN, math.ceil(config.timeouts.read) + WORKER_TIMEOUT_SLACK)
-    tls = getattr(config, "tls", None)
+    tls = config.tls
     certfile = options.certfile or (tls.certfile if tls is not None else None)
     keyfile = options.keyfile or (tls.keyfile if tls is not None else None)
     binds = [options.bind or config.listen]
-    admin_listen = getattr(config.admin, "listen", None)
+    admin_listen = config.admin.listen
     if admin_listen is not None:
         binds.append(admin_listen)
     return {
@@ -359,7 +359,7 @@ def gunicorn_settings(config: Config, options: ServeOptions) -> dict[str, Any]:
         "preload_app": False,  # the app is built in each worker, after the fork
         "graceful_timeout": math.ceil(options.graceful_timeout),
         "timeout": worker_timeout,
-        "keepalive": math.ceil(getattr(config.timeouts, "keepalive", KEEPALIVE)),
+        "keepalive": math.ceil(config.timeouts.keepalive),
         "limit_request_field_size": 0,  # softlb's limits.max_header_bytes is the rule
         "certfile": certfile,
         "keyfile": keyfile,

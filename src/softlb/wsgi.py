@@ -549,13 +549,12 @@ class Application:
             stats=self.proxy.stats,
             checker=self.checker,
             on_remove=self.proxy.upstream.forget,
-            allow=getattr(config.admin, "allow", ()),
+            allow=config.admin.allow,
         )
         #: The port of ``admin.listen``: the admin API is served there only (SPEC §2).
         self.admin_port: int | None = None
-        admin_listen = getattr(config.admin, "listen", None)
-        if admin_listen is not None:
-            self.admin_port = int(admin_listen.rpartition(":")[2])
+        if config.admin.listen is not None:
+            self.admin_port = int(config.admin.listen.rpartition(":")[2])
         self.state: SharedState | None = None
         self._pid: int | None = None  # the process whose threads are running
         self._server_checked = False  # whether this process's WSGI server was looked at

@@ -51,6 +51,7 @@ from softlb.http.upstream import SMALL_BODY
 from softlb.retry import failure_kind, may_resend, may_retry
 
 if TYPE_CHECKING:
+    from softlb.config import Config
     from softlb.pool import Lease
     from softlb.wsgi import Application
 
@@ -116,16 +117,16 @@ class Limits:
         self.max_header_bytes = max_header_bytes
 
     @classmethod
-    def from_config(cls, config: Any) -> Limits:
+    def from_config(cls, config: Config) -> Limits:
+        """The limits a config's ``timeouts`` and ``limits`` set."""
         timeouts = config.timeouts
-        limits = getattr(config, "limits", None)
         return cls(
-            client_header=getattr(timeouts, "client_header", 10.0),
-            keepalive=getattr(timeouts, "keepalive", 5.0),
-            client_body=getattr(timeouts, "client_body", 30.0),
-            tunnel=getattr(timeouts, "tunnel", 3600.0),
-            max_connections=getattr(limits, "max_connections", 10_000),
-            max_header_bytes=getattr(limits, "max_header_bytes", 65_536),
+            client_header=timeouts.client_header,
+            keepalive=timeouts.keepalive,
+            client_body=timeouts.client_body,
+            tunnel=timeouts.tunnel,
+            max_connections=config.limits.max_connections,
+            max_header_bytes=config.limits.max_header_bytes,
         )
 
 
@@ -609,7 +610,7 @@ class Engine:
         self.listeners: list[_Listener] = []
         self.accepting = False
         self.stopping = False
-        self.admin_listen = getattr(config.admin, "listen", None)
+        self.admin_listen = config.admin.listen
         self._executor = ThreadPoolExecutor(admin_threads, thread_name_prefix="softlb-admin")
         self._idle_waiter: asyncio.Future[None] | None = None
         self._forget_hook()
