@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import ipaddress
 import logging
 import math
 import os
@@ -194,9 +195,26 @@ def banner(config: Config, options: ServeOptions, *, version: str) -> str:
     return f"softlb {version} serving on {where} ({shape}); admin at {local}{prefix}/"
 
 
+def admin_exposure_warning(config: Config) -> str | None:
+    """A warning when clients beyond loopback may change the backends without a password:
+    no ``admin.token`` and an ``admin.allow`` wider than loopback (SPEC §5)."""
+    if config.admin.token is not None:
+        return None
+    wide = [net for net in config.admin.allow if not ipaddress.ip_network(net).is_loopback]
+    if not wide:
+        return None
+    return (
+        f"softlb: warning: admin.allow lets {', '.join(wide)} call the admin API without a "
+        "token: those clients can add, drain and remove backends; set admin.token"
+    )
+
+
 def startup_warnings(config: Config, options: ServeOptions) -> list[str]:
     """One line for each setting that likely does not do what the user wants."""
     warnings = []
+    exposure = admin_exposure_warning(config)
+    if exposure is not None:
+        warnings.append(exposure)
     if options.workers > 1 and config.state == _STATE_MEMORY:
         warnings.append(
             f'softlb: warning: --workers {options.workers} with state "memory": each worker '
