@@ -208,11 +208,16 @@ class Upstream:
         timeout_obj = self.timeout if timeout is None else _as_timeout(timeout)
         pool, base = self._pool_for(backend_url)
         # urllib3 and http.client add User-Agent and Accept-Encoding when a request has none;
-        # a proxy must not invent headers the client did not send.
-        if "User-Agent" not in headers:
-            headers["User-Agent"] = SKIP_HEADER
-        if "Accept-Encoding" not in headers:
-            headers["Accept-Encoding"] = SKIP_HEADER
+        # a proxy must not invent headers the client did not send. On a copy: the caller's
+        # dict goes on to the next backend of a failover, which may be an http:// one that
+        # would send the marker itself as a header.
+        names = {name.lower() for name in headers}
+        if "user-agent" not in names or "accept-encoding" not in names:
+            headers = dict(headers)
+            if "user-agent" not in names:
+                headers["User-Agent"] = SKIP_HEADER
+            if "accept-encoding" not in names:
+                headers["Accept-Encoding"] = SKIP_HEADER
         if base:
             target = base + target if target.startswith("/") else f"{base}/{target}"
         # Not pool.urlopen(): it re-encodes the target (upper-cases %2f, turns a stray "%" into
