@@ -38,8 +38,9 @@ from softlb.http.headers import (
     request_target,
     upstream_request_headers,
 )
-from softlb.http.upstream import CHUNK_SIZE, SMALL_BODY, Upstream, UpstreamResponse
-from softlb.http.wire import ProxyUpstream, WireResponse
+from softlb.http.transport import Transport, TransportResponse
+from softlb.http.upstream import CHUNK_SIZE, SMALL_BODY
+from softlb.http.wire import ProxyUpstream
 from softlb.pool import Lease, Pool
 from softlb.retry import IDEMPOTENT_METHODS, failure_kind, may_resend, may_retry
 from softlb.stats import ProxyStats
@@ -235,7 +236,7 @@ class _StreamedAnswer:
 
     def __init__(
         self,
-        resp: WireResponse | UpstreamResponse,
+        resp: TransportResponse,
         lease: Lease,
         done: Callable[[Lease], None] | None = None,
         *,
@@ -292,6 +293,11 @@ class LoadBalancer:
     ``path``, ``header:NAME`` or ``cookie:NAME``.
     ``max_connections`` is how many idle connections are kept per backend: the server's
     thread count is right.
+
+    A client's bad request (malformed framing, a body cut short, no ``Host`` in HTTP/1.1) is
+    answered 400, an unsupported ``Transfer-Encoding`` 501, and the connection closed, before
+    any byte reaches a backend and without counting against one (SPEC §3). A backend that
+    answers before reading the whole body (an early 413 or 401) has that answer passed on.
     """
 
     def __init__(
@@ -305,7 +311,7 @@ class LoadBalancer:
         max_connections: int = 10,
         rewrite: Rewrite | None = None,
         error_handler: ErrorHandler | None = None,
-        upstream: ProxyUpstream | Upstream | None = None,
+        upstream: Transport | None = None,
         stats: ProxyStats | None = None,
         access_log: AccessLog | None = None,
     ) -> None:
@@ -318,7 +324,9 @@ class LoadBalancer:
         self.hash_kind, self.hash_name = parse_hash_key(hash_key)
         self.rewrite = rewrite
         self.error_handler = error_handler or default_error_page
-        self.upstream = upstream or ProxyUpstream(
+        #: The upstream client: any :class:`~softlb.http.transport.Transport`; by default a
+        #: :class:`~softlb.http.wire.ProxyUpstream` with these timeouts.
+        self.upstream: Transport = upstream or ProxyUpstream(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             maxsize=max_connections,
@@ -392,7 +400,7 @@ class LoadBalancer:
                 error = error or exc
                 break
             backend = lease.backend
-            resp: WireResponse | UpstreamResponse | None = None
+            resp: TransportResponse | None = None
             first = b""
             rest: Iterator[bytes] | None = None
             try:

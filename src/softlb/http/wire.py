@@ -428,10 +428,18 @@ class ProxyUpstream:
     backends go through urllib3 (:class:`~softlb.http.upstream.Upstream`), which does TLS.
     ``maxsize`` is how many idle connections are kept per backend (the server's thread
     count); more are opened when needed and closed afterwards, never waited for.
+    ``ca_certs`` goes to the ``https://`` client: a PEM file of the authorities backends'
+    certificates are checked against (default: the system's). Both clients are a
+    :class:`~softlb.http.transport.Transport`.
     """
 
     def __init__(
-        self, *, connect_timeout: float = 2.0, read_timeout: float = 30.0, maxsize: int = 10
+        self,
+        *,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 30.0,
+        maxsize: int = 10,
+        ca_certs: str | None = None,
     ) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -443,7 +451,10 @@ class ProxyUpstream:
         # pools do.
         self._finalizer = weakref.finalize(self, _close_all, self._backends, self._lock)
         self._tls = Upstream(
-            connect_timeout=connect_timeout, read_timeout=read_timeout, maxsize=maxsize
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            maxsize=maxsize,
+            ca_certs=ca_certs,
         )
 
     def _backend(self, url: str) -> _Backend:
