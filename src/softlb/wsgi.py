@@ -232,7 +232,7 @@ class _StreamedAnswer:
     a second status.
     """
 
-    __slots__ = ("_complete", "_done", "_failure", "_first", "_lease", "_rest", "_resp")
+    __slots__ = ("_complete", "_done", "_failure", "_first", "_lease", "_resp", "_rest")
 
     def __init__(
         self,

@@ -663,9 +663,7 @@ def test_early_answer_before_the_body_is_read_is_returned(step: Any) -> None:
     with RawBackend([step], read_body=False) as backend:
         started = time.monotonic()
         total = 32 * 1024 * 1024
-        resp = up.request(
-            backend.url, "PUT", "/", {"Content-Length": str(total)}, upload(total)
-        )
+        resp = up.request(backend.url, "PUT", "/", {"Content-Length": str(total)}, upload(total))
         assert (resp.status, resp.read_small()) == (413, b"too big\n")
         assert time.monotonic() - started < 1.5
         resp.close(complete=True)

@@ -71,8 +71,7 @@ class LeastConnections(Balancer):
     name = "least_connections"
     indexes_load = True
     rule = (
-        "the lowest in flight / effective weight wins; ties take turns in smooth weighted "
-        "rotation"
+        "the lowest in flight / effective weight wins; ties take turns in smooth weighted rotation"
     )
 
     def __init__(self) -> None:

@@ -291,7 +291,7 @@ def _early_answer_send(send: Callable[[Any], None]) -> Callable[[Any], None]:
         try:
             send(data)
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
-            raise BrokenPipeError(errno.EPIPE, f"the backend closed the connection ({exc})") from exc
+            raise BrokenPipeError(errno.EPIPE, f"the backend closed the TLS stream: {exc}") from exc
 
     return send_or_broken_pipe
 
