@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from softlb.errors import UpstreamBroken, UpstreamConnectError, UpstreamError, U
 from softlb.http.transport import Transport, TransportResponse
 from softlb.http.upstream import TimeoutValue, Upstream
 from softlb.http.wire import ProxyUpstream
-from tests.helpers.raw_backend import SILENT, RawBackend, Step
+from tests.helpers.raw_backend import CLOSE, SILENT, RawBackend, Step
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -368,3 +369,29 @@ def test_refused_connection(client: Adapter) -> None:
     scheme = "http" if client.tls is None else "https"
     got = client.send(f"{scheme}://127.0.0.1:{port}", "GET")
     assert got.error is UpstreamConnectError
+
+
+def test_closed_without_an_answer_is_broken_not_a_connect_failure(
+    client: Adapter, serve: Callable[..., RawBackend]
+) -> None:
+    """The backend read the request, then closed: UpstreamBroken (the request may have had
+    its effect, so a POST must not be retried as if nothing had been sent)."""
+    backend = serve([CLOSE])
+    got = client.send(backend.url, "POST", body=b"order=1")
+    assert got.error is UpstreamBroken
+    assert backend.requests[0].body == b"order=1"
+
+
+def reset_after_reading(sock: socket.socket) -> None:
+    """Close with a reset (SO_LINGER 0) after reading the request, without answering."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_reset_without_an_answer_is_broken_not_a_connect_failure(
+    client: Adapter, serve: Callable[..., RawBackend]
+) -> None:
+    """The same with a TCP reset (over TLS: no close_notify, the socket just dies)."""
+    backend = serve([reset_after_reading])
+    got = client.send(backend.url, "POST", body=b"order=1")
+    assert got.error is UpstreamBroken
