@@ -571,3 +571,13 @@ def test_tls_listener_and_https_backend(make_app: Callable[..., Application]) ->
     finally:
         backend.shutdown()
         backend.server_close()
+
+
+def test_answer_broken_before_a_byte_went_out_is_a_502(serve: Served) -> None:
+    """A bad first chunk right behind the head: nothing reached the client yet, so it gets a
+    clean 502 (and the backend is charged), never a cut answer."""
+    bad = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+    with RawBackend([bad], close_after_answer=True) as raw_backend:
+        _, port = serve(servers=[raw_backend.url], retries=0)
+        assert get(port, "/x")[0] == 502
+        assert servers_json(port)[0]["failures"] == 1

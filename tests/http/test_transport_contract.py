@@ -5,7 +5,9 @@ Each test runs over every client, against a scripted raw-socket backend
 
 * ``wire``: :class:`~softlb.http.wire.ProxyUpstream`, the proxy's own HTTP/1.1 client;
 * ``urllib3``: :class:`~softlb.http.upstream.Upstream` to an ``http://`` backend;
-* ``urllib3-tls``: :class:`~softlb.http.upstream.Upstream` to an ``https://`` backend.
+* ``urllib3-tls``: :class:`~softlb.http.upstream.Upstream` to an ``https://`` backend;
+* ``eventloop`` and ``eventloop-tls``: the event-loop engine's
+  :class:`~softlb.aio.upstream.UpstreamPool`, driven on a loop of its own.
 
 The tests talk to a client only through :class:`Adapter` ("send this request; give me the
 status, headers, body, or the error class"), so another client (the event-loop engine's
@@ -14,10 +16,12 @@ async one) joins the suite as one more :func:`client` parameter and one more ada
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +30,8 @@ from typing import Any, Protocol
 import pytest
 import trustme
 
+from softlb.aio.engine import new_event_loop
+from softlb.aio.upstream import UpstreamPool
 from softlb.errors import UpstreamBroken, UpstreamConnectError, UpstreamError, UpstreamTimeout
 from softlb.http.transport import Transport, TransportResponse
 from softlb.http.upstream import TimeoutValue, Upstream
@@ -114,6 +120,62 @@ class SyncAdapter:
         self.transport.close()
 
 
+class LoopAdapter:
+    """The event-loop engine's client (:class:`~softlb.aio.upstream.UpstreamPool`) on a loop
+    of its own thread: ``request()``, then the body with ``read_body()``."""
+
+    def __init__(self, name: str, tls: ssl.SSLContext | None, client_tls: ssl.SSLContext) -> None:
+        self.name = name
+        self.tls = tls
+        self.loop = new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.pool = UpstreamPool(
+            self.loop, connect_timeout=2.0, read_timeout=5.0, max_idle=4, ssl_context=client_tls
+        )
+
+    def send(
+        self,
+        url: str,
+        method: str,
+        target: str = "/",
+        headers: dict[str, str] | None = None,
+        body: bytes | Iterable[bytes] | None = None,
+        *,
+        chunked: bool = False,
+        timeout: TimeoutValue = None,
+    ) -> Outcome:
+        read_timeout = timeout[1] if isinstance(timeout, tuple) else timeout
+
+        async def exchange() -> Outcome:
+            try:
+                options = {} if read_timeout is None else {"read_timeout": read_timeout}
+                conn = await self.pool.request(
+                    url, method, target, headers or {}, body, chunked=chunked, **options
+                )
+            except UpstreamError as exc:
+                return Outcome(error=type(exc))
+            answer = conn.head.result() if conn.head is not None else None
+            assert answer is not None
+            outcome = Outcome(
+                answer.status,
+                [(n.decode("latin-1"), v.decode("latin-1")) for n, v in answer.headers],
+            )
+            try:
+                outcome.body = await self.pool.read_body(conn)
+            except UpstreamError as exc:
+                outcome.error = type(exc)
+            return outcome
+
+        return asyncio.run_coroutine_threadsafe(exchange(), self.loop).result(30)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.pool.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
     return trustme.CA()
@@ -133,7 +195,7 @@ def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-CLIENTS = ["wire", "urllib3", "urllib3-tls"]
+CLIENTS = ["wire", "urllib3", "urllib3-tls", "eventloop", "eventloop-tls"]
 
 
 @pytest.fixture(params=CLIENTS)
@@ -147,6 +209,10 @@ def client(
         adapter = SyncAdapter("wire", ProxyUpstream(**options), None)
     elif request.param == "urllib3":
         adapter = SyncAdapter("urllib3", Upstream(**options), None)
+    elif request.param.startswith("eventloop"):
+        trusting = ssl.create_default_context(cafile=ca_file)
+        tls = server_tls if request.param.endswith("-tls") else None
+        adapter = LoopAdapter(request.param, tls, trusting)
     else:
         adapter = SyncAdapter("urllib3-tls", Upstream(ca_certs=ca_file, **options), server_tls)
     yield adapter

@@ -39,10 +39,10 @@ import httptools
 from softlb.aio.upstream import (
     HIGH_WATER,
     LOW_WATER,
+    BackendAddress,
     UpstreamAnswer,
     UpstreamConnection,
     UpstreamPool,
-    _ConnectionGone,
 )
 from softlb.errors import NoBackendAvailable, ProxyError, UpstreamError
 from softlb.events import ACCESS, RETRIED
@@ -615,23 +615,18 @@ class Engine:
         self._idle_waiter: asyncio.Future[None] | None = None
         self._forget_hook()
         limits = self.limits
-        shortest = min(
-            limits.client_header, limits.keepalive, limits.client_body, limits.tunnel,
-            config.timeouts.read or 60.0,
-        )  # fmt: skip
+        shortest = min(limits.client_header, limits.keepalive, limits.client_body, limits.tunnel)
         #: Seconds between two sweeps: a deadline is met within this much of its time.
         self.sweep_interval = min(max(shortest / 5, 0.02), 1.0)
         self._sweep_handle = loop.call_later(self.sweep_interval, self._sweep)
 
     def _sweep(self) -> None:
-        """Enforce every connection's deadline and every backend exchange's read timeout:
-        one timer for the whole worker instead of one per request."""
+        """Enforce every client connection's deadline: one timer for the whole worker instead
+        of one per request (the upstream pool sweeps its read timeouts the same way)."""
         now = self.loop.time()
         for conn in list(self.connections):
             if conn._deadline_kind and now >= conn._deadline:
                 conn.on_deadline(now)
-        for upstream in list(self.upstreams.busy):
-            upstream.check_timeout(now)
         if not self.loop.is_closed():
             self._sweep_handle = self.loop.call_later(self.sweep_interval, self._sweep)
 
@@ -895,6 +890,11 @@ class Engine:
                 upstream = await self._exchange(
                     backend.url, request, target, head_fields, resend=resend
                 )
+                if upstream.failed is not None and not upstream.upgraded:
+                    # The answer broke before a byte of it went to the client (a bad first
+                    # chunk, a close right after the head): a 502, or another backend.
+                    upstream.abort()
+                    raise upstream.failed
             except UpstreamError as exc:
                 lease.release(failure_kind(exc))
                 tried.append(backend)
@@ -944,60 +944,54 @@ class Engine:
         *,
         resend: bool,
     ) -> UpstreamConnection:
-        """Send the request to ``url`` and wait for the head of its answer.
-
-        A reused connection that the backend closed while idle fails before any byte of the
-        answer: the request goes once more on a fresh connection when it may be sent again
-        (Go's Transport rule), and the backend is not blamed.
-        """
-        fresh = False
-        while True:
-            found = None if fresh else self.upstreams.take_idle(url)
-            upstream = found if found is not None else await self.upstreams.connect(url)
-            address = upstream.address
-            body = request.take_body() if request.complete else b""
-            if request.complete:
-                if body or request.method in _METHODS_WITH_BODY:
-                    framing = b"Content-Length: %d\r\n" % len(body)
-                else:
-                    framing = b""
-            elif request.chunked:
+        """Send the request to ``url`` and wait for the head of its answer (the transport's
+        :meth:`~softlb.aio.upstream.UpstreamPool.exchange`: a stale pooled connection is
+        retried there, unblamed). A body read ahead whole goes with the head, and is kept for
+        a retry on another backend; a longer one is streamed."""
+        method = request.method.encode("ascii")
+        if request.complete:
+            body = request.take_body()
+            request.body = [body] if body else []  # kept for a retry
+            if body or request.method in _METHODS_WITH_BODY:
+                framing = b"Content-Length: %d\r\n" % len(body)
+            else:
+                framing = b""
+        else:
+            body = b""
+            if request.chunked:
                 framing = b"Transfer-Encoding: chunked\r\n"
             else:
                 framing = b"Content-Length: %d\r\n" % (request.length or 0)
-            upgrade = b""
-            if request.upgrade:
-                value = request.header(b"upgrade") or b""
-                upgrade = b"Upgrade: " + value + b"\r\nConnection: upgrade\r\n"
-            head = b"".join(
-                (
-                    request.method.encode("ascii"), b" ", address.base, target, b" HTTP/1.1\r\n",
-                    fields, framing, upgrade, b"\r\n",
-                )
-            )  # fmt: skip
-            if request.complete and not request.upgrade:
-                upstream.start(head + body, head_request=request.method == "HEAD", upgrade=False)
-                if body:
-                    request.body = [body]  # kept for a retry
-            else:
-                upstream.start(head, head_request=request.method == "HEAD", upgrade=request.upgrade)
-                if request.upgrade:
-                    pass  # bytes after the head belong to the new protocol: sent after the 101
-                else:
-                    self._stream_body(request, upstream)
-            try:
-                assert upstream.head is not None
-                await upstream.head
-            except _ConnectionGone:
-                if upstream.reused and resend and not fresh and request.sink is None:
-                    fresh = True
-                    continue
-                raise
-            except UpstreamError:
-                if request.error is not None:
-                    raise _ClientBodyFailed from None
-                raise
-            return upstream
+        if request.upgrade:
+            value = request.header(b"upgrade") or b""
+            framing += b"Upgrade: " + value + b"\r\nConnection: upgrade\r\n"
+            body = b""  # bytes after an upgrade request's head belong to the new protocol
+
+        def head(address: BackendAddress) -> bytes:
+            return b"".join(
+                (method, b" ", address.base, target, b" HTTP/1.1\r\n", fields, framing, b"\r\n")
+            )
+
+        stream = None
+        if not request.complete and not request.upgrade:
+
+            def stream(upstream: UpstreamConnection) -> None:
+                self._stream_body(request, upstream)
+
+        try:
+            return await self.upstreams.exchange(
+                url,
+                head,
+                body,
+                head_request=request.method == "HEAD",
+                upgrade=request.upgrade,
+                resend=resend,
+                stream=stream,
+            )
+        except UpstreamError:
+            if request.error is not None:
+                raise _ClientBodyFailed from None
+            raise
 
     def _stream_body(self, request: _Request, upstream: UpstreamConnection) -> None:
         """Send what is buffered of the body, then every later piece as it arrives, with
