@@ -76,7 +76,7 @@ def test_parse_duration_returns_float() -> None:
 )
 def test_parse_duration_rejects_non_durations(value: object) -> None:
     """Anything that is not a number of seconds or a number with a known unit is refused."""
-    with pytest.raises(ConfigError, match="is not a duration|has no unit"):
+    with pytest.raises(ConfigError, match=r"is not a duration|has no unit"):
         parse_duration(value)
 
 
