@@ -13,7 +13,10 @@ pick the format with ``access_log_format``:
     nginx's ``combined`` format followed by nginx's ``$upstream_addr`` and
     ``$upstream_response_time``, so that log tools that read nginx's lines read these::
 
-        127.0.0.1 - - [04/Dec/2026:18:39:42 +0000] "GET /a?b=1 HTTP/1.1" 200 512 "-" "curl/8.5.0" 10.0.0.1:8000 0.012
+        127.0.0.1 - - [04/Dec/2026:18:39:42 +0000] "GET /a?b=1 HTTP/1.1" 200 512 "-"
+        "curl/8.5.0" 10.0.0.1:8000 0.012
+
+    (one line; broken here to fit).
 
 ``"json"``
     One JSON object per line: ``time`` (ISO 8601, UTC), ``client``, ``method``, ``target``,
@@ -262,12 +265,11 @@ class AccessLog:
         (``None`` for an answer the proxy made itself). The CSV format needs only the first
         four; the others fill the combined and JSON lines.
         """
-        self.write(
-            AccessEntry(
-                arrival, key, latency, backend, client, method, target, protocol, status,
-                bytes_sent, referer, user_agent, user, duration,
-            )  # fmt: skip
-        )
+        entry = AccessEntry(
+            arrival, key, latency, backend, client, method, target, protocol, status,
+            bytes_sent, referer, user_agent, user, duration,
+        )  # fmt: skip
+        self.write(entry)
 
     def write(self, entry: AccessEntry) -> None:
         """Write the line of one :class:`AccessEntry` (formatted outside the lock)."""

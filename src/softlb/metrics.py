@@ -185,7 +185,6 @@ class SoftLBCollector:
         info.add_metric([self.version, self.pool.balancer.name], 1)
         yield info
 
-
     def _backend_families(self, backends: Sequence[Backend]) -> Iterator[Metric]:
         """The per-backend figures of :meth:`ProxyStats.backend_snapshot`, for the pool's
         current members (every status class from 2xx to 5xx always, 1xx once seen)."""
