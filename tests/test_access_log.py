@@ -20,7 +20,7 @@ ARRIVAL = 1796409582.25
 
 #: nginx's combined format plus $upstream_addr $upstream_response_time, as a pattern.
 COMBINED = re.compile(
-    r'^(?P<addr>\S+) - (?P<user>\S+) \[(?P<time>\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4})\] '
+    r"^(?P<addr>\S+) - (?P<user>\S+) \[(?P<time>\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4})\] "
     r'"(?P<request>[^"]*)" (?P<status>\d{3}) (?P<bytes>\d+) "(?P<referer>[^"]*)" '
     r'"(?P<agent>[^"]*)" (?P<upstream>\S+) (?P<upstream_time>\S+)$'
 )
@@ -236,7 +236,7 @@ def test_json_absent_values_are_null_and_lines_stay_single(tmp_path: Path) -> No
 def test_dash_writes_to_stdout_at_once(
     log_format: str, capsys: pytest.CaptureFixture[str], utc: None
 ) -> None:
-    """"-" writes to standard output, flushed line by line (seen before any close)."""
+    """ "-" writes to standard output, flushed line by line (seen before any close)."""
     log = AccessLog("-", log_format)
     log.record(ARRIVAL, "k", 0.01, "http://10.0.0.1:8000", method="GET", target="/", status=200)
     log.record(ARRIVAL, "k", 0.01, "http://10.0.0.1:8000", method="GET", target="/", status=200)
