@@ -20,7 +20,8 @@ ARRIVAL = 1796409582.25
 
 #: nginx's combined format plus $upstream_addr $upstream_response_time, as a pattern.
 COMBINED = re.compile(
-    r"^(?P<addr>\S+) - (?P<user>\S+) \[(?P<time>\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4})\] "
+    r"^(?P<addr>\S+) - (?P<user>\S+) "
+    r"\[(?P<time>\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4})\] "
     r'"(?P<request>[^"]*)" (?P<status>\d{3}) (?P<bytes>\d+) "(?P<referer>[^"]*)" '
     r'"(?P<agent>[^"]*)" (?P<upstream>\S+) (?P<upstream_time>\S+)$'
 )
