@@ -248,6 +248,21 @@ def test_servers_without_resolve_and_taken_addresses_are_left_alone(pair: int) -
     assert urls(pool)[one] == (None, False)
 
 
+def test_the_pool_follows_dns_but_an_operator_drain_stays(pair: int) -> None:
+    """A discovered backend removed by hand comes back at the next lookup while its address
+    resolves; one drained by hand stays drained."""
+    spec = NAME.format(port=pair)
+    dns = FakeDNS("127.0.0.1", "127.0.0.2")
+    pool = Pool([])
+    resolver = Resolver(pool, [Resolvable(spec)], 5.0, resolve=dns)
+    resolver.refresh()
+    one, two = f"http://127.0.0.1:{pair}", f"http://127.0.0.2:{pair}"
+    pool.remove(one)
+    pool.drain(two)
+    resolver.refresh()
+    assert urls(pool) == {one: (spec, False), two: (spec, True)}
+
+
 def test_address_urls() -> None:
     """Scheme, port (explicit, or the scheme's) and base path are kept; IPv6 in brackets."""
     assert address_url("http://api.internal/v1", "10.0.0.7") == "http://10.0.0.7:80/v1"

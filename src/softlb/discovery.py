@@ -11,6 +11,10 @@ in line with the answer:
 * an address that disappears from the answer is drained (:meth:`Pool.drain
   <softlb.pool.Pool.drain>`: no new requests, those in flight finish) and removed once it has
   no request in flight; one that comes back before that is put back in rotation;
+* a backend removed by someone else (the admin API) while its address still resolves is
+  added again by the next lookup: the pool follows DNS. To keep one address out of rotation,
+  drain it (``PATCH`` with ``"draining": true``); the resolver leaves a drain it did not
+  make alone;
 * a failed lookup (or an empty answer) changes nothing: the last known addresses stay, and
   the failure is logged once, until a lookup succeeds again.
 
@@ -80,7 +84,7 @@ def address_url(url: str, address: str) -> str:
 class _Server:
     """What the resolver knows of one configured server; only its thread touches it."""
 
-    __slots__ = ("failing", "host", "port", "spec_url", "urls", "weight")
+    __slots__ = ("failing", "host", "port", "spec_url", "taken", "urls", "weight")
 
     def __init__(self, spec: ServerLike) -> None:
         self.spec_url = normalize_url(spec.url)
@@ -90,6 +94,7 @@ class _Server:
         self.weight = spec.weight
         self.urls: set[str] = set()  # the backends of the last successful lookup
         self.failing = False  # the last lookup failed (logged once)
+        self.taken: set[str] = set()  # addresses that are another backend (logged once)
 
 
 class Resolver:
@@ -171,22 +176,34 @@ class Resolver:
             log.warning("%s resolves again", server.host)
             server.failing = False
         wanted = {address_url(server.spec_url, address) for address in addresses}
-        for url in sorted(wanted - server.urls):
-            self._arrive(server, url)
+        for url in sorted(wanted):
+            if url in server.urls and url in self.pool:
+                continue
+            self._arrive(server, url)  # new, or removed by someone else while it resolves
         for url in sorted(server.urls - wanted):
             self._leave(server, url)
 
     def _arrive(self, server: _Server, url: str) -> None:
-        if url in self.pool:
-            present = self.pool.get(url)
+        try:
+            present: Backend | None = self.pool.get(url)
+        except UnknownBackend:
+            present = None
+        if present is not None:
             if present.origin != server.spec_url:  # configured as is, or another server's
-                log.info("%s (from %s) is already a backend", url, server.spec_url)
+                if url not in server.taken:
+                    server.taken.add(url)
+                    log.info("%s (from %s) is already a backend", url, server.spec_url)
                 return
             if self._leaving.pop(url, None) is not None:
-                self.pool.drain(present, False)
-                log.info("%s (from %s) is back", url, server.spec_url)
-            server.urls.add(url)
-            return
+                try:
+                    self.pool.drain(present, False)
+                except UnknownBackend:  # removed meanwhile: added again below
+                    present = None
+                else:
+                    log.info("%s (from %s) is back", url, server.spec_url)
+            if present is not None:
+                server.urls.add(url)
+                return
         try:
             self.pool.add(Backend(url, server.weight, origin=server.spec_url))
         except BackendExists:  # added by someone else meanwhile
@@ -202,7 +219,10 @@ class Resolver:
             return
         if backend.origin != server.spec_url:
             return
-        self.pool.drain(backend)
+        try:
+            self.pool.drain(backend)
+        except UnknownBackend:  # removed meanwhile
+            return
         self._leaving[url] = server.spec_url
         log.info("%s (from %s) no longer resolves: draining", url, server.spec_url)
 
