@@ -318,3 +318,26 @@ def test_real_getaddrinfo_on_localhost(pair: int) -> None:
     answer = Client(lb).get("/", base_url="http://localhost/").get_json()
     lb.close()
     assert answer == {"address": "127.0.0.1", "host": "localhost"}
+
+
+def test_shared_state_keeps_discovered_backends(pair: int, tmp_path: Any) -> None:
+    """With a shared store (several workers), the store's membership does not remove the
+    backends this process found by DNS: each worker resolves for itself."""
+    from softlb.state.sqlite import SqliteStore
+    from softlb.state.sync import SharedState
+
+    static = "http://10.0.0.9:80"
+    pool = Pool([static])
+    shared = SharedState(
+        pool, SqliteStore(str(tmp_path / "state.db"), cluster="t"), seed=[(static, 1)]
+    )
+    shared.start()
+    try:
+        Resolver(
+            pool, [Resolvable(NAME.format(port=pair))], 5.0, resolve=FakeDNS("127.0.0.1")
+        ).refresh()
+        shared._next_full_read = 0.0  # the next poll reads the whole membership
+        shared.poll()
+        assert set(urls(pool)) == {static, f"http://127.0.0.1:{pair}"}
+    finally:
+        shared.stop()

@@ -311,6 +311,8 @@ class SharedState:
             local = {b.url: b for b in self.pool.backends}
             wanted = {m.url: m for m in membership.members}
             for url, backend in local.items():
+                if backend.origin is not None:  # found by this process's DNS discovery
+                    continue
                 member = wanted.get(url)
                 if member is None or member.weight != backend.weight:
                     self._drop(backend)
