@@ -162,13 +162,20 @@ class CombinedFormat:
     name = "combined"
     header: str | None = None
 
+    def __init__(self) -> None:
+        self._stamp = (-1, "")  # (second, its $time_local): one formatting per second
+
     def line(self, entry: AccessEntry) -> str | None:
         """``$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent
         "$http_referer" "$http_user_agent" $upstream_addr $upstream_response_time``."""
         request = f"{entry.method} {entry.target} {entry.protocol}" if entry.method else ""
         upstream_time = "-" if entry.latency is None else f"{entry.latency:.3f}"
+        second = int(entry.arrival)
+        stamp = self._stamp  # one read: another thread may replace it, never half of it
+        if stamp[0] != second:
+            stamp = self._stamp = (second, _time_local(second))
         return (
-            f"{_escape(entry.client)} - {_escape(entry.user)} [{_time_local(entry.arrival)}] "
+            f"{_escape(entry.client)} - {_escape(entry.user)} [{stamp[1]}] "
             f'"{_escape(request)}" {entry.status} {entry.bytes_sent} '
             f'"{_escape(entry.referer)}" "{_escape(entry.user_agent)}" '
             f"{_upstream_addr(entry.backend)} {upstream_time}\n"
@@ -185,12 +192,18 @@ class JsonFormat:
     name = "json"
     header: str | None = None
 
+    def __init__(self) -> None:
+        self._stamp = (-1, "")  # (second, its ISO 8601 form): one formatting per second
+
     def line(self, entry: AccessEntry) -> str | None:
         """The object of :mod:`the module's <softlb.access_log>` list, on one line."""
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(entry.arrival))
+        second = int(entry.arrival)
+        stamp = self._stamp
+        if stamp[0] != second:
+            stamp = self._stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
         millis = int(entry.arrival * 1000) % 1000
         obj = {
-            "time": f"{stamp}.{millis:03d}Z",
+            "time": f"{stamp[1]}.{millis:03d}Z",
             "client": entry.client,
             "method": entry.method,
             "target": entry.target,
