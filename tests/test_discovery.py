@@ -263,6 +263,21 @@ def test_the_pool_follows_dns_but_an_operator_drain_stays(pair: int) -> None:
     assert urls(pool) == {one: (spec, False), two: (spec, True)}
 
 
+def test_a_factory_builds_the_backends() -> None:
+    """``factory`` gets each address's URL, the configured server and its URL."""
+    seen: list[tuple[str, Any, str]] = []
+
+    def factory(url: str, spec: Any, origin: str) -> Backend:
+        seen.append((url, spec, origin))
+        return Backend(url, spec.weight * 2, origin=origin)
+
+    spec = Resolvable("http://API.internal:8080/", weight=2)
+    pool = Pool([])
+    Resolver(pool, [spec], 5.0, resolve=FakeDNS("10.0.0.1"), factory=factory).refresh()
+    assert seen == [("http://10.0.0.1:8080", spec, "http://api.internal:8080")]
+    assert pool.get("http://10.0.0.1:8080").weight == 4
+
+
 def test_address_urls() -> None:
     """Scheme, port (explicit, or the scheme's) and base path are kept; IPv6 in brackets."""
     assert address_url("http://api.internal/v1", "10.0.0.7") == "http://10.0.0.7:80/v1"

@@ -81,17 +81,21 @@ def address_url(url: str, address: str) -> str:
     return normalize_url(f"{parts.scheme}://{host}:{port}{parts.path}")
 
 
+def _default_backend(url: str, spec: ServerLike, origin: str) -> Backend:
+    return Backend(url, spec.weight, origin=origin)
+
+
 class _Server:
     """What the resolver knows of one configured server; only its thread touches it."""
 
-    __slots__ = ("failing", "host", "port", "spec_url", "taken", "urls", "weight")
+    __slots__ = ("failing", "host", "port", "spec", "spec_url", "taken", "urls")
 
     def __init__(self, spec: ServerLike) -> None:
+        self.spec = spec
         self.spec_url = normalize_url(spec.url)
         parts = urlsplit(self.spec_url)
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.weight = spec.weight
         self.urls: set[str] = set()  # the backends of the last successful lookup
         self.failing = False  # the last lookup failed (logged once)
         self.taken: set[str] = set()  # addresses that are another backend (logged once)
@@ -105,7 +109,9 @@ class Resolver:
     addresses are the backends). ``interval`` is the seconds between two lookups of a host;
     ``resolve`` replaces :func:`socket.getaddrinfo` (tests, a custom resolver).
     ``on_remove`` is called with the URL of each backend the resolver removed (the proxy
-    closes its pooled connections to it).
+    closes its pooled connections to it). ``factory(url, spec, origin)`` builds the backend
+    of one address (default: ``Backend(url, spec.weight, origin=origin)``); give one to copy
+    other per-server settings onto it.
 
     :meth:`start` runs a first lookup of every host on the calling thread, so the pool has
     its backends before the first request, then starts the thread; :meth:`stop` ends it. Or
@@ -121,6 +127,7 @@ class Resolver:
         *,
         resolve: ResolveFunction = socket.getaddrinfo,
         on_remove: Callable[[str], None] | None = None,
+        factory: Callable[[str, Any, str], Backend] | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError(f"interval must be > 0, got {interval}")
@@ -128,6 +135,7 @@ class Resolver:
         self.interval = float(interval)
         self.resolve = resolve
         self.on_remove = on_remove
+        self.factory = factory if factory is not None else _default_backend
         self.servers = [_Server(spec) for spec in specs if spec.resolve]
         self._leaving: dict[str, str] = {}  # drained backend URL -> its server's URL
         self._lock = threading.Lock()  # one refresh at a time
@@ -205,7 +213,7 @@ class Resolver:
                 server.urls.add(url)
                 return
         try:
-            self.pool.add(Backend(url, server.weight, origin=server.spec_url))
+            self.pool.add(self.factory(url, server.spec, server.spec_url))
         except BackendExists:  # added by someone else meanwhile
             return
         server.urls.add(url)
