@@ -251,6 +251,7 @@ class Backend:
         "eff_weight",
         "failures",
         "healthy",
+        "origin",
         "requests",
         "shared_active",
         "url",
@@ -276,10 +277,14 @@ class Backend:
     #: Requests in flight on this backend from the *other* processes sharing the pool's state
     #: (other workers of the host, other hosts); refreshed a few times a second, 0 alone.
     shared_active: int
+    #: The configured URL this backend was discovered from (a ``"resolve": true`` server,
+    #: see :mod:`softlb.discovery`), or ``None`` for a backend configured or added as is.
+    origin: str | None
 
-    def __init__(self, url: str, weight: int = 1) -> None:
+    def __init__(self, url: str, weight: int = 1, *, origin: str | None = None) -> None:
         self.url = normalize_url(url)
         self.weight = validate_weight(weight)
+        self.origin = origin
         self.eff_weight = float(self.weight)
         self.active = 0
         self.shared_active = 0
@@ -320,8 +325,9 @@ class Backend:
         self._ewma_at = now
 
     def as_dict(self) -> dict[str, object]:
-        """The figures the admin API reports for this backend."""
-        return {
+        """The figures the admin API reports for this backend (``"from"``: its
+        :attr:`origin`, only for a discovered backend)."""
+        figures: dict[str, object] = {
             "url": self.url,
             "weight": self.weight,
             "healthy": self.healthy,
@@ -330,6 +336,9 @@ class Backend:
             "requests": self.requests,
             "failures": self.failures,
         }
+        if self.origin is not None:
+            figures["from"] = self.origin
+        return figures
 
     def __repr__(self) -> str:
         state = "draining" if self.draining else ("healthy" if self.healthy else "down")
