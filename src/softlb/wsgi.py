@@ -48,6 +48,7 @@ from softlb.stats import ProxyStats
 
 if TYPE_CHECKING:
     from softlb.config import Config
+    from softlb.discovery import Resolver
     from softlb.health import HealthChecker
     from softlb.state.sync import SharedState
 
@@ -233,13 +234,13 @@ class _StreamedAnswer:
     a second status.
     """
 
-    __slots__ = ("_complete", "_done", "_failure", "_first", "_lease", "_resp", "_rest")
+    __slots__ = ("_complete", "_done", "_failure", "_first", "_lease", "_resp", "_rest", "sent")
 
     def __init__(
         self,
         resp: TransportResponse,
         lease: Lease,
-        done: Callable[[Lease], None] | None = None,
+        done: Callable[[Lease, int, bool], None] | None = None,
         *,
         first: bytes = b"",
         rest: Iterator[bytes] | None = None,
@@ -248,7 +249,8 @@ class _StreamedAnswer:
         self._lease = lease
         self._complete = False
         self._failure: str | None = None
-        self._done = done  # told of the released lease (the access log)
+        self._done = done  # told of the released lease, bytes sent, complete (log, metrics)
+        self.sent = 0
         # The first piece, read before the status went out (see LoadBalancer._proxy), and
         # the iterator it came from.
         self._first = first
@@ -258,8 +260,11 @@ class _StreamedAnswer:
         try:
             if self._first:
                 first, self._first = self._first, b""
+                self.sent += len(first)
                 yield first
-            yield from (self._rest if self._rest is not None else self._resp.chunks())
+            for piece in self._rest if self._rest is not None else self._resp.chunks():
+                self.sent += len(piece)
+                yield piece
         except UpstreamError as exc:
             self._failure = failure_kind(exc)
             url = self._lease.backend.url
@@ -271,7 +276,7 @@ class _StreamedAnswer:
         self._resp.close(self._complete)
         self._lease.release(self._failure)
         if self._done is not None:
-            self._done(self._lease)
+            self._done(self._lease, self.sent, self._complete)
 
 
 class LoadBalancer:
@@ -465,23 +470,30 @@ class LoadBalancer:
                 lease.release("error")
                 raise
             self.stats.observe(time.perf_counter() - started)
+            first_byte = self.pool.clock() - lease.started
             headers = downstream_response_headers(resp.headers)
             status_line = f"{resp.status} {resp.reason}"
-            if access_log is None and not self.pool.wants(ACCESS):
-                done = None
-            else:
+            status = resp.status
 
-                def done(
-                    lease: Lease,
-                    key: str | None = key,
-                    line: str = f"{method} {target} {resp.status}",
-                ) -> None:
-                    self._log_access(lease, key, line)
+            def done(
+                lease: Lease,
+                sent: int,
+                complete: bool,
+                status: int = status,
+                first_byte: float = first_byte,
+            ) -> None:
+                self.answered(
+                    lease, key, status=status, first_byte=first_byte, complete=complete,
+                    method=method, target=target, bytes_sent=sent,
+                    client=environ.get("REMOTE_ADDR") or "",
+                    protocol=environ.get("SERVER_PROTOCOL") or "HTTP/1.1",
+                    referer=environ.get("HTTP_REFERER"),
+                    user_agent=environ.get("HTTP_USER_AGENT"),
+                )  # fmt: skip
 
             if data is not None:
                 lease.release()
-                if done is not None:
-                    done(lease)
+                done(lease, len(data), True)
                 start_response(status_line, headers)
                 return (data,) if data else ()
             answer = _StreamedAnswer(resp, lease, done, first=first, rest=rest)
@@ -493,14 +505,45 @@ class LoadBalancer:
             return answer
         return self._error(environ, start_response, error)
 
-    def _log_access(self, lease: Lease, key: str | None, line: str) -> None:
-        """One answered request, to the CSV access log and to the pool's ``access`` hooks."""
+    def answered(
+        self,
+        lease: Lease,
+        key: str | None,
+        *,
+        status: int,
+        first_byte: float,
+        complete: bool,
+        method: str,
+        target: str,
+        bytes_sent: int,
+        client: str = "",
+        protocol: str = "HTTP/1.1",
+        referer: str | None = None,
+        user_agent: str | None = None,
+    ) -> None:
+        """One request a backend answered, once its lease is released: the per-backend
+        response metrics, the access log line and the pool's ``access`` hooks. Both engines
+        call it, with plain values.
+
+        ``first_byte`` is the seconds from the pick to the answer's head; ``complete`` says
+        the whole body went out (else the time to the last byte is not counted).
+        """
         now = self.pool.clock()
-        latency = max(now - lease.started, 0.0)
+        total = max(now - lease.started, 0.0)
+        url = lease.backend.url
+        self.stats.response(url, status, first_byte, total if complete else None)
         access_log = self.access_log
         if access_log is not None:
-            access_log.record(wall_clock_of(lease.started, now), key, latency, lease.backend.url)
-        self.pool.publish(ACCESS, lease.backend, f"{line} {latency * 1000:.1f} ms")
+            access_log.record(
+                wall_clock_of(lease.started, now), key, total, url,
+                client=client, method=method, target=target, protocol=protocol,
+                status=status, bytes_sent=bytes_sent, referer=referer,
+                user_agent=user_agent, duration=total,
+            )  # fmt: skip
+        if self.pool.wants(ACCESS):
+            self.pool.publish(
+                ACCESS, lease.backend, f"{method} {target} {status} {total * 1000:.1f} ms"
+            )
 
     def _error(
         self, environ: Environ, start_response: StartResponse, error: ProxyError
@@ -595,10 +638,14 @@ class Application:
         self.log_format = log_format
         self._event_log: Callable[[], None] | None = None  # uninstalls the event log
         self.pool = Pool(
-            [Backend(s.url, s.weight) for s in config.servers],
+            [Backend(s.url, s.weight) for s in config.servers if not s.resolve],
             balancer=balancer_by_name(config.algorithm),
             slow_start=config.slow_start,
         )
+        #: Servers with ``resolve``: one backend per address, found in each process.
+        self.resolved = [s for s in config.servers if s.resolve]
+        self.resolver: Resolver | None = None
+        self._unwatch: Callable[[], None] | None = None
         hc = config.health_check
         self.checker: HealthChecker | None = None
         if hc.enabled:
@@ -621,7 +668,11 @@ class Application:
             read_timeout=config.timeouts.read,
             hash_key=config.hash_key,
             max_connections=self.threads,
-            access_log=AccessLog(config.access_log) if config.access_log else None,
+            access_log=(
+                AccessLog(config.access_log, config.access_log_format)
+                if config.access_log
+                else None
+            ),
         )
         self.admin = AdminApi(
             self.pool,
@@ -687,6 +738,17 @@ class Application:
                     self.checker.set_active(False)  # until this process wins the prober lease
                 self.checker.start()
             self.state.start()
+            self._unwatch = self.proxy.stats.watch(self.pool, self.checker)
+            if self.resolved:
+                from softlb.discovery import Resolver
+
+                self.resolver = Resolver(
+                    self.pool,
+                    self.resolved,
+                    self.config.health_check.interval,
+                    on_remove=self.proxy.upstream.forget,
+                )
+                self.resolver.start()
 
     def _after_fork(self) -> None:
         """In a child made by ``fork()``: fresh locks, connections and shared state, and the
@@ -702,6 +764,8 @@ class Application:
         self.admin.on_remove = self.proxy.upstream.forget
         self.pool.count_sink = None
         self.state = self.admin.state = None  # the parent's; a new one is opened on start
+        self.resolver = None  # its thread did not come along; start() makes a new one
+        self._unwatch = None
         if self.checker is not None:
             self.checker._after_fork()
         self._pid = None
@@ -711,6 +775,11 @@ class Application:
 
     def stop(self) -> None:
         """Stop the threads, give shared resources back and close backend connections."""
+        if self.resolver is not None:
+            self.resolver.stop()
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         if self.state is not None:
             self.state.stop()
         if self.checker is not None:

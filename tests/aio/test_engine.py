@@ -581,3 +581,39 @@ def test_answer_broken_before_a_byte_went_out_is_a_502(serve: Served) -> None:
         _, port = serve(servers=[raw_backend.url], retries=0)
         assert get(port, "/x")[0] == 502
         assert servers_json(port)[0]["failures"] == 1
+
+
+@pytest.mark.parametrize("log_format", ["json", "combined", "csv"])
+def test_access_log_and_response_metrics(
+    serve: Served, backend: TestBackend, tmp_path: Any, log_format: str
+) -> None:
+    """Each answered request is one access-log line naming the backend, and counted in
+    softlb_backend_responses_total by status class."""
+    path = tmp_path / "access.log"
+    _, port = serve(servers=[backend.url], access_log=str(path), access_log_format=log_format)
+    assert get(port, "/x", headers={"User-Agent": "probe/1", "Referer": "http://r/"})[0] == 200
+    assert get(port, "/status/503")[0] == 503
+    _, _, metrics = get(port, "/_softlb/metrics")
+    text = metrics.decode()
+    assert f'softlb_backend_responses_total{{backend="{backend.url}",code="2xx"}} 1.0' in text
+    assert f'softlb_backend_responses_total{{backend="{backend.url}",code="5xx"}} 1.0' in text
+    deadline = time.monotonic() + 5
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        lines = [
+            line
+            for line in path.read_text().splitlines()
+            if backend.url.split("//")[1] in line or backend.url in line
+        ]
+        if len(lines) >= 2:
+            break
+        time.sleep(0.05)
+    assert len(lines) == 2, path.read_text()
+    if log_format == "json":
+        entry = json.loads(lines[0])
+        assert (entry["method"], entry["target"], entry["status"]) == ("GET", "/x", 200)
+        assert entry["backend"] == backend.url
+        assert entry["user_agent"] == "probe/1"
+    elif log_format == "combined":
+        assert '"GET /x HTTP/1.1" 200' in lines[0]
+        assert '"probe/1"' in lines[0]

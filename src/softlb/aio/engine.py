@@ -45,7 +45,7 @@ from softlb.aio.upstream import (
     UpstreamPool,
 )
 from softlb.errors import NoBackendAvailable, ProxyError, UpstreamError
-from softlb.events import ACCESS, RETRIED
+from softlb.events import RETRIED
 from softlb.http.headers import HOP_BY_HOP, _origin_form, connection_tokens
 from softlb.http.upstream import SMALL_BODY
 from softlb.retry import failure_kind, may_resend, may_retry
@@ -649,6 +649,10 @@ class Engine:
         if state is not None:
             before = state.on_remove
             state.on_remove = lambda url: forget(url, before)
+        resolver = self.app.resolver
+        if resolver is not None:
+            earlier = resolver.on_remove
+            resolver.on_remove = lambda url: forget(url, earlier)
 
     # -- listening ------------------------------------------------------------------------
 
@@ -1068,21 +1072,26 @@ class Engine:
             request.keep_alive = False
         head = _answer_head(answer, client_chunked=client_chunked, close=close)
         conn.upstream = upstream
+        first_byte = self.pool.clock() - lease.started
         if upstream.complete:  # the usual small answer: head and body leave in one write
             body = upstream.take_body()
+            sent = len(body)
             if client_chunked and body:
                 body = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
             elif client_chunked:
                 body = b"0\r\n\r\n"
             conn.write(head + body)
             self._finish(
-                conn, request, upstream, lease, key=key, target=target, status=status, error=None
-            )
+                conn, request, upstream, lease, key=key, target=target, status=status,
+                error=None, first_byte=first_byte, sent=sent,
+            )  # fmt: skip
             return
         conn.write(head)
         waiter: asyncio.Future[UpstreamError | None] = self.loop.create_future()
+        counted = [0]
 
         def sink(data: bytes) -> None:
+            counted[0] += len(data)
             if client_chunked:
                 conn.write(b"%x\r\n%b\r\n" % (len(data), data))
             else:
@@ -1102,8 +1111,9 @@ class Engine:
         if error is None and client_chunked:
             conn.write(b"0\r\n\r\n")
         self._finish(
-            conn, request, upstream, lease, key=key, target=target, status=status, error=error
-        )
+            conn, request, upstream, lease, key=key, target=target, status=status,
+            error=error, first_byte=first_byte, sent=counted[0],
+        )  # fmt: skip
 
     def _finish(
         self,
@@ -1116,25 +1126,34 @@ class Engine:
         target: bytes,
         status: int,
         error: UpstreamError | None,
+        first_byte: float,
+        sent: int,
     ) -> None:
+        """The answer ended (whole, cut by the backend, or left by the client): release the
+        lease and the backend connection, and count it (metrics, access log, hooks)."""
         conn.upstream = None
+        complete = False
         if error is not None:
             log.warning("answer from %s cut short: %s", lease.backend.url, error)
             lease.release(failure_kind(error))
             request.keep_alive = False
             if conn.transport is not None:
                 conn.transport.abort()  # the head went out: the client must see a cut answer
-            return
-        if conn.closed and not upstream.complete:
+        elif conn.closed and not upstream.complete:
             upstream.abort()
             lease.release()  # the client left: not the backend's failure
-            return
-        upstream.release(reusable=request.complete or request.sink is None)
-        lease.release()
-        proxy = self.proxy
-        if proxy.access_log is not None or self.pool.wants(ACCESS):
-            line = f"{request.method} {target.decode('latin-1')} {status}"
-            proxy._log_access(lease, key, line)
+        else:
+            upstream.release(reusable=request.complete or request.sink is None)
+            lease.release()
+            complete = True
+        logged = self.proxy.access_log is not None  # the only reader of referer and agent
+        self.proxy.answered(
+            lease, key, status=status, first_byte=first_byte, complete=complete,
+            method=request.method, target=target.decode("latin-1"), bytes_sent=sent,
+            client=conn.peer[0], protocol=f"HTTP/{request.version}",
+            referer=_text(request.header(b"referer")) if logged else None,
+            user_agent=_text(request.header(b"user-agent")) if logged else None,
+        )  # fmt: skip
 
     async def _tunnel(
         self,
@@ -1251,6 +1270,10 @@ async def _wait(request: _Request) -> None:
     loop = asyncio.get_running_loop()
     request.waiter = loop.create_future()
     await request.waiter
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
 
 
 def _target(request: _Request) -> bytes | None:
