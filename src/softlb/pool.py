@@ -186,6 +186,7 @@ class Pool:
         #: it at the host's in-flight table. Called under the lock, only for limited backends.
         self.others_in_flight: Callable[[Backend], int] | None = None
         self._queue = WaitQueue()  # requests waiting for a backend below its limit
+        self._waiting = self._queue.tickets  # tested on every lease and release
         for server in servers:
             backend = self._coerce(server)
             if backend.url in self._members:
@@ -360,7 +361,7 @@ class Pool:
         self._ramp_next = ramp_next
         self._eligible = tuple(eligible)
         self.balancer.rebuild(self._eligible, now)
-        if self._queue.tickets:  # room may have appeared, or a waiter's last candidate gone
+        if self._waiting:  # room may have appeared, or a waiter's last candidate gone
             self._serve(now, rebuilt=True)
 
     def refresh(self) -> None:
@@ -368,7 +369,7 @@ class Pool:
         (another process's in-flight counts). Only a strategy that indexes loads needs it;
         the others read loads at pick time (rebuilding a hash ring every 100 ms would not)."""
         if not self.balancer.indexes_load:
-            if self._queue.tickets:  # another process's requests finished: maybe room for a waiter
+            if self._waiting:  # another process's requests finished: maybe room for a waiter
                 with self._lock:
                     self._serve(self.clock())
             return
@@ -404,7 +405,7 @@ class Pool:
             now = self.clock()
             if self._ramp_next is not None and now >= self._ramp_next:
                 self._rebuild(now)
-            if self._queue.tickets:
+            if self._waiting:
                 self._serve(now)  # room goes to the requests that came first
             if prefer is None:
                 backend = self.balancer.pick(key, now)
@@ -490,7 +491,7 @@ class Pool:
         """The lease if a backend has room, else ``None``; the caller holds the lock."""
         if self._ramp_next is not None and now >= self._ramp_next:
             self._rebuild(now)
-        if self._queue.tickets:
+        if self._waiting:
             self._serve(now)  # room goes to the requests that came first
         backend = self._choose(key, now, exclude, prefer)
         if backend is not None:
@@ -632,21 +633,19 @@ class Pool:
         with self._lock:
             now = self.clock()
             backend.active -= 1
-            if not used:
-                pass  # a lease given up before any request went out: nothing to record
-            elif failure is None:
+            if used:  # not a lease given up before its request went out
                 backend.requests += 1
-                backend.consecutive_failures = 0
-                backend.observe_latency(now - lease.started, now)
-            else:
-                backend.requests += 1
-                backend.failures += 1
-                backend.consecutive_failures += 1
+                if failure is None:
+                    backend.consecutive_failures = 0
+                    backend.observe_latency(now - lease.started, now)
+                else:
+                    backend.failures += 1
+                    backend.consecutive_failures += 1
             if backend._pool_id == id(self):  # not if it was removed (and maybe joined another)
                 self.balancer.released(backend)
             if self.count_sink is not None:
                 self.count_sink(backend)
-            if self._queue.tickets:
+            if self._waiting:
                 self._serve(now)
         if failure is not None and self._listeners:
             self._emit(PoolEvent("failure", backend, failure))
@@ -664,6 +663,7 @@ class Pool:
         """
         self._lock = threading.Lock()
         self._queue = WaitQueue()  # the parent's waiters are not this process's
+        self._waiting = self._queue.tickets
         if self._dispatcher is not None:
             self._dispatcher._after_fork()
 
