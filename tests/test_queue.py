@@ -408,3 +408,25 @@ def test_lease_async_raises_no_backend_when_nothing_is_in_rotation() -> None:
             await lease_async(pool, wait=1.0)
 
     asyncio.run(main())
+
+
+def test_set_max_connections_changes_the_limit_and_serves_waiters() -> None:
+    pool = Pool([A])
+    a = pool.set_max_connections(A, 1)
+    held = pool.lease()
+    with pytest.raises(QueueTimeout):
+        pool.lease()
+    with pytest.raises(InvalidBackend, match="max_connections must be an integer >= 1"):
+        pool.set_max_connections(A, 0)
+    assert a.max_connections == 1  # a refused change changes nothing
+    waiter = Waiter(pool)
+    waiter.start()
+    wait_until(lambda: pool.queue_length == 1)
+    pool.set_max_connections(A, 2)  # room for one more: the waiter gets it
+    second = waiter.outcome()
+    assert a.active == 2
+    pool.set_max_connections(a, None)
+    extra = [pool.lease() for _ in range(5)]
+    for lease in [held, second, *extra]:
+        lease.release()
+    assert a.active == 0

@@ -131,7 +131,8 @@ class Backend:
     #: At most this many requests in flight to this backend from this host (``None``: no
     #: limit). A pick skips a backend at its limit; when every eligible backend is at its
     #: limit the request waits in the pool's queue (see :meth:`Pool.lease
-    #: <softlb.pool.Pool.lease>`). Set it before the backend serves traffic.
+    #: <softlb.pool.Pool.lease>`). Give it before the backend joins a pool; change it
+    #: later with :meth:`Pool.set_max_connections <softlb.pool.Pool.set_max_connections>`.
     max_connections: int | None
     #: Weight after slow start; equal to ``weight`` outside a ramp.
     eff_weight: float

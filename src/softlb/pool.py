@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Final
 
 from softlb import events
-from softlb.backend import Backend, normalize_url
+from softlb.backend import Backend, normalize_url, validate_max_connections
 from softlb.balancers.base import Balancer, Candidate, balancer_by_name, candidate
 from softlb.balancers.least import LeastConnections, load_of
 from softlb.errors import BackendExists, InvalidBackend, NoBackendAvailable, UnknownBackend
@@ -187,6 +187,7 @@ class Pool:
         self.others_in_flight: Callable[[Backend], int] | None = None
         self._queue = WaitQueue()  # requests waiting for a backend below its limit
         self._waiting = self._queue.tickets  # tested on every lease and release
+        self._limited = False  # whether a backend in rotation has a max_connections
         for server in servers:
             backend = self._coerce(server)
             if backend.url in self._members:
@@ -298,6 +299,17 @@ class Pool:
         self.publish(events.DRAINED, backend, detail)
         return backend
 
+    def set_max_connections(self, url: str | Backend, limit: int | None) -> Backend:
+        """Set a member's ``max_connections`` (``None``: no limit) and return it; requests
+        waiting in the queue get the room a higher limit makes. Raises
+        :class:`~softlb.errors.InvalidBackend` for a limit that is not an integer >= 1."""
+        limit = validate_max_connections(limit)
+        with self._lock:
+            backend = self.get(url.url if isinstance(url, Backend) else url)
+            backend.max_connections = limit
+            self._rebuild(self.clock())
+        return backend
+
     def set_healthy(
         self, url: str | Backend, healthy: bool, reason: str = "", *, passive: bool = False
     ) -> bool:
@@ -360,6 +372,7 @@ class Pool:
                 eligible.append(backend)
         self._ramp_next = ramp_next
         self._eligible = tuple(eligible)
+        self._limited = any(b.max_connections is not None for b in eligible)
         self.balancer.rebuild(self._eligible, now)
         if self._waiting:  # room may have appeared, or a waiter's last candidate gone
             self._serve(now, rebuilt=True)
@@ -405,16 +418,13 @@ class Pool:
             now = self.clock()
             if self._ramp_next is not None and now >= self._ramp_next:
                 self._rebuild(now)
-            if self._waiting:
-                self._serve(now)  # room goes to the requests that came first
-            if prefer is None:
+            if prefer is None and not self._limited:  # the common case, kept short
                 backend = self.balancer.pick(key, now)
-                if backend is not None and (
-                    (exclude and backend in exclude)
-                    or (backend.max_connections is not None and self._full(backend))
-                ):
-                    backend = self._pick_free(key, now, exclude)
+                if exclude and backend is not None and backend in exclude:
+                    backend = self._pick_excluding(key, now, exclude)
             else:
+                if self._waiting:
+                    self._serve(now)  # room goes to the requests that came first
                 backend = self._choose(key, now, exclude, prefer)
             if backend is not None:
                 backend.active += 1
