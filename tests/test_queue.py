@@ -107,10 +107,11 @@ def test_excluded_and_full_backends_are_all_skipped() -> None:
             pool.lease(exclude=[a, pool.get(B)])
 
 
-def test_others_in_flight_count_against_the_limit() -> None:
+@pytest.mark.parametrize("strategy", ["least_connections", "round_robin"])
+def test_others_in_flight_count_against_the_limit(strategy: str) -> None:
     others = {A: 1}
     a = limited(A, 2)
-    pool = Pool([a])
+    pool = Pool([a], balancer=strategy)  # one indexes loads (refresh rebuilds), one not
     pool.others_in_flight = lambda backend: others[backend.url]
     held = pool.lease()
     assert pool.try_lease() is None  # 1 here + 1 in another worker of the host
@@ -166,6 +167,18 @@ def test_waiters_are_served_in_order_of_arrival() -> None:
         thread.join(5)
     assert order == list(range(6))
     assert pool.queue_length == 0
+
+
+def test_enqueue_with_room_leases_at_once_without_calling_back() -> None:
+    pool = Pool([limited(A, 1)])
+    called: list[Ticket] = []
+    ticket = pool.enqueue(called.append)
+    assert ticket.done and ticket.result().backend.url == A
+    assert called == [] and pool.queue_length == 0 and pool.queue_stats().queued == 0
+    ticket.result().release()
+    pool.drain(A)
+    with pytest.raises(NoBackendAvailable):
+        pool.enqueue(called.append)
 
 
 def test_a_newcomer_does_not_take_the_room_a_waiter_is_owed() -> None:
