@@ -432,20 +432,25 @@ class Pool:
                 if self.count_sink is not None:
                     self.count_sink(backend)
                 return Lease(self, backend, now)
+            members = len(self._members)
+            nothing_eligible = not self._eligible
             if not self._has_candidates(exclude):
-                raise self._unavailable(len(self._members), not self._eligible, bool(exclude))
-            if wait <= 0:
+                ready = None
+            elif wait <= 0:
                 raise queue_timeout(0)
-            ready = threading.Event()
-            ticket = Ticket(
-                self,
-                key,
-                exclude=exclude,
-                prefer=prefer,
-                callback=lambda _: ready.set(),
-                queued_at=now,
-            )
-            self._queue.push(ticket)
+            else:
+                ready = threading.Event()
+                ticket = Ticket(
+                    self,
+                    key,
+                    exclude=exclude,
+                    prefer=prefer,
+                    callback=_setter(ready),
+                    queued_at=now,
+                )
+                self._queue.push(ticket)
+        if ready is None:  # raised here, not under the lock: hooks may hear of it
+            raise self._unavailable(members, nothing_eligible, bool(exclude))
         ready.wait(wait)
         if ticket.cancel(timed_out=True):
             raise queue_timeout(wait)
@@ -874,6 +879,11 @@ def _in_flight_text(count: int) -> str:
     if count == 1:
         return "1 request in flight finishes"
     return f"{count} requests in flight finish"
+
+
+def _setter(event: threading.Event) -> Callable[[Ticket], None]:
+    """A ticket callback that wakes the thread waiting on ``event``."""
+    return lambda _ticket: event.set()
 
 
 def _normalized(url: str) -> str:
