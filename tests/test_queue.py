@@ -443,3 +443,31 @@ def test_set_max_connections_changes_the_limit_and_serves_waiters() -> None:
     for lease in [held, second, *extra]:
         lease.release()
     assert a.active == 0
+
+
+def test_lease_async_waiters_are_served_in_order_of_arrival() -> None:
+    pool = Pool([limited(A, 1)])
+    held = pool.lease()
+    order: list[int] = []
+
+    async def waiter(index: int) -> None:
+        lease = await lease_async(pool, wait=5.0)
+        order.append(index)
+        await asyncio.sleep(0)
+        lease.release()
+
+    async def main() -> None:
+        tasks = []
+        for i in range(5):
+            tasks.append(asyncio.create_task(waiter(i)))
+            for _ in range(100):
+                await asyncio.sleep(0)
+                if pool.queue_length == i + 1:
+                    break
+            assert pool.queue_length == i + 1
+        held.release()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+
+    asyncio.run(main())
+    assert order == list(range(5))
+    assert pool.queue_length == 0 and pool.get(A).active == 0
