@@ -10,7 +10,13 @@ from urllib.parse import urlsplit
 
 from softlb.errors import InvalidBackend
 
-__all__ = ["MAX_URL_LENGTH", "Backend", "normalize_url", "validate_weight"]
+__all__ = [
+    "MAX_URL_LENGTH",
+    "Backend",
+    "normalize_url",
+    "validate_max_connections",
+    "validate_weight",
+]
 
 #: Largest weight accepted. HAProxy caps weights at 256 and nginx leaves them unbounded; a cap
 #: keeps the weighted strategies' tables small and catches typos such as 10000000.
@@ -228,6 +234,15 @@ def validate_weight(weight: object) -> int:
     return weight
 
 
+def validate_max_connections(limit: object) -> int | None:
+    """Return ``limit`` if it is ``None`` (no limit) or an integer of at least 1, else raise."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InvalidBackend(f"max_connections must be an integer >= 1, got {limit!r}")
+    return limit
+
+
 class Backend:
     """One upstream server and its live statistics.
 
@@ -251,6 +266,7 @@ class Backend:
         "eff_weight",
         "failures",
         "healthy",
+        "max_connections",
         "origin",
         "requests",
         "shared_active",
@@ -272,6 +288,12 @@ class Backend:
     healthy: bool
     #: Taken out of rotation by an operator; in-flight requests finish.
     draining: bool
+    #: At most this many requests in flight to this backend from this host (``None``: no
+    #: limit). A pick skips a backend at its limit; when every eligible backend is at its
+    #: limit the request waits in the pool's queue (see :meth:`Pool.lease
+    #: <softlb.pool.Pool.lease>`). Give it before the backend joins a pool; change it
+    #: later with :meth:`Pool.set_max_connections <softlb.pool.Pool.set_max_connections>`.
+    max_connections: int | None
     #: Weight after slow start; equal to ``weight`` outside a ramp.
     eff_weight: float
     #: Requests in flight on this backend from the *other* processes sharing the pool's state
@@ -281,10 +303,18 @@ class Backend:
     #: see :mod:`softlb.discovery`), or ``None`` for a backend configured or added as is.
     origin: str | None
 
-    def __init__(self, url: str, weight: int = 1, *, origin: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        weight: int = 1,
+        *,
+        origin: str | None = None,
+        max_connections: int | None = None,
+    ) -> None:
         self.url = normalize_url(url)
         self.weight = validate_weight(weight)
         self.origin = origin
+        self.max_connections = validate_max_connections(max_connections)
         self.eff_weight = float(self.weight)
         self.active = 0
         self.shared_active = 0
