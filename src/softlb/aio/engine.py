@@ -44,10 +44,11 @@ from softlb.aio.upstream import (
     UpstreamConnection,
     UpstreamPool,
 )
-from softlb.errors import NoBackendAvailable, ProxyError, UpstreamError
+from softlb.errors import NoBackendAvailable, ProxyError, QueueTimeout, UpstreamError
 from softlb.events import RETRIED
 from softlb.http.headers import HOP_BY_HOP, _origin_form, connection_tokens
 from softlb.http.upstream import SMALL_BODY
+from softlb.queueing import lease_async
 from softlb.retry import failure_kind, may_resend, may_retry
 
 if TYPE_CHECKING:
@@ -883,9 +884,20 @@ class Engine:
         tried: list[Any] = []
         error: ProxyError | None = None
         replayable = request.complete
+        sticky = proxy.sticky
+        wanted = None
+        if sticky is not None:
+            cookie = request.header(b"cookie")
+            wanted = sticky.find(pool, cookie.decode("latin-1") if cookie is not None else None)
         while True:
             try:
-                lease = pool.lease(key, exclude=tried)
+                lease = pool.lease(key, exclude=tried, prefer=wanted)
+            except QueueTimeout as exc:  # every eligible backend at its max_connections
+                try:
+                    lease = await self._queue(key, tried, wanted)
+                except NoBackendAvailable as late:
+                    error = error or (late if proxy.queue_timeout > 0 else exc)
+                    break
             except NoBackendAvailable as exc:
                 error = error or exc
                 break
@@ -922,7 +934,12 @@ class Engine:
                                 close=True)  # fmt: skip
                 return
             proxy.stats.observe(time.perf_counter() - request.started)
-            await self._relay(conn, request, upstream, lease, key=key, target=target)
+            cookie_line = b""
+            if sticky is not None and lease.backend is not wanted:
+                cookie_line = b"Set-Cookie: %b\r\n" % sticky.set_cookie(lease.backend).encode()
+            await self._relay(
+                conn, request, upstream, lease, key=key, target=target, extra=cookie_line
+            )
             return
         if request.error is not None:
             conn.send_error(request.error.status, request.error.why, close=True)
@@ -1036,6 +1053,14 @@ class Engine:
         elif conn_resume is not None and not upstream.writing_paused:
             conn_resume()
 
+    async def _queue(self, key: str | None, tried: list[Any], wanted: Any) -> Lease:
+        """Wait in the pool's queue (arrival order) for a backend below its
+        ``max_connections``, up to ``timeouts.queue``, without blocking the loop."""
+        wait = self.proxy.queue_timeout
+        if wait <= 0:
+            raise QueueTimeout("every backend is at its max_connections")
+        return await lease_async(self.pool, key, exclude=tried, prefer=wanted, wait=wait)
+
     async def _relay(
         self,
         conn: ClientConnection,
@@ -1045,6 +1070,7 @@ class Engine:
         *,
         key: str | None,
         target: bytes,
+        extra: bytes = b"",
     ) -> None:
         """Write the answer's head, then its body as it arrives; release lease and connection."""
         assert upstream.head is not None
@@ -1070,7 +1096,7 @@ class Engine:
             close = True  # the connection stayed in the upgrade request's state
         if close:
             request.keep_alive = False
-        head = _answer_head(answer, client_chunked=client_chunked, close=close)
+        head = _answer_head(answer, client_chunked=client_chunked, close=close, extra=extra)
         conn.upstream = upstream
         first_byte = self.pool.clock() - lease.started
         if upstream.complete:  # the usual small answer: head and body leave in one write
@@ -1285,7 +1311,9 @@ def _target(request: _Request) -> bytes | None:
     return None if text is None else text.encode("latin-1")
 
 
-def _answer_head(answer: UpstreamAnswer, *, client_chunked: bool, close: bool) -> bytes:
+def _answer_head(
+    answer: UpstreamAnswer, *, client_chunked: bool, close: bool, extra: bytes = b""
+) -> bytes:
     """The answer's head for the client: hop-by-hop fields (and those its Connection names)
     dropped, framing re-made for this hop."""
     skip = _HOP
@@ -1297,6 +1325,8 @@ def _answer_head(answer: UpstreamAnswer, *, client_chunked: bool, close: bool) -
         if name.lower() in skip:
             continue
         out += (name, b": ", value, b"\r\n")
+    if extra:
+        out.append(extra)
     if client_chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
     if close:
