@@ -17,7 +17,7 @@ worker's VmRSS every 20 ms and its VmHWM before and after:
     One client reads a 200 MiB answer at ~640 KiB/s for 10 s (then hangs up).
 ``slowupload``
     One client uploads as fast as it can for 10 s to a backend that swallows ~640 KiB/s
-    (a small Python server started by this script, ``--slow-sink``).
+    (``peers/sink.py``, which reads every body to its end before it answers).
 ``gib``
     ``run.py``'s memory step: 1 GiB down and 1 GiB up with curl.
 
@@ -426,7 +426,7 @@ def step_slowupload(setup: Setup) -> dict[str, Any]:
     sink_port = run.free_port()
     sink = run.Proc(
         f"slow-sink-{sink_port}",
-        [sys.executable, str(Path(__file__).resolve()), "--slow-sink", str(sink_port)],
+        [sys.executable, str(run.PEERS_DIR / "sink.py"), str(sink_port), str(SLOW_RATE)],
         ctx.tmp,
     )
     try:
@@ -473,52 +473,6 @@ def step_gib(setup: Setup) -> dict[str, Any]:
     for step in out.values():
         step["ok"] = step["ok"] and step["growth_kib"] < 20 * 1024
     return out
-
-
-# --------------------------------------------------------------------------- slow sink
-
-
-def slow_sink(port: int) -> None:
-    """A backend that answers GETs at once and swallows request bodies at ``SLOW_RATE``.
-
-    One thread per connection; a body is read for at most 15 s, then answered and closed.
-    """
-    import socketserver
-
-    OK = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
-
-    class Handler(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            sock: socket.socket = self.request
-            sock.settimeout(20)
-            data = b""
-            while b"\r\n\r\n" not in data and len(data) < 65536:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    return
-                data += chunk
-            if data.startswith(b"GET"):
-                sock.sendall(OK)
-                return
-            started = time.monotonic()
-            with contextlib.suppress(OSError):
-                while time.monotonic() - started < 15:
-                    tick = time.monotonic()
-                    if not sock.recv(SLOW_RATE // 10):
-                        break
-                    time.sleep(max(0.1 - (time.monotonic() - tick), 0))
-                sock.sendall(OK)
-
-    class Server(socketserver.ThreadingTCPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-
-        def server_bind(self) -> None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-            super().server_bind()
-
-    with Server(("127.0.0.1", port), Handler) as server:
-        server.serve_forever()
 
 
 # --------------------------------------------------------------------------- report
@@ -655,7 +609,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="virtualenv with softlb installed (default: the one running this script)",
     )
     parser.add_argument("--no-save", action="store_true", help="print only, save nothing")
-    parser.add_argument("--slow-sink", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.idle < 1:
         parser.error("--idle must be at least 1")
@@ -664,9 +617,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.slow_sink is not None:
-        slow_sink(args.slow_sink)
-        return 0
     signal_stop()
     steps = args.only or list(STEPS)
     if not (args.venv / "bin" / "softlb").exists():

@@ -316,6 +316,8 @@ class Context:
     retry_noisy: float = 100.0
     retries_left: int = 0
     body: str = "small"  # what profile_serve.py loads
+    #: The servers softlb rows are given; None: the two nginx backends.
+    softlb_servers: list[str] | None = None
 
     @property
     def backend_urls(self) -> list[str]:
@@ -483,7 +485,7 @@ def softlb_config(
     body = {
         "listen": f"127.0.0.1:{port}",
         "algorithm": algorithm,
-        "servers": ctx.backend_urls if servers is None else servers,
+        "servers": servers or ctx.softlb_servers or ctx.backend_urls,
         "health_check": {"path": "/small"},
         **extra,
     }
@@ -731,64 +733,78 @@ def memory_step(ctx: Context, target_name: str = REFERENCE) -> dict[str, Any]:
     """Stream 1 GiB down and then up through ``softlb serve`` (1 worker); watch its RSS.
 
     ``target_name``: which softlb row's command (default: the event loop, least_connections).
+    The download comes from the nginx backends; the upload goes through a softlb of its own to
+    ``peers/sink.py``, which reads the whole body before it answers (nginx's ``return 200``
+    answers at once, and an early answer ends the upload).
     """
     out: dict[str, Any] = {}
     target = next(t for t in TARGETS if t.name == target_name)
     huge = ctx.tmp / "www" / "huge"
-    with running(target, ctx) as (base, master):
-        workers = children(master)
-        if len(workers) != 1:
-            raise RuntimeError(f"expected one softlb worker, found {workers}")
-        worker = workers[0]
-        for path in ("/small", "/big") * 20:  # warm: imports, pools, buffers
-            with urllib.request.urlopen(base + path, timeout=10) as resp:
-                resp.read()
-        for name, argv in (
-            ("download", ["curl", "-sS", "-o", "/dev/null", f"{base}/huge"]),
-            (
-                "upload",
-                [
-                    *("curl", "-sS", "-o", "/dev/null", "-H", "Expect:", "-X", "POST"),
-                    *("-T", str(huge), f"{base}/sink"),
-                ],
-            ),
-        ):
-            curl = ["taskset", "-c", str(LOAD_CPU), *argv]
-            curl += ["-w", "%{http_code} %{size_download} %{size_upload}"]
-            before = memory_kib(worker)
-            peak = [before["VmRSS"]]
-            stop = threading.Event()
-
-            def sample(peak: list[int] = peak, stop: threading.Event = stop) -> None:
-                while not stop.wait(0.02):
-                    with contextlib.suppress(OSError):
-                        peak[0] = max(peak[0], memory_kib(worker)["VmRSS"])
-
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            started = time.perf_counter()
-            done = subprocess.run(curl, capture_output=True, text=True, timeout=300, check=False)
-            elapsed = time.perf_counter() - started
-            stop.set()
-            sampler.join()
-            after = memory_kib(worker)
-            status, down, up = [*done.stdout.split(), "?", "0", "0"][:3]
-            moved = int(float(down)) if name == "download" else int(float(up))
-            growth = max(peak[0] - before["VmRSS"], after["VmHWM"] - before["VmHWM"])
-            out[name] = {
-                "status": status,
-                "bytes": moved,
-                "seconds": elapsed,
-                "rss_before_kib": before["VmRSS"],
-                "hwm_before_kib": before["VmHWM"],
-                "rss_peak_kib": peak[0],
-                "rss_after_kib": after["VmRSS"],
-                "hwm_after_kib": after["VmHWM"],
-                "growth_kib": growth,
-                "ok": done.returncode == 0 and status == "200" and moved == HUGE_SIZE,
-                "error": done.stderr.strip()[-300:],
-            }
+    sink_port = free_port()
+    sink = Proc(
+        f"sink-{sink_port}", [sys.executable, str(PEERS_DIR / "sink.py"), str(sink_port)], ctx.tmp
+    )
+    try:
+        wait_ready(sink, f"http://127.0.0.1:{sink_port}/small")
+        for name, servers in (("download", None), ("upload", [f"http://127.0.0.1:{sink_port}"])):
+            ctx.softlb_servers = servers
+            with running(target, ctx) as (base, master):
+                out[name] = _stream_gib(name, base, master, huge)
+    finally:
+        ctx.softlb_servers = None
+        sink.stop()
     return out
+
+
+def _stream_gib(name: str, base: str, master: int, huge: Path) -> dict[str, Any]:
+    """One 1 GiB transfer with curl through the softlb at ``base``, its worker's RSS watched."""
+    workers = children(master)
+    if len(workers) != 1:
+        raise RuntimeError(f"expected one softlb worker, found {workers}")
+    worker = workers[0]
+    for path in ("/small", "/big" if name == "download" else "/small") * 20:  # warm
+        with urllib.request.urlopen(base + path, timeout=10) as resp:
+            resp.read()
+    if name == "download":
+        argv = ["curl", "-sS", "-o", "/dev/null", f"{base}/huge"]
+    else:
+        argv = ["curl", "-sS", "-o", "/dev/null", "-H", "Expect:", "-X", "POST"]
+        argv += ["-T", str(huge), f"{base}/sink"]
+    curl = ["taskset", "-c", str(LOAD_CPU), *argv]
+    curl += ["-w", "%{http_code} %{size_download} %{size_upload}"]
+    before = memory_kib(worker)
+    peak = [before["VmRSS"]]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.02):
+            with contextlib.suppress(OSError):
+                peak[0] = max(peak[0], memory_kib(worker)["VmRSS"])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    done = subprocess.run(curl, capture_output=True, text=True, timeout=300, check=False)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    after = memory_kib(worker)
+    status, down, up = [*done.stdout.split(), "?", "0", "0"][:3]
+    moved = int(float(down)) if name == "download" else int(float(up))
+    growth = max(peak[0] - before["VmRSS"], after["VmHWM"] - before["VmHWM"])
+    return {
+        "status": status,
+        "bytes": moved,
+        "seconds": elapsed,
+        "rss_before_kib": before["VmRSS"],
+        "hwm_before_kib": before["VmHWM"],
+        "rss_peak_kib": peak[0],
+        "rss_after_kib": after["VmRSS"],
+        "hwm_after_kib": after["VmHWM"],
+        "growth_kib": growth,
+        "ok": done.returncode == 0 and status == "200" and moved == HUGE_SIZE,
+        "error": done.stderr.strip()[-300:] or ("" if moved == HUGE_SIZE else f"{moved:,} bytes"),
+    }
 
 
 # --------------------------------------------------------------------------- versions
