@@ -582,8 +582,8 @@ def test_thread_count_is_bounded(clock: FakeClock) -> None:
 
 @pytest.fixture
 def http_probe_class() -> Any:
-    """softlb.probe.HttpProbe (imported here so only these tests need urllib3)."""
-    from softlb.probe import HttpProbe
+    """softlb.http.probe.HttpProbe (imported here so only these tests need urllib3)."""
+    from softlb.http.probe import HttpProbe
 
     return HttpProbe
 

@@ -297,7 +297,7 @@ class HealthChecker:
 
     def _default_probe(self) -> Probe:
         if self._probe is None:
-            from softlb.probe import HttpProbe
+            from softlb.http.probe import HttpProbe  # urllib3 only when probing for real
 
             self._probe = HttpProbe(
                 path=self.path,
