@@ -253,8 +253,8 @@ def warn_if_serial(environ: Mapping[str, Any], logger: logging.Logger | None = N
     ``wsgi.multithread`` false, which gunicorn sets when ``--threads`` is 1 — its default
     ``sync`` worker, and ``gthread`` with one thread — unless the worker is concurrent without
     threads (gevent, eventlet; softlb's event loop says ``wsgi.multithread``). A proxy spends
-    its time waiting for backends, so there one slow backend holds up every other request of that worker, the
-    admin API and the status page included. Other WSGI servers are not judged.
+    its time waiting for backends, so there one slow backend holds up every other request of
+    that worker, the admin API and the status page included. Other WSGI servers are not judged.
     """
     global _serial_checked
     if _serial_checked:
