@@ -1101,6 +1101,8 @@ class Engine:
             close = True  # the connection stayed in the upgrade request's state
         if close:
             request.keep_alive = False
+        elif request.version == "1.0":
+            extra += b"Connection: keep-alive\r\n"  # an HTTP/1.0 client closes without it
         head = _answer_head(answer, client_chunked=client_chunked, close=close, extra=extra)
         conn.upstream = upstream
         first_byte = self.pool.clock() - lease.started
