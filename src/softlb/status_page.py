@@ -347,7 +347,7 @@ table {
   width: 100%; border-collapse: collapse; background: var(--panel);
   border: 1px solid var(--line); border-radius: 8px; overflow: hidden;
 }
-th, td { padding: 9px 14px; text-align: left; border-bottom: 1px solid var(--line); }
+th, td { padding: 8px 10px; text-align: left; border-bottom: 1px solid var(--line); }
 th {
   font-size: 12px; color: var(--muted); text-transform: uppercase; letter-spacing: .04em;
   font-weight: 600;
@@ -355,8 +355,9 @@ th {
 tr:last-child td { border-bottom: 0; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.url {
-  font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; word-break: break-all;
+  font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; white-space: nowrap;
 }
+td.num { white-space: nowrap; }
 td.empty { color: var(--muted); text-align: center; padding: 24px; }
 .pill {
   display: inline-block; min-width: 72px; text-align: center; padding: 1px 10px;
@@ -373,7 +374,7 @@ footer { margin-top: 16px; color: var(--muted); font-size: 13px; }
 footer a { color: var(--accent); }
 .banner { margin: 0 0 16px; padding: 10px 14px; border-radius: 6px;
   background: var(--down-bg); color: var(--down); border: 1px solid var(--down); }
-td .sub { display: block; font-size: 11px; color: var(--muted); }
+td .sub { display: block; font-size: 11px; color: var(--muted); white-space: nowrap; }
 td.health { font-size: 12px; max-width: 260px; }
 td.health .check, td.health .down { display: block; }
 td.health .down { color: var(--down); font-weight: 600; }
