@@ -5,8 +5,8 @@ Run it from a checkout (``python benchmarks/status_screenshot.py [--out PATH]``)
 Debian's ``chromium`` and takes about ten seconds. Everything runs on 127.0.0.1: three small
 stdlib backends (answers of 5 to 60 ms, a few 404s and 500s), a fourth address where nothing
 listens, a real :class:`~softlb.wsgi.Application` (health checks every second, the two
-backends in rotation limited to 4 connections each so that requests queue) served by werkzeug, and a few client
-threads that keep it busy while the browser polls the page.
+backends in rotation limited to 4 connections each so that requests queue) served by
+werkzeug, and a few client threads that keep it busy while the browser polls the page.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main() -> int:
             threading.Thread(target=load, args=(base, stop), daemon=True).start()
         time.sleep(4)  # some traffic, and the dead one found down
         with tempfile.TemporaryDirectory(prefix="softlb-chromium-") as profile:
-            subprocess.run(  # noqa: S603 (our own arguments)
+            subprocess.run(
                 [
                     binary,
                     *FLAGS,

@@ -13,8 +13,8 @@ from werkzeug.test import Client
 import softlb
 from softlb.admin import AdminApi
 from softlb.backend import Backend
-from softlb.health import HealthChecker
 from softlb.errors import QueueTimeout
+from softlb.health import HealthChecker
 from softlb.metrics import (
     CONTENT_TYPE,
     Metrics,

@@ -210,7 +210,8 @@ def test_controls_patch_as_the_page_sends_it(served: Served) -> None:
         served, "PATCH", "/_softlb/servers", {"url": url, "draining": False}, page_headers
     )
     assert (code, entry["draining"]) == (200, False)
-    code, entry = request(served, "PATCH", "/_softlb/servers", {"url": url, "weight": 7}, page_headers)
+    body = {"url": url, "weight": 7}
+    code, entry = request(served, "PATCH", "/_softlb/servers", body, page_headers)
     assert (code, entry["weight"]) == (200, 7)
     code, entry = request(
         served, "PATCH", "/_softlb/servers", {"url": url, "weight": 0}, page_headers
@@ -238,7 +239,7 @@ def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
         if os.environ.get("CI") == "1":
-            pytest.fail("chromium is not installed, and CI=1 requires it (apt-get install chromium)")
+            pytest.fail("chromium is not installed and CI=1 requires it (apt-get install chromium)")
         pytest.skip("chromium is not installed (apt-get install chromium); the page is untested")
     return found
 
@@ -246,7 +247,7 @@ def chromium() -> str:
 def run_chromium(binary: str, *args: str) -> str:
     """Run headless chromium with a fresh profile; return what it printed on stdout."""
     with tempfile.TemporaryDirectory(prefix="softlb-chromium-") as profile:
-        done = subprocess.run(  # noqa: S603 (our own arguments)
+        done = subprocess.run(
             [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
             capture_output=True,
             timeout=30,
@@ -263,7 +264,8 @@ def test_page_in_chromium(served: Served) -> None:
     binary = chromium()
     started = time.monotonic()
     # Virtual time runs the page's timers and waits for its fetch() calls: two polls.
-    dom = run_chromium(binary, "--virtual-time-budget=2500", "--dump-dom", served.base + "/_softlb/")
+    page = served.base + "/_softlb/"
+    dom = run_chromium(binary, "--virtual-time-budget=2500", "--dump-dom", page)
     assert time.monotonic() - started < 20
     # Set only by the script, after a successful poll (the server sends "snapshot").
     assert '<span id="live" class="live ok">live, every 2 s</span>' in dom

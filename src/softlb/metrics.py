@@ -245,7 +245,6 @@ class SoftLBCollector:
                 transitions.add_metric([url, state], mine.transitions.get(state, 0))
         yield from (responses, seconds, checks, transitions)
 
-
     def _queue_families(self) -> Iterator[Metric]:
         """The pool's queue (requests waiting for a backend below its max_connections)."""
         queue = self.pool.queue_stats()

@@ -84,7 +84,7 @@ def _clock(epoch: float) -> str:
 
 
 def _check_text(health: Mapping[str, Any] | None, now: float) -> str:
-    """"pass 3s ago (HTTP 200)", or "" before the first probe / without health checks."""
+    """ "pass 3s ago (HTTP 200)", or "" before the first probe / without health checks."""
     if not health or not isinstance(health.get("checked_at"), (int, float)):
         return ""
     result = "pass" if health.get("check_ok") else "fail"
@@ -94,7 +94,7 @@ def _check_text(health: Mapping[str, Any] | None, now: float) -> str:
 
 
 def _down_text(server: Mapping[str, Any], now: float, skipped: Mapping[str, str]) -> str:
-    """"down since 19:04:03 UTC (1m 5s): HTTP 500" for a backend out of rotation, else ""."""
+    """ "down since 19:04:03 UTC (1m 5s): HTTP 500" for a backend out of rotation, else ""."""
     if server_state(server) != "down":
         return ""
     health = server.get("health") or {}
