@@ -8,8 +8,11 @@ installs chromium, so a skip there would hide a page whose script no longer runs
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import select
 import shutil
 import subprocess
 import tempfile
@@ -274,7 +277,166 @@ def test_page_in_chromium(served: Served) -> None:
     assert f": {down['health']['down_reason']}" in dom
     assert '<span class="pill draining">draining</span>' in dom
     assert ">Undrain</button>" in dom and ">Drain</button>" in dom
+    # The rows are the script's: after two polls it shows rates ("0.0"), the server "–".
+    assert '<td class="num">0.0</td>' in dom
     assert "p50 " in dom
+
+
+class Browser:
+    """Headless chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``:
+    JSON messages ending in a NUL byte, read by chromium on fd 3 and written on fd 4), so that a
+    test can click the page's buttons. Every call waits at most :data:`DEADLINE` seconds."""
+
+    def __init__(self, binary: str) -> None:
+        self._profile = tempfile.TemporaryDirectory(prefix="softlb-chromium-")
+        theirs_in, self._out = os.pipe()
+        self._in, theirs_out = os.pipe()
+        # Above fd 4, so that putting one end on 3 cannot overwrite the other.
+        for fd in (theirs_in, theirs_out):
+            high = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+            os.close(fd)
+            if fd == theirs_in:
+                theirs_in = high
+            else:
+                theirs_out = high
+        # bash puts the two pipe ends on fds 3 and 4, where chromium looks for them.
+        script = f'exec "$0" "$@" 3<&{theirs_in} 4>&{theirs_out}'
+        self._proc = subprocess.Popen(
+            [
+                "/bin/bash",
+                "-c",
+                script,
+                binary,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={self._profile.name}",
+                "--remote-debugging-pipe",
+                "about:blank",
+            ],
+            pass_fds=(theirs_in, theirs_out),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(theirs_in)
+        os.close(theirs_out)
+        self._buffer = b""
+        self._id = 0
+        self._session: str | None = None
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        """Send one command (to the page once :meth:`open` attached one) and return its result."""
+        self._id += 1
+        message: dict[str, Any] = {"id": self._id, "method": method, "params": params}
+        if self._session is not None and not method.startswith(("Target.", "Browser.")):
+            message["sessionId"] = self._session
+        os.write(self._out, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            while b"\0" in self._buffer:
+                raw, _, self._buffer = self._buffer.partition(b"\0")
+                reply = json.loads(raw)
+                if reply.get("id") == self._id:  # events and other answers are skipped
+                    assert "error" not in reply, f"{method}: {reply['error']}"
+                    return dict(reply["result"])
+            left = deadline - time.monotonic()
+            assert left > 0, f"chromium did not answer {method} in {DEADLINE}s"
+            if select.select([self._in], [], [], left)[0]:
+                chunk = os.read(self._in, 1 << 16)
+                assert chunk, "chromium closed its DevTools pipe"
+                self._buffer += chunk
+
+    def open(self, url: str) -> None:
+        """Open ``url`` in a new tab and direct later commands to it."""
+        target = self.call("Target.createTarget", url=url)["targetId"]
+        self._session = self.call("Target.attachToTarget", targetId=target, flatten=True)[
+            "sessionId"
+        ]
+
+    def js(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page."""
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)[
+            "result"
+        ].get("value")
+
+    def wait_for(self, expression: str) -> Any:
+        """Evaluate ``expression`` until it is truthy (bounded by :data:`DEADLINE`)."""
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            value = self.js(expression)
+            if value:
+                return value
+            assert time.monotonic() < deadline, f"never true in the page: {expression}"
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        """Close the browser and wait for it."""
+        with contextlib.suppress(AssertionError, OSError):
+            self.call("Browser.close")
+        try:
+            self._proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        os.close(self._out)
+        os.close(self._in)
+        self._profile.cleanup()
+
+
+def wait_for(condition: Any, what: str) -> None:
+    """Call ``condition()`` until it is true (bounded by :data:`DEADLINE`)."""
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.02)
+
+
+def test_page_controls_in_chromium(backend: TestBackend) -> None:
+    """A person's clicks: logged in with Basic auth (the admin token as password, typed in the
+    address), the page polls, Drain drains, Undrain undrains, Set changes the weight, and a
+    weight out of range is refused on the page without a request."""
+    binary = chromium()
+    token = "page-t0ken"
+    app = Application(
+        parse_config(
+            {
+                "servers": [backend.url],
+                "health_check": {"enabled": False},
+                "admin": {"token": token},
+            }
+        )
+    )
+    server: BaseWSGIServer = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    browser = Browser(binary)
+    member = app.pool.backends[0]
+    drain = f"document.querySelector(\"button[data-action=drain][data-url='{backend.url}']\")"
+    note = 'document.getElementById("action")'
+    try:
+        browser.open(f"http://admin:{token}@127.0.0.1:{server.server_port}/_softlb/")
+        browser.wait_for('document.getElementById("live").className === "live ok"')
+
+        browser.js(f"{drain}.click()")
+        wait_for(lambda: member.draining, "drained by the button")
+        browser.wait_for(f'{drain}.textContent === "Undrain"')
+        assert browser.js(f"{note}.textContent") == f"{backend.url}: draining, weight 1"
+        browser.js(f"{drain}.click()")
+        wait_for(lambda: not member.draining, "undrained by the button")
+
+        weight = 'document.querySelector("input.weight")'
+        browser.js(f'{weight}.value = "5"; {weight}.nextSibling.click()')
+        wait_for(lambda: member.weight == 5, "weight set by the field")
+        browser.wait_for(f'{note}.textContent.endsWith("weight 5")')
+        browser.js(f'{weight}.value = "0"; {weight}.nextSibling.click()')
+        assert browser.js(f"{note}.className") == "error"
+        assert "from 1 to 10000" in browser.js(f"{note}.textContent")
+        assert member.weight == 5
+    finally:
+        browser.close()
+        server.shutdown()
+        thread.join(DEADLINE)
+        server.server_close()
+        app.stop()
 
 
 # --------------------------------------------------------------------------- the parts

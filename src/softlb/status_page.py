@@ -463,6 +463,11 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
   var POLL_MS = {{poll_ms}};
   var previous = null;
   var live = document.getElementById("live");
+  // Absolute URLs without the user:password a person may have typed in the address bar:
+  // fetch() refuses a URL resolved against one. The browser still sends the credentials the
+  // page was loaded with (its Basic auth cache covers this path).
+  var here = location.origin + location.pathname;
+  function api(name) { return new URL(name, here).href; }
 
   function num(n) { return typeof n === "number" ? n.toLocaleString("en-US") : "–"; }
   function rate(r) {
@@ -649,7 +654,7 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
   }
 
   function refresh() {
-    return fetch("status", {cache: "no-store", credentials: "same-origin"})
+    return fetch(api("status"), {cache: "no-store", credentials: "same-origin"})
       .then(function (resp) {
         if (!resp.ok) { throw new Error("HTTP " + resp.status); }
         return resp.json();
@@ -673,7 +678,7 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
   function patch(change, done) {
     note.className = "muted";
     note.textContent = "sending…";
-    fetch("servers", {
+    fetch(api("servers"), {
       method: "PATCH",
       cache: "no-store",
       credentials: "same-origin",
