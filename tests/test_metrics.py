@@ -13,8 +13,15 @@ from werkzeug.test import Client
 import softlb
 from softlb.admin import AdminApi
 from softlb.backend import Backend
+from softlb.errors import QueueTimeout
 from softlb.health import HealthChecker
-from softlb.metrics import CONTENT_TYPE, Metrics, cumulative_buckets, render_metrics
+from softlb.metrics import (
+    CONTENT_TYPE,
+    Metrics,
+    cumulative_buckets,
+    histogram_quantile,
+    render_metrics,
+)
 from softlb.pool import Pool
 from softlb.stats import DURATION_BUCKETS, ProxyStats
 from tests.helpers.servers import TestBackend
@@ -43,6 +50,11 @@ EXTRA_TYPES = {
     "softlb_backend_response_seconds": "histogram",
     "softlb_health_checks_total": "counter",
     "softlb_backend_transitions_total": "counter",
+    "softlb_queue_length": "gauge",
+    "softlb_queue_oldest_wait_seconds": "gauge",
+    "softlb_queue_requests_total": "counter",
+    "softlb_queue_timeouts_total": "counter",
+    "softlb_queue_wait_seconds_total": "counter",
 }
 
 
@@ -482,3 +494,58 @@ def test_response_counting_is_cheap_and_thread_safe() -> None:
     elapsed = time.perf_counter() - started
     assert stats.backend_snapshot()[A].responses[1] == 10_000
     assert elapsed < 2.0
+
+
+# --------------------------------------------------------------------------- the queue
+
+
+def test_queue_series_follow_the_pool_queue() -> None:
+    """softlb_queue_*: one request waiting now, one that timed out, and the time they waited."""
+    now = [100.0]
+    pool = Pool([Backend(A, max_connections=1)], clock=lambda: now[0])
+    text = text_of(pool)
+    assert value(text, "softlb_queue_length") == 0
+    assert value(text, "softlb_queue_requests_total") == 0
+    with pool.lease():  # the only slot is taken: the next requests queue
+        with pytest.raises(QueueTimeout):
+            pool.lease(wait=0.01)  # waits (real time) and gives up
+        tickets = []
+        pool.enqueue(tickets.append)
+        now[0] += 2.5
+        text = text_of(pool)
+        assert value(text, "softlb_queue_length") == 1
+        assert value(text, "softlb_queue_oldest_wait_seconds") == pytest.approx(2.5)
+        assert value(text, "softlb_queue_requests_total") == 2
+        assert value(text, "softlb_queue_timeouts_total") == 1
+    # Leaving the block hands the backend to the waiting ticket, which left the queue.
+    assert len(tickets) == 1
+    tickets[0].result().release()
+    text = text_of(pool)
+    assert value(text, "softlb_queue_length") == 0
+    assert value(text, "softlb_queue_oldest_wait_seconds") == 0
+    assert value(text, "softlb_queue_wait_seconds_total") >= 2.5
+
+
+# --------------------------------------------------------------------------- quantiles
+
+
+def test_histogram_quantile_interpolates_in_its_bucket() -> None:
+    """The median of 10 answers in (0.05, 0.075] and 10 in (0.1, 0.25] is the top of the first
+    bucket; a quantile inside a bucket is linear in it, as Prometheus' histogram_quantile."""
+    counts = [0] * (len(DURATION_BUCKETS) + 1)
+    counts[DURATION_BUCKETS.index(0.075)] = 10
+    counts[DURATION_BUCKETS.index(0.25)] = 10
+    assert histogram_quantile(0.5, counts) == pytest.approx(0.075)
+    assert histogram_quantile(0.25, counts) == pytest.approx(0.0625)
+    assert histogram_quantile(0.75, counts) == pytest.approx(0.175)
+
+
+def test_histogram_quantile_edges() -> None:
+    """Empty: None; above every bound: the highest bound; bad input: ValueError."""
+    empty = [0] * (len(DURATION_BUCKETS) + 1)
+    assert histogram_quantile(0.5, empty) is None
+    assert histogram_quantile(0.5, [*empty[:-1], 3]) == DURATION_BUCKETS[-1]
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        histogram_quantile(1.0, empty)
+    with pytest.raises(ValueError, match="bucket counts"):
+        histogram_quantile(0.5, [1, 2])

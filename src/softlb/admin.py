@@ -65,10 +65,10 @@ from softlb import __version__
 from softlb.backend import normalize_url, validate_weight
 from softlb.errors import BackendExists, InvalidBackend, UnknownBackend
 from softlb.http.headers import is_chunked_request
-from softlb.metrics import Metrics
+from softlb.metrics import Metrics, histogram_quantile
 from softlb.pool import Pool
 from softlb.state.base import StoreUnavailable
-from softlb.stats import ProxyStats
+from softlb.stats import STATUS_CLASSES, BackendFigures, ProxyStats
 from softlb.status_page import render_status_page
 
 if TYPE_CHECKING:
@@ -703,9 +703,42 @@ class AdminApi:
                 "errors": {str(status): count for status, count in sorted(errors.items())},
             },
             "state": self._state_status(),
-            "servers": self.figures(),
+            "time": round(time.time(), 3),  # the page shows ages relative to this clock
+            "queue": self.pool.queue_stats().as_dict(),
+            "servers": self._status_servers(),
             "explain": self.pool.explain(limit=STATUS_CANDIDATES).as_dict(),
         }
+
+    def _status_servers(self) -> list[dict[str, object]]:
+        """:meth:`figures` with what the status page shows besides: the latency (peak-EWMA,
+        and the median times to first and last byte from this worker's histograms), the
+        answers by status class, and the health checker's last probe and "down since"."""
+        members = {b.url: b for b in self.pool.backends}
+        answers = self.stats.backend_snapshot()
+        checker = self.checker
+        out: list[dict[str, object]] = []
+        for figure in self.figures():
+            entry = dict(figure)
+            url = str(entry.get("url", ""))
+            backend = members.get(url)
+            mine = answers.get(url) or BackendFigures()
+            latency = backend.latency if backend is not None else None
+            entry["latency_seconds"] = None if latency is None else round(latency, 6)
+            p50 = histogram_quantile(0.5, mine.first_byte)
+            entry["first_byte_p50"] = None if p50 is None else round(p50, 6)
+            p50 = histogram_quantile(0.5, mine.last_byte)
+            entry["last_byte_p50"] = None if p50 is None else round(p50, 6)
+            entry["responses"] = {
+                kind: count
+                for kind, count in zip(STATUS_CLASSES, mine.responses, strict=True)
+                if count or kind != "1xx"
+            }
+            report = (
+                checker.report(backend) if checker is not None and backend is not None else None
+            )
+            entry["health"] = report.as_dict() if report is not None else None
+            out.append(entry)
+        return out
 
     def _state_status(self) -> dict[str, object]:
         state = self.state

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
@@ -30,6 +31,7 @@ from softlb.retry import failure_reason
 
 __all__ = [
     "DEFAULT_JITTER",
+    "BackendReport",
     "HealthChecker",
     "HealthState",
     "Probe",
@@ -47,6 +49,35 @@ DEFAULT_JITTER: Final = 0.1
 #: Default number of probe worker threads. Probes are I/O-bound and mostly answer in
 #: milliseconds; 8 workers probe 1,000 backends every 5 s even when a tenth time out at 2 s.
 DEFAULT_WORKERS: Final = 8
+
+
+@dataclass(frozen=True)
+class BackendReport:
+    """What an operator wants to know about one backend's health, for the status page.
+
+    ``checked_at`` (wall-clock seconds since the epoch, ``None`` before the first probe here),
+    ``check_ok`` and ``check_detail`` describe the last active probe this process ran.
+    ``down_since`` (epoch seconds) and ``down_reason`` say when and why the backend last left
+    rotation for health (a probe's detail, a passive ejection's or another process's
+    verdict); both ``None`` while it is in rotation or when it went down before this checker
+    watched it.
+    """
+
+    checked_at: float | None = None
+    check_ok: bool | None = None
+    check_detail: str = ""
+    down_since: float | None = None
+    down_reason: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        """The figures as a JSON-ready mapping."""
+        return {
+            "checked_at": None if self.checked_at is None else round(self.checked_at, 3),
+            "check_ok": self.check_ok,
+            "check_detail": self.check_detail,
+            "down_since": None if self.down_since is None else round(self.down_since, 3),
+            "down_reason": self.down_reason,
+        }
 
 
 class HealthState:
@@ -195,6 +226,11 @@ class HealthChecker:
         self._wake = threading.Condition(self._lock)
         self._stopping = False
         self._unsubscribe: Callable[[], None] | None = None
+        #: Wall clock for :meth:`report` (seconds since the epoch; people read these times).
+        self.wall_clock: Callable[[], float] = time.time
+        # by backend, for report(): (when, ok, detail) of the last probe; (since, why) down.
+        self._last_check: dict[Backend, tuple[float, bool, str]] = {}
+        self._down: dict[Backend, tuple[float, str]] = {}
         self._watch()
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -232,6 +268,8 @@ class HealthChecker:
         elif event.kind == "removed":
             with self._lock:
                 self._states.pop(event.backend, None)
+                self._last_check.pop(event.backend, None)
+                self._down.pop(event.backend, None)
                 # Drop its schedule entry too, or re-adding the same Backend leaves two.
                 self._due = [e for e in self._due if e[2] is not event.backend]
                 heapq.heapify(self._due)
@@ -248,6 +286,11 @@ class HealthChecker:
                     f"failed, the last: {failure_reason(event.detail)}",
                 )
         elif event.kind == "health":
+            with self._lock:  # every change, whoever decided it, for report()
+                if event.backend.healthy:
+                    self._down.pop(event.backend, None)
+                elif event.backend not in self._down:
+                    self._down[event.backend] = (self.wall_clock(), event.detail)
             # A verdict decided elsewhere (another process, an operator): adopt it, so that a
             # backend taken out by someone else needs `rise` successes here too.
             with self._lock:
@@ -276,11 +319,28 @@ class HealthChecker:
         with self._lock:
             return self._states.get(backend)
 
+    def report(self, backend: Backend | str) -> BackendReport:
+        """The last probe of a backend and since when and why it is down (see
+        :class:`BackendReport`); all empty for a backend this checker knows nothing of."""
+        if isinstance(backend, str):
+            backend = self.pool.get(backend)
+        with self._lock:
+            last = self._last_check.get(backend)
+            down = self._down.get(backend) if not backend.healthy else None
+        return BackendReport(
+            checked_at=last[0] if last else None,
+            check_ok=last[1] if last else None,
+            check_detail=last[2] if last else "",
+            down_since=down[0] if down else None,
+            down_reason=down[1] if down else None,
+        )
+
     def _record(self, backend: Backend, ok: bool, detail: str) -> None:
         with self._lock:
             state = self._states.get(backend)
             if state is None:
                 return
+            self._last_check[backend] = (self.wall_clock(), ok, detail)
             verdict = state.success() if ok else state.failure()
             # Applied under our lock so two results for one backend cannot land out of order
             # (lock order: checker, then pool; the pool never calls us while holding its own).
@@ -447,6 +507,8 @@ class HealthChecker:
             self._states.clear()
             self._due.clear()
             self._running.clear()
+            self._last_check.clear()
+            self._down.clear()
         close = getattr(self._probe, "close", None)
         if callable(close):
             close()

@@ -30,6 +30,13 @@ name                                   type       what
 ``softlb_health_checks_total``         counter    active probes, by ``result`` (pass, fail)
 ``softlb_backend_transitions_total``   counter    health changes, by new state (``to``: up,
                                                   down)
+``softlb_queue_length``                gauge      requests waiting now for a backend below
+                                                  its ``max_connections``
+``softlb_queue_oldest_wait_seconds``   gauge      how long the oldest of them has waited
+``softlb_queue_requests_total``        counter    requests that had to wait in the queue
+``softlb_queue_timeouts_total``        counter    those that gave up after the queue timeout
+``softlb_queue_wait_seconds_total``    counter    time spent waiting by the requests that left
+                                                  the queue (served, timed out or cancelled)
 ``softlb_info``                        gauge      always 1; ``version`` and ``algorithm``
 ``process_*``                                     prometheus_client's process collector:
                                                   ``process_resident_memory_bytes``,
@@ -43,7 +50,9 @@ state's slot table). The four families from ``softlb_backend_responses_total`` t
 ``softlb_backend_transitions_total`` (answers by class, the first/last byte histograms,
 probes and transitions; kept by :class:`~softlb.stats.ProxyStats`) and the
 ``process_*`` series are those of the worker that answers the scrape. Probe results count in
-the process that runs the probes (with shared state: the elected prober).
+the process that runs the probes (with shared state: the elected prober). The queue's figures
+(``softlb_queue_*``, from :meth:`Pool.queue_stats() <softlb.pool.Pool.queue_stats>`) are those of
+the worker that answers the scrape too: each worker queues its own requests.
 """
 
 from __future__ import annotations
@@ -64,7 +73,14 @@ from softlb.backend import Backend
 from softlb.pool import Pool
 from softlb.stats import DURATION_BUCKETS, STATUS_CLASSES, BackendFigures, ProxyStats
 
-__all__ = ["CONTENT_TYPE", "Metrics", "SoftLBCollector", "cumulative_buckets", "render_metrics"]
+__all__ = [
+    "CONTENT_TYPE",
+    "Metrics",
+    "SoftLBCollector",
+    "cumulative_buckets",
+    "histogram_quantile",
+    "render_metrics",
+]
 
 #: Content type of the Prometheus text format 0.0.4, which :func:`generate_latest` writes for
 #: metric names like ours. Spelled out because prometheus_client >= 0.22 moved its
@@ -177,6 +193,7 @@ class SoftLBCollector:
             sum_value=cast(float, snap["duration_sum"]),
         )
         yield from self._backend_families(backends)
+        yield from self._queue_families()
         info = GaugeMetricFamily(
             "softlb_info",
             "Always 1; the labels describe this balancer.",
@@ -227,6 +244,61 @@ class SoftLBCollector:
             for state in ("up", "down"):
                 transitions.add_metric([url, state], mine.transitions.get(state, 0))
         yield from (responses, seconds, checks, transitions)
+
+    def _queue_families(self) -> Iterator[Metric]:
+        """The pool's queue (requests waiting for a backend below its max_connections)."""
+        queue = self.pool.queue_stats()
+        yield GaugeMetricFamily(
+            "softlb_queue_length",
+            "Requests waiting now for a backend below its max_connections (this worker's).",
+            value=queue.waiting,
+        )
+        yield GaugeMetricFamily(
+            "softlb_queue_oldest_wait_seconds",
+            "How long the oldest waiting request has waited (0 when none waits).",
+            value=queue.oldest_wait,
+        )
+        yield CounterMetricFamily(
+            "softlb_queue_requests_total",
+            "Requests that had to wait in the queue for a backend (this worker's).",
+            value=queue.queued,
+        )
+        yield CounterMetricFamily(
+            "softlb_queue_timeouts_total",
+            "Queued requests that gave up after the queue timeout (this worker's).",
+            value=queue.timed_out,
+        )
+        yield CounterMetricFamily(
+            "softlb_queue_wait_seconds_total",
+            "Seconds spent waiting by the requests that left the queue (this worker's).",
+            value=queue.wait_seconds,
+        )
+
+
+def histogram_quantile(q: float, counts: Sequence[int]) -> float | None:
+    """Estimate the ``q`` quantile (0 < q < 1) of a :data:`~softlb.stats.DURATION_BUCKETS`
+    histogram (per-bucket counts, the last one above every bound), as Prometheus'
+    ``histogram_quantile()`` does: linear within the bucket that holds it.
+
+    ``None`` for an empty histogram; the highest bound when the quantile falls above it (an
+    estimate can say no more). Good enough for "p50-ish" on the status page.
+    """
+    if not 0 < q < 1:
+        raise ValueError(f"q must be between 0 and 1, got {q}")
+    if len(counts) != len(DURATION_BUCKETS) + 1:
+        raise ValueError(f"expected {len(DURATION_BUCKETS) + 1} bucket counts, got {len(counts)}")
+    total = sum(counts)
+    if not total:
+        return None
+    rank = q * total
+    seen = 0
+    lower = 0.0
+    for bound, count in zip(DURATION_BUCKETS, counts, strict=False):
+        if count and seen + count >= rank:
+            return lower + (bound - lower) * (rank - seen) / count
+        seen += count
+        lower = bound
+    return float(DURATION_BUCKETS[-1])
 
 
 def cumulative_buckets(counts: Sequence[int]) -> list[tuple[str, float]]:

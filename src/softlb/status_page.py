@@ -5,6 +5,14 @@ admin API's ``status`` endpoint every 2 seconds, refreshes the figures and works
 rates from the difference between two polls. Without JavaScript the page reloads itself every
 5 seconds instead (and shows no rates).
 
+Per backend the page shows its state, weight, requests in flight and rates, its latency
+(peak-EWMA, and the median times to first and last byte), its answers by status class, its
+failures, its last health check and, when it is out of rotation, since when and why. Two
+controls per backend call ``PATCH {prefix}/servers`` with ``fetch()`` from the same origin:
+drain/undrain, and a weight field. The browser sends the credentials it logged in with (Basic
+auth) by itself. The cards on top add the queue of requests waiting for a backend below its
+``max_connections``.
+
 Below the backends, "Next pick" shows the pool's explanation (:meth:`Pool.explain()
 <softlb.pool.Pool.explain>`): the backend the next request would get, the runners-up with their
 scores and why, and every backend skipped with the reason.
@@ -18,10 +26,19 @@ from __future__ import annotations
 
 import html
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-__all__ = ["POLL_SECONDS", "format_duration", "render_status_page", "server_state"]
+from softlb.backend import MAX_WEIGHT
+
+__all__ = [
+    "POLL_SECONDS",
+    "format_duration",
+    "format_seconds",
+    "render_status_page",
+    "server_state",
+]
 
 #: How often the page's script polls the status endpoint.
 POLL_SECONDS: Final = 2
@@ -51,6 +68,45 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def format_seconds(seconds: object) -> str:
+    """A latency for people: ``"850 µs"``, ``"12.3 ms"``, ``"1.25 s"``; ``"–"`` if unknown."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        return "–"
+    if seconds < 0.001:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1000:.3g} ms"
+    return f"{seconds:.3g} s"
+
+
+def _clock(epoch: float) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(epoch))
+
+
+def _check_text(health: Mapping[str, Any] | None, now: float) -> str:
+    """ "pass 3s ago (HTTP 200)", or "" before the first probe / without health checks."""
+    if not health or not isinstance(health.get("checked_at"), (int, float)):
+        return ""
+    result = "pass" if health.get("check_ok") else "fail"
+    detail = health.get("check_detail") or ""
+    age = format_duration(now - float(health["checked_at"]))
+    return f"{result} {age} ago" + (f" ({detail})" if detail else "")
+
+
+def _down_text(server: Mapping[str, Any], now: float, skipped: Mapping[str, str]) -> str:
+    """ "down since 19:04:03 UTC (1m 5s): HTTP 500" for a backend out of rotation, else ""."""
+    if server_state(server) != "down":
+        return ""
+    health = server.get("health") or {}
+    since = health.get("down_since")
+    reason = health.get("down_reason") or skipped.get(str(server.get("url", ""))) or ""
+    if isinstance(since, (int, float)):
+        text = f"down since {_clock(since)} ({format_duration(now - since)})"
+    else:
+        text = "down"
+    return text + (f": {reason}" if reason else "")
+
+
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
@@ -63,28 +119,68 @@ def _errors_text(errors: Mapping[str, int]) -> str:
     return "  ".join(f"{status}: {count:,}" for status, count in sorted(errors.items())) or "none"
 
 
-def _rows(servers: Sequence[Mapping[str, Any]], prefix: str) -> str:
+#: Columns of the backends table (the empty-table row spans them all).
+_COLUMNS: Final = 14
+
+
+def _answers(server: Mapping[str, Any]) -> list[str]:
+    responses: Mapping[str, Any] = server.get("responses") or {}
+    return [_n(responses.get(kind, 0)) for kind in ("2xx", "3xx", "4xx", "5xx")]
+
+
+def _rows(servers: Sequence[Mapping[str, Any]], prefix: str, now: float, explain: Any) -> str:
     if not servers:
         return (
-            '<tr><td colspan="7" class="empty">No backends. Add one with '
+            f'<tr><td colspan="{_COLUMNS}" class="empty">No backends. Add one with '
             f"<code>POST {_e(prefix)}/servers</code> "
             '<code>{"url": "http://HOST:PORT"}</code>.</td></tr>'
         )
+    skipped = {
+        str(s.get("url", "")): str(s.get("reason", ""))
+        for s in ((explain or {}).get("skipped") or [])
+    }
     rows = []
     for server in servers:
         state = server_state(server)
+        url = _e(server.get("url", ""))
+        weight = server.get("weight", "")
+        draining = bool(server.get("draining"))
+        first, last = server.get("first_byte_p50"), server.get("last_byte_p50")
+        check = _check_text(server.get("health"), now)
+        down = _down_text(server, now, skipped)
+        answers = "".join(f'<td class="num">{count}</td>' for count in _answers(server))
         rows.append(
-            "<tr>"
+            f'<tr data-url="{url}">'
             f'<td><span class="pill {state}">{state}</span></td>'
-            f'<td class="url">{_e(server.get("url", ""))}</td>'
-            f'<td class="num">{_n(server.get("weight", ""))}</td>'
+            f'<td class="url">{url}</td>'
+            f'<td class="num"><input class="weight" type="number" min="1" max="{MAX_WEIGHT}" '
+            f'value="{_e(weight)}" aria-label="weight of {url}" data-url="{url}">'
+            f'<button type="button" data-action="weight" data-url="{url}">Set</button></td>'
             f'<td class="num">{_n(server.get("active", ""))}</td>'
             f'<td class="num">{_n(server.get("requests", ""))}</td>'
             '<td class="num">–</td>'
+            f'<td class="num">{_e(format_seconds(server.get("latency_seconds")))}'
+            f'<span class="sub">p50 {_e(format_seconds(first))} / '
+            f"{_e(format_seconds(last))}</span></td>"
+            f"{answers}"
             f'<td class="num">{_n(server.get("failures", ""))}</td>'
+            f'<td class="health"><span class="check">{_e(check) or "–"}</span>'
+            f'<span class="down">{_e(down)}</span></td>'
+            f'<td><button type="button" data-action="drain" data-url="{url}" '
+            f'data-draining="{"false" if draining else "true"}">'
+            f"{'Undrain' if draining else 'Drain'}</button></td>"
             "</tr>"
         )
     return "\n".join(rows)
+
+
+def _queue_text(queue: Mapping[str, Any] | None) -> str:
+    """The queue card's small print: the oldest wait and the counters."""
+    queue = queue or {}
+    return (
+        f"oldest {format_seconds(queue.get('oldest_wait', 0))} · "
+        f"{_n(queue.get('queued', 0))} queued · {_n(queue.get('timed_out', 0))} timed out"
+    )
 
 
 def _health_text(health: Mapping[str, Any] | None) -> str:
@@ -159,6 +255,10 @@ def render_status_page(status: Mapping[str, Any], *, prefix: str, nonce: str) ->
     """
     servers: Sequence[Mapping[str, Any]] = status.get("servers", [])
     proxy: Mapping[str, Any] = status.get("proxy", {})
+    now = status.get("time")
+    if isinstance(now, bool) or not isinstance(now, (int, float)):
+        now = time.time()
+    queue: Mapping[str, Any] = status.get("queue") or {}
     in_rotation = sum(1 for s in servers if server_state(s) == "up")
     in_flight = sum(int(s.get("active", 0)) for s in servers)
     values = {
@@ -170,7 +270,11 @@ def render_status_page(status: Mapping[str, Any], *, prefix: str, nonce: str) ->
         "requests": _n(proxy.get("requests", 0)),
         "retries": _n(proxy.get("retries", 0)),
         "errors": _e(_errors_text(proxy.get("errors", {}))),
-        "rows": _rows(servers, prefix),
+        "rows": _rows(servers, prefix, float(now), status.get("explain")),
+        "queue": _n(queue.get("waiting", 0)),
+        "queue_text": _e(_queue_text(queue)),
+        "columns": str(_COLUMNS),
+        "max_weight": str(MAX_WEIGHT),
         "health": _health_text(status.get("health_check")),
         "explain_summary": _e((status.get("explain") or {}).get("summary", "")),
         "explain_rows": _explain_rows(status.get("explain"), prefix),
@@ -224,7 +328,7 @@ header h1 { margin: 0; font-size: 20px; }
 .live.ok::before { background: var(--up); }
 .live.stale { color: var(--down); }
 .live.stale::before { background: var(--down); }
-main { max-width: 1100px; margin: 0 auto; padding: 24px; }
+main { max-width: 1500px; margin: 0 auto; padding: 24px; }
 .cards {
   display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 12px;
   margin-bottom: 24px;
@@ -238,11 +342,12 @@ main { max-width: 1100px; margin: 0 auto; padding: 24px; }
 }
 .card .value { font-size: 22px; font-weight: 600; font-variant-numeric: tabular-nums; }
 .card .value.small { font-size: 15px; padding-top: 6px; }
+.card .sub { font-size: 11px; }
 table {
   width: 100%; border-collapse: collapse; background: var(--panel);
   border: 1px solid var(--line); border-radius: 8px; overflow: hidden;
 }
-th, td { padding: 9px 14px; text-align: left; border-bottom: 1px solid var(--line); }
+th, td { padding: 8px 10px; text-align: left; border-bottom: 1px solid var(--line); }
 th {
   font-size: 12px; color: var(--muted); text-transform: uppercase; letter-spacing: .04em;
   font-weight: 600;
@@ -250,8 +355,9 @@ th {
 tr:last-child td { border-bottom: 0; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.url {
-  font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; word-break: break-all;
+  font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; white-space: nowrap;
 }
+td.num { white-space: nowrap; }
 td.empty { color: var(--muted); text-align: center; padding: 24px; }
 .pill {
   display: inline-block; min-width: 72px; text-align: center; padding: 1px 10px;
@@ -268,6 +374,22 @@ footer { margin-top: 16px; color: var(--muted); font-size: 13px; }
 footer a { color: var(--accent); }
 .banner { margin: 0 0 16px; padding: 10px 14px; border-radius: 6px;
   background: var(--down-bg); color: var(--down); border: 1px solid var(--down); }
+td .sub { display: block; font-size: 11px; color: var(--muted); white-space: nowrap; }
+td.health { font-size: 12px; max-width: 260px; }
+td.health .check, td.health .down { display: block; }
+td.health .down { color: var(--down); font-weight: 600; }
+input.weight {
+  width: 64px; padding: 2px 4px; font: inherit; text-align: right; color: var(--text);
+  background: var(--bg); border: 1px solid var(--line); border-radius: 4px;
+}
+button {
+  margin-left: 4px; padding: 2px 8px; font: inherit; font-size: 12px; cursor: pointer;
+  color: var(--accent); background: var(--panel); border: 1px solid var(--line); border-radius: 4px;
+}
+button:disabled { cursor: wait; opacity: .6; }
+#action { min-height: 21px; margin: 8px 0 0; font-size: 13px; }
+#action.error { color: var(--down); }
+.tablewrap { overflow-x: auto; }
 code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px; }
 </style>
 </head>
@@ -291,20 +413,30 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
     <div class="value" id="retries">{{retries}}</div></div>
   <div class="card"><div class="label">Proxy errors</div>
     <div class="value small" id="errors">{{errors}}</div></div>
+  <div class="card"><div class="label">Queue</div>
+    <div class="value" id="queue">{{queue}}</div>
+    <div class="sub muted" id="queue_text">{{queue_text}}</div></div>
   <div class="card"><div class="label">Algorithm</div>
     <div class="value small" id="algorithm">{{algorithm}}</div></div>
   <div class="card"><div class="label">Uptime</div>
     <div class="value small" id="uptime">{{uptime}}</div></div>
 </section>
+<div class="tablewrap">
 <table>
   <thead><tr>
     <th>State</th><th>Backend</th><th class="num">Weight</th><th class="num">In flight</th>
-    <th class="num">Requests</th><th class="num">Req/s</th><th class="num">Failures</th>
+    <th class="num">Requests</th><th class="num">Req/s</th>
+    <th class="num" title="peak-EWMA; p50 to first / last byte">Latency</th>
+    <th class="num">2xx</th><th class="num">3xx</th><th class="num">4xx</th><th class="num">5xx</th>
+    <th class="num">Failures</th><th>Health check</th><th></th>
   </tr></thead>
-  <tbody id="servers" data-prefix="{{prefix}}">
+  <tbody id="servers" data-prefix="{{prefix}}" data-columns="{{columns}}"
+    data-max-weight="{{max_weight}}">
 {{rows}}
   </tbody>
 </table>
+</div>
+<p id="action" class="muted" role="status"></p>
 <section id="explain">
   <h2>Next pick</h2>
   <p class="muted" id="explain_summary">{{explain_summary}}</p>
@@ -331,6 +463,11 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
   var POLL_MS = {{poll_ms}};
   var previous = null;
   var live = document.getElementById("live");
+  // Absolute URLs without the user:password a person may have typed in the address bar:
+  // fetch() refuses a URL resolved against one. The browser still sends the credentials the
+  // page was loaded with (its Basic auth cache covers this path).
+  var here = location.origin + location.pathname;
+  function api(name) { return new URL(name, here).href; }
 
   function num(n) { return typeof n === "number" ? n.toLocaleString("en-US") : "–"; }
   function rate(r) {
@@ -343,6 +480,34 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
     return d ? d + "d " + h + "h" : h ? h + "h " + m + "m" : m ? m + "m " + s + "s" : s + "s";
   }
   function set(id, text) { document.getElementById(id).textContent = text; }
+  function secs(v) {
+    if (typeof v !== "number") { return "–"; }
+    if (v < 0.001) { return Math.round(v * 1e6) + " µs"; }
+    if (v < 1) { return String(Number((v * 1000).toPrecision(3))) + " ms"; }
+    return String(Number(v.toPrecision(3))) + " s";
+  }
+  function clock(epoch) { return new Date(epoch * 1000).toISOString().slice(11, 19) + " UTC"; }
+  function checkText(h, now) {
+    if (!h || typeof h.checked_at !== "number") { return "–"; }
+    return (h.check_ok ? "pass " : "fail ") + duration(now - h.checked_at) + " ago" +
+      (h.check_detail ? " (" + h.check_detail + ")" : "");
+  }
+  function downText(s, now, skipped) {
+    if (state(s) !== "down") { return ""; }
+    var h = s.health || {}, why = h.down_reason || skipped[s.url] || "";
+    var text = typeof h.down_since === "number"
+      ? "down since " + clock(h.down_since) + " (" + duration(now - h.down_since) + ")" : "down";
+    return text + (why ? ": " + why : "");
+  }
+  function button(td, label, action, url) {
+    var b = document.createElement("button");
+    b.type = "button";
+    b.textContent = label;
+    b.dataset.action = action;
+    b.dataset.url = url;
+    td.appendChild(b);
+    return b;
+  }
   function cell(row, text, cls) {
     var td = document.createElement("td");
     if (cls) { td.className = cls; }
@@ -386,9 +551,11 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
       : "Skipped: none, every member is in rotation.");
   }
 
-  function render(data, now) {
+  function render(data, at) {
     var servers = data.servers || [], proxy = data.proxy || {}, up = 0, flight = 0, total = 0;
-    var dt = previous ? (now - previous.at) / 1000 : 0;
+    var dt = previous ? (at - previous.at) / 1000 : 0;
+    var now = typeof data.time === "number" ? data.time : at / 1000, skipped = {};
+    ((data.explain || {}).skipped || []).forEach(function (k) { skipped[k.url] = k.reason; });
     var body = document.getElementById("servers");
     var rows = document.createDocumentFragment();
     var seen = {};
@@ -402,25 +569,66 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
         r = (s.requests - before) / dt;
       }
       var row = document.createElement("tr");
+      row.dataset.url = s.url;
       var pill = document.createElement("span");
       pill.className = "pill " + st;
       pill.textContent = st;
       cell(row, "").appendChild(pill);
       cell(row, s.url, "url");
-      cell(row, num(s.weight), "num");
+      var weightCell = cell(row, "", "num"), input = document.createElement("input");
+      input.className = "weight";
+      input.type = "number";
+      input.min = "1";
+      input.max = body.dataset.maxWeight;
+      input.value = String(s.weight);
+      input.dataset.url = s.url;
+      input.setAttribute("aria-label", "weight of " + s.url);
+      weightCell.appendChild(input);
+      button(weightCell, "Set", "weight", s.url);
       cell(row, num(s.active), "num");
       cell(row, num(s.requests), "num");
       cell(row, rate(r), "num");
+      var lat = cell(row, secs(s.latency_seconds), "num"), sub = document.createElement("span");
+      sub.className = "sub";
+      sub.textContent = "p50 " + secs(s.first_byte_p50) + " / " + secs(s.last_byte_p50);
+      lat.appendChild(sub);
+      ["2xx", "3xx", "4xx", "5xx"].forEach(function (k) {
+        cell(row, num((s.responses || {})[k] || 0), "num");
+      });
       cell(row, num(s.failures), "num");
+      var health = cell(row, "", "health"), check = document.createElement("span"),
+          down = document.createElement("span");
+      check.className = "check";
+      check.textContent = checkText(s.health, now);
+      down.className = "down";
+      down.textContent = downText(s, now, skipped);
+      health.appendChild(check);
+      health.appendChild(down);
+      button(cell(row, ""), s.draining ? "Undrain" : "Drain", "drain", s.url)
+        .dataset.draining = s.draining ? "false" : "true";
       rows.appendChild(row);
     });
     if (!servers.length) {
       var empty = document.createElement("tr");
       cell(empty, "No backends. Add one with POST " + body.dataset.prefix + "/servers.", "empty")
-        .colSpan = 7;
+        .colSpan = Number(body.dataset.columns);
       rows.appendChild(empty);
     }
+    // Keep a weight being typed in across the refresh.
+    var focused = document.activeElement, typing = null;
+    if (focused && focused.classList && focused.classList.contains("weight")) {
+      typing = {url: focused.dataset.url, value: focused.value};
+    }
     body.replaceChildren(rows);
+    if (typing) {
+      body.querySelectorAll("input.weight").forEach(function (el) {
+        if (el.dataset.url === typing.url) { el.value = typing.value; el.focus(); }
+      });
+    }
+    var queue = data.queue || {};
+    set("queue", num(queue.waiting || 0));
+    set("queue_text", "oldest " + secs(queue.oldest_wait || 0) + " · " + num(queue.queued || 0) +
+      " queued · " + num(queue.timed_out || 0) + " timed out");
     set("rotation", up + " / " + servers.length);
     set("in_flight", num(flight));
     set("requests", num(proxy.requests));
@@ -432,7 +640,7 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
     set("algorithm", data.algorithm || "");
     set("uptime", duration(data.uptime_seconds || 0));
     set("rate", dt > 0 && previous.total <= total ? rate((total - previous.total) / dt) : "–");
-    previous = {at: now, requests: seen, total: total};
+    previous = {at: at, requests: seen, total: total};
     renderExplain(data.explain, body.dataset.prefix);
     var store = document.getElementById("store"), st = data.state || {};
     if (st.stale) {
@@ -445,8 +653,8 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
     }
   }
 
-  function poll() {
-    fetch("status", {cache: "no-store", credentials: "same-origin"})
+  function refresh() {
+    return fetch(api("status"), {cache: "no-store", credentials: "same-origin"})
       .then(function (resp) {
         if (!resp.ok) { throw new Error("HTTP " + resp.status); }
         return resp.json();
@@ -459,9 +667,64 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
       .catch(function (err) {
         live.className = "live stale";
         live.textContent = "stale: " + err.message;
-      })
-      .then(function () { window.setTimeout(poll, POLL_MS); });
+      });
   }
+  function poll() {
+    refresh().then(function () { window.setTimeout(poll, POLL_MS); });
+  }
+
+  // The controls: PATCH {prefix}/servers from this origin, with the page's credentials.
+  var note = document.getElementById("action");
+  function patch(change, done) {
+    note.className = "muted";
+    note.textContent = "sending…";
+    fetch(api("servers"), {
+      method: "PATCH",
+      cache: "no-store",
+      credentials: "same-origin",
+      headers: {"Content-Type": "application/json"},
+      body: JSON.stringify(change)
+    })
+      .then(function (resp) {
+        return resp.json().then(function (doc) {
+          if (!resp.ok) { throw new Error(doc.error || "HTTP " + resp.status); }
+          return doc;
+        });
+      })
+      .then(function (doc) {
+        note.textContent = doc.url + ": " + (doc.draining ? "draining" : "in rotation when " +
+          "healthy") + ", weight " + doc.weight;
+      })
+      .catch(function (err) {
+        note.className = "error";
+        note.textContent = change.url + ": " + err.message;
+      })
+      .then(function () { done(); return refresh(); });
+  }
+  document.getElementById("servers").addEventListener("click", function (ev) {
+    var b = ev.target.closest("button[data-action]");
+    if (!b) { return; }
+    var change = {url: b.dataset.url};
+    if (b.dataset.action === "drain") {
+      change.draining = b.dataset.draining === "true";
+    } else {
+      var input = b.parentNode.querySelector("input.weight");
+      var w = Number(input.value);
+      if (!Number.isInteger(w) || w < Number(input.min) || w > Number(input.max)) {
+        note.className = "error";
+        note.textContent = "weight must be a whole number from " + input.min + " to " + input.max;
+        return;
+      }
+      change.weight = w;
+    }
+    b.disabled = true;
+    patch(change, function () { b.disabled = false; });
+  });
+  document.getElementById("servers").addEventListener("keydown", function (ev) {
+    if (ev.key === "Enter" && ev.target.classList.contains("weight")) {
+      ev.target.parentNode.querySelector("button[data-action=weight]").click();
+    }
+  });
   poll();
 })();
 </script>
