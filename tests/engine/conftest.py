@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import http.client
 import json
+import os
 import ssl
 import subprocess
 from collections.abc import Callable, Iterator
@@ -25,11 +26,20 @@ from typing import Any
 
 import pytest
 
+import softlb
 from tests.helpers.hostile import RawClient
 from tests.helpers.servers import free_port
 from tests.integration.conftest import SOFTLB, Launcher, Running, memory_kib
 
 ENGINES = ("eventloop", "threads")
+
+#: The directory this process imports softlb from. Subprocesses run in tmp directories, where
+#: a relative PYTHONPATH (``PYTHONPATH=src``) would find nothing and let them import whatever
+#: softlb is installed instead: they get this one, absolute.
+SOFTLB_SRC = str(Path(softlb.__file__).resolve().parents[1])
+SUBPROCESS_ENV = {
+    "PYTHONPATH": os.pathsep.join([SOFTLB_SRC, *filter(None, [os.environ.get("PYTHONPATH")])])
+}
 
 #: No health probes unless a test asks: hostile backends do not answer /health.
 NO_PROBES: dict[str, Any] = {"health_check": {"enabled": False}}
@@ -56,7 +66,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def engine_flag_supported() -> bool:
     """Whether this softlb's ``serve`` has ``--engine`` (the event-loop engine is merged)."""
     result = subprocess.run(
-        [*SOFTLB, "serve", "--help"], capture_output=True, text=True, timeout=30, check=False
+        [*SOFTLB, "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, **SUBPROCESS_ENV},
     )
     return "--engine" in result.stdout
 
@@ -154,7 +169,7 @@ def start_balancer(
     argv = [*SOFTLB, "serve", "--config", str(path), "--bind", f"127.0.0.1:{port}"]
     if engine_flag_supported():
         argv += ["--engine", engine]
-    running = launcher([*argv, *args], port=port, env=env)
+    running = launcher([*argv, *args], port=port, env={**SUBPROCESS_ENV, **(env or {})})
     return Balancer(running, port, engine, config, ssl_context)
 
 
