@@ -72,7 +72,9 @@ def test_host_kept_and_forwarded_headers_set(shared: Balancer, backend: TestBack
     assert status == 200
     seen = backend.last
     assert seen.header_values("Host") == ["site.example:8443"]
-    chain = [hop.strip() for value in seen.header_values("X-Forwarded-For") for hop in value.split(",")]
+    chain = [
+        hop.strip() for value in seen.header_values("X-Forwarded-For") for hop in value.split(",")
+    ]
     assert chain == ["203.0.113.7", "127.0.0.1"]
     assert seen.header_values("X-Forwarded-Proto") == ["http"]
     assert seen.header_values("X-Forwarded-Host") == ["site.example:8443"]
@@ -128,9 +130,7 @@ def test_repeated_set_cookie_kept(shared: Balancer) -> None:
 
 def test_chunked_upload(shared: Balancer) -> None:
     """A chunked request body of 1 MiB reaches the backend whole."""
-    status, _, body = shared.request(
-        "POST", "/upload", body=body_chunks(MiB), encode_chunked=True
-    )
+    status, _, body = shared.request("POST", "/upload", body=body_chunks(MiB), encode_chunked=True)
     assert status == 200, body
     seen = json.loads(body)
     assert (seen["body_length"], seen["body_sha256"]) == (MiB, body_sha256(MiB))
@@ -138,7 +138,7 @@ def test_chunked_upload(shared: Balancer) -> None:
 
 def test_download_2_mib(shared: Balancer) -> None:
     """A 2 MiB answer arrives whole."""
-    status, headers, body = shared.get(f"/big/{2 * MiB}")
+    status, _, body = shared.get(f"/big/{2 * MiB}")
     assert status == 200
     assert len(body) == 2 * MiB
     assert hashlib.sha256(body).hexdigest() == body_sha256(2 * MiB)
@@ -235,8 +235,7 @@ def test_early_answer_passed_to_the_client(balancer: StartBalancer) -> None:
         size = 4 * MiB
         with lb.raw(timeout=3.0) as client:
             client.send(
-                b"POST /upload HTTP/1.1\r\nHost: example.test\r\n"
-                b"Content-Length: %d\r\n\r\n" % size
+                b"POST /upload HTTP/1.1\r\nHost: example.test\r\nContent-Length: %d\r\n\r\n" % size
             )
             client.send_in_background(b"x" * size)
             response = client.read_response(timeout=3.0)

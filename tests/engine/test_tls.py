@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -62,7 +61,10 @@ def test_tls_termination(
     """The listener speaks HTTPS with the given certificate, and the backend is told
     X-Forwarded-Proto: https."""
     if how == "config":
-        config = {"servers": [backend.url], "tls": {"certfile": pems["cert"], "keyfile": pems["key"]}}
+        config = {
+            "servers": [backend.url],
+            "tls": {"certfile": pems["cert"], "keyfile": pems["key"]},
+        }
         lb = balancer(config, ssl_context=client_context)
     else:
         lb = balancer(

@@ -159,7 +159,7 @@ class RawClient:
             data = self.sock.recv(65536)
         except ConnectionResetError:
             return False
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise TimeoutError(f"nothing more from 127.0.0.1:{self.port} in time") from None
         if not data:
             return False
@@ -267,28 +267,35 @@ class IdleClients:
     """``count`` connections to 127.0.0.1:``port``, each sent ``payload`` and then left idle.
 
     ``payload=b""`` opens bare connections; half a request head makes slowloris; a whole
-    request (then :meth:`read_responses`) makes idle keep-alive connections. Everything is
+    request with ``answered=True`` (each answer read before the next connection opens, so
+    one request is in flight at a time) makes idle keep-alive connections. Everything is
     closed on exit.
     """
 
     def __init__(
-        self, port: int, count: int, payload: bytes = b"", *, timeout: float = DEFAULT_TIMEOUT
+        self,
+        port: int,
+        count: int,
+        payload: bytes = b"",
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        answered: bool = False,
     ) -> None:
         self.port = port
         self.clients: list[RawClient] = []
+        #: With ``answered``, the answer each connection got to ``payload``.
+        self.responses: list[RawResponse] = []
         try:
             for _ in range(count):
                 client = RawClient(port, timeout=timeout)
                 self.clients.append(client)
                 if payload:
                     client.send(payload)
+                if answered:
+                    self.responses.append(client.read_response())
         except BaseException:
             self.close()
             raise
-
-    def read_responses(self, *, timeout: float = DEFAULT_TIMEOUT) -> list[RawResponse]:
-        """One answer from each connection, in order."""
-        return [client.read_response(timeout=timeout) for client in self.clients]
 
     def close(self) -> None:
         for client in self.clients:
@@ -323,7 +330,7 @@ class _Acceptor:
         while not self._stop.is_set():
             try:
                 sock, _ = self._listener.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
