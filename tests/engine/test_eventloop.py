@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 #: Short client timeouts and a small header limit, so the tests are quick.
 CLIENT_LIMITS = {
-    "timeouts": {"client_header": "500ms", "keepalive": "300ms"},
+    "timeouts": {"client_header": "500ms", "keepalive": "300ms", "client_body": "500ms"},
     "limits": {"max_header_bytes": 4096},
 }
 
@@ -73,6 +73,21 @@ def test_unfinished_head_gets_408_and_close(shared: Balancer) -> None:
         assert response.status == 408
         client.wait_closed(timeout=2.0)
     assert 0.4 <= elapsed < 2.5
+
+
+@pytest.mark.eventloop_only("timeouts.client_body is the event loop's")
+def test_stalled_body_gets_408_and_close(shared: Balancer, backend: TestBackend) -> None:
+    """A body that stops for longer than timeouts.client_body (500ms) gets 408, then the
+    close; the backend's failures stay 0."""
+    with shared.raw(timeout=3.0) as client:
+        client.send(b"POST /upload HTTP/1.1\r\nHost: example.test\r\nContent-Length: 10\r\n\r\nab")
+        started = time.monotonic()
+        response = client.read_response()
+        elapsed = time.monotonic() - started
+        assert response.status == 408
+        client.wait_closed(timeout=2.0)
+    assert 0.4 <= elapsed < 2.5
+    assert shared.servers()[backend.url]["failures"] == 0
 
 
 @pytest.mark.eventloop_only("limits.max_header_bytes is the event loop's")

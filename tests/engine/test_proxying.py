@@ -166,6 +166,29 @@ def test_answers_without_a_body(shared: Balancer, method: str, target: str, code
         conn.close()
 
 
+def test_threaded_engine_drops_upgrade(shared: Balancer, backend: TestBackend) -> None:
+    """The threaded engine cannot hand over a socket: Upgrade and Connection: upgrade are
+    dropped as hop-by-hop, and the request is served as a plain one."""
+    if shared.engine != "threads":
+        pytest.skip("the event loop forwards Upgrade (test_eventloop.py)")
+    status, _, _ = shared.get("/echo", headers={"Connection": "Upgrade", "Upgrade": "h2c"})
+    assert status == 200
+    assert not backend.last.has_header("Upgrade")
+    assert "upgrade" not in (backend.last.header("Connection") or "").lower()
+
+
+def test_answer_broken_after_its_head_closes_the_client_connection(shared: Balancer) -> None:
+    """A backend that dies mid-body after the head went out: the client connection is
+    closed short of the announced length, never followed by a second status."""
+    with shared.raw(timeout=5.0) as client:
+        client.send(b"GET /reset-mid-body HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        head = client.read_head()
+        assert head.status == 200
+        rest = client.wait_closed(timeout=4.0)
+    assert len(rest) < int(head.header("Content-Length") or 0)
+    assert b"HTTP/1.1" not in rest
+
+
 # --------------------------------------------------------------------------- errors
 
 
