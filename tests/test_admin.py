@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -11,6 +12,8 @@ from typing import Any
 from wsgiref.validate import validator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from werkzeug.test import Client, EnvironBuilder, TestResponse
 
 import softlb
@@ -174,8 +177,8 @@ def test_seed_route_without_seed_routes_is_404(pool: Pool) -> None:
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
-        ("PUT", "/_softlb/servers", "GET, HEAD, POST, DELETE, OPTIONS"),
-        ("PATCH", "/_softlb/servers", "GET, HEAD, POST, DELETE, OPTIONS"),
+        ("PUT", "/_softlb/servers", "GET, HEAD, POST, PATCH, DELETE, OPTIONS"),
+        ("PATCH", "/upload_server", "POST, OPTIONS"),
         ("POST", "/_softlb/metrics", "GET, HEAD, OPTIONS"),
         ("DELETE", "/_softlb/", "GET, HEAD, OPTIONS"),
         ("POST", "/_softlb/status", "GET, HEAD, OPTIONS"),
@@ -203,7 +206,7 @@ def test_options_lists_allowed_methods(client: Client) -> None:
     """OPTIONS answers 204 with the Allow header and no body."""
     resp = client.options("/_softlb/servers")
     assert resp.status_code == 204
-    assert resp.headers["Allow"] == "GET, HEAD, POST, DELETE, OPTIONS"
+    assert resp.headers["Allow"] == "GET, HEAD, POST, PATCH, DELETE, OPTIONS"
     assert "Content-Length" not in resp.headers
     assert resp.get_data() == b""
 
@@ -666,6 +669,7 @@ EVERY_CALL: list[tuple[str, str, object]] = [
     ("GET", "/_softlb/servers", None),
     ("HEAD", "/_softlb/servers", None),
     ("POST", "/_softlb/servers", {"url": NEW}),
+    ("PATCH", "/_softlb/servers", {"url": A, "weight": 5, "draining": True}),
     ("DELETE", "/_softlb/servers", {"url": A}),
     ("GET", "/_softlb/metrics", None),
     ("GET", "/_softlb/status", None),
@@ -714,23 +718,24 @@ def test_token_required_on_every_call(
     path: str,
     body: object,
 ) -> None:
-    """Without the right bearer token every admin call gets 401 and changes nothing."""
+    """Without the right token every admin call gets 401 with the Basic challenge (so that a
+    browser asks for it) and changes nothing."""
     before = members(pool)
     resp = send(secured, method, path, body, headers=headers)
     assert resp.status_code == 401
-    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert resp.headers.getlist("WWW-Authenticate") == ['Basic realm="softlb"']
     assert resp.headers["Cache-Control"] == "no-store"
     if method != "HEAD":
         error_of(resp, 401)
     assert members(pool) == before
 
 
-def test_wrong_token_says_invalid_token(secured: Client) -> None:
-    """A wrong bearer token gets the RFC 6750 invalid_token challenge; a missing one does not."""
+def test_wrong_token_says_so_and_a_missing_one_says_how(secured: Client) -> None:
+    """A wrong token is called wrong; a missing one gets how to send it; neither echoes it."""
     wrong = secured.get("/_softlb/servers", headers={"Authorization": "Bearer nope"})
-    assert 'error="invalid_token"' in wrong.headers["WWW-Authenticate"]
+    assert "wrong" in error_of(wrong, 401)
     missing = secured.get("/_softlb/servers")
-    assert "error=" not in missing.headers["WWW-Authenticate"]
+    assert "Authorization: Bearer TOKEN" in error_of(missing, 401)
     assert TOKEN not in wrong.get_data(as_text=True)
 
 
@@ -1032,3 +1037,347 @@ def test_status_page_says_when_the_state_is_stale() -> None:
         {"state": {"store": "redis", "stale": False}, "servers": []}, prefix="/_softlb", nonce="n"
     )
     assert 'id="store" class="banner" hidden></p>' in fresh
+
+
+# --------------------------------------------------------------------------- PATCH /servers
+
+
+def test_patch_changes_weight_and_keeps_the_other_fields_and_counters(
+    client: Client, pool: Pool
+) -> None:
+    """PATCH with a weight answers 200 with the server's object; the backend is the same
+    object, with its counters, draining flag and health untouched."""
+    b = pool.get(B)
+    with pool.lease(exclude={pool.get(A)}):
+        pass
+    resp = send(client, "PATCH", "/_softlb/servers", {"url": B, "weight": 7})
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert resp.get_json() == {
+        "url": B,
+        "weight": 7,
+        "healthy": True,
+        "draining": False,
+        "active": 0,
+        "requests": 1,
+        "failures": 0,
+    }
+    assert pool.get(B) is b
+    assert (b.weight, b.requests) == (7, 1)
+    assert pool.get(A).weight == 1
+
+
+def test_patch_drains_and_undrains(client: Client, pool: Pool) -> None:
+    """draining true takes a backend out of rotation (listed with "draining": true); false
+    puts it back; the weight stays."""
+    resp = send(client, "PATCH", "/_softlb/servers", {"url": A, "draining": True})
+    assert resp.status_code == 200
+    assert resp.get_json()["draining"] is True
+    assert pool.eligible == (pool.get(B),)
+    listed = {s["url"]: s for s in client.get("/_softlb/servers").get_json()["servers"]}
+    assert listed[A]["draining"] is True
+    assert listed[B]["draining"] is False
+    both = send(client, "PATCH", "/_softlb/servers", {"url": A, "draining": False, "weight": 2})
+    assert both.get_json()["draining"] is False
+    assert [b.url for b in pool.eligible] == [A, B]
+    assert pool.get(A).weight == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"url": A}, "nothing to change"),
+        ({"url": A, "weight": 0}, "weight must be an integer"),
+        ({"url": A, "weight": "2"}, "weight must be an integer"),
+        ({"url": A, "weight": True}, "weight must be an integer"),
+        ({"url": A, "weight": MAX_WEIGHT + 1}, "weight must be an integer"),
+        ({"url": A, "draining": "yes"}, '"draining" must be true or false, got a string'),
+        ({"url": A, "draining": 1}, '"draining" must be true or false, got a number'),
+        ({"url": A, "draining": None}, '"draining" must be true or false, got null'),
+        ({"url": A, "weight": 2, "healthy": False}, 'unknown field "healthy"'),
+        ({"weight": 2}, 'the field "url" is missing'),
+        ({"url": "10.0.0.1:8000", "weight": 2}, "the scheme is missing"),
+        ({"url": A, "weight": 2, "draining": "no"}, '"draining" must be true or false'),
+        ([A], "must be a JSON object"),
+    ],
+)
+def test_patch_refuses_a_bad_body_and_changes_nothing(
+    client: Client, pool: Pool, body: object, message: str
+) -> None:
+    """A bad PATCH body gets 400 with a message saying what is wrong; nothing changes, not
+    even the part of it that was right."""
+    before = members(pool)
+    assert message in error_of(send(client, "PATCH", "/_softlb/servers", body), 400)
+    assert members(pool) == before
+
+
+def test_patch_of_an_unknown_backend_is_404(client: Client, pool: Pool) -> None:
+    """PATCH naming a URL that is not a member gets 404 and changes nothing."""
+    before = members(pool)
+    message = error_of(send(client, "PATCH", "/_softlb/servers", {"url": NEW, "weight": 2}), 404)
+    assert NEW in message
+    assert members(pool) == before
+
+
+def test_patch_goes_through_the_shared_store(tmp_path: Any) -> None:
+    """With shared state the change is written to the store (another worker's view), and
+    the store being down gets 503 and changes nothing."""
+    from softlb.state.sqlite import SqliteStore
+    from softlb.state.sync import SharedState
+
+    db = str(tmp_path / "state.db")
+    mine, theirs = Pool(), Pool()
+    state = SharedState(mine, SqliteStore(db), seed=[(A, 1), (B, 1)])
+    other = SharedState(theirs, SqliteStore(db))
+    state.poll()
+    other.poll()
+    api = Client(AdminApi(mine, state=state))
+    resp = send(api, "PATCH", "/_softlb/servers", {"url": A, "weight": 4, "draining": True})
+    assert resp.status_code == 200
+    other.poll()
+    assert (theirs.get(A).weight, theirs.get(A).draining) == (4, True)
+    state.store = SqliteStore(str(tmp_path / "missing-dir" / "x" / "state.db"), timeout=0.1)
+    (tmp_path / "missing-dir").write_text("a file where a directory should be")
+    before = members(mine)
+    message = error_of(send(api, "PATCH", "/_softlb/servers", {"url": A, "weight": 9}), 503)
+    assert "nothing changed" in message
+    assert members(mine) == before
+    for s in (state, other):
+        s.store.close()
+
+
+# --------------------------------------------------------------------------- who may call
+
+
+def from_address(api: AdminApi, address: str) -> Client:
+    """A test client whose requests come from ``address`` (REMOTE_ADDR)."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        environ["REMOTE_ADDR"] = address
+        return api(environ, start_response)
+
+    return Client(app)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1", ""])
+def test_loopback_clients_may_call_without_a_token(pool: Pool, address: str) -> None:
+    """Without a token, loopback addresses (IPv4, IPv6, IPv4-mapped) and clients with no
+    address at all (a Unix socket) may call the API."""
+    client = from_address(AdminApi(pool), address)
+    assert client.get("/_softlb/servers").status_code == 200
+    assert send(client, "POST", "/_softlb/servers", {"url": NEW}).status_code == 201
+
+
+@pytest.mark.parametrize(("method", "path", "body"), EVERY_CALL)
+@pytest.mark.parametrize("address", ["10.1.2.3", "192.168.1.5", "2001:db8::5", "::ffff:10.1.2.3"])
+def test_other_clients_get_403_on_every_route_without_a_token(
+    pool: Pool, address: str, method: str, path: str, body: object
+) -> None:
+    """Without a token, a client off loopback and outside admin.allow gets 403 on every
+    route (the seed routes, metrics and page included), told how to be allowed; nothing
+    changes."""
+    before = members(pool)
+    resp = send(from_address(AdminApi(pool), address), method, path, body)
+    assert resp.status_code == 403
+    if method != "HEAD":
+        message = error_of(resp, 403)
+        assert "admin.token" in message
+        assert "admin.allow" in message
+    assert members(pool) == before
+
+
+@pytest.mark.parametrize("address", ["not-an-address", "999.1.1.1", "fe80::1%eth0x"])
+def test_an_unreadable_client_address_is_refused(pool: Pool, address: str) -> None:
+    """A REMOTE_ADDR that is not an IP address is not taken for loopback."""
+    assert from_address(AdminApi(pool), address).get("/_softlb/servers").status_code == 403
+
+
+def test_allow_lets_listed_networks_in(pool: Pool) -> None:
+    """Addresses and CIDR blocks in allow may call without a token; others still may not."""
+    api = AdminApi(pool, allow=["10.0.0.0/8", "192.168.1.7", "2001:db8::/32"])
+    for address in ("10.200.3.4", "192.168.1.7", "2001:db8::9", "::ffff:10.0.0.1"):
+        assert from_address(api, address).get("/_softlb/servers").status_code == 200, address
+    for address in ("11.0.0.1", "192.168.1.8", "2001:db9::1"):
+        assert from_address(api, address).get("/_softlb/servers").status_code == 403, address
+    assert "10.0.0.0/8" in repr(api)
+
+
+@pytest.mark.parametrize(
+    "allow", [["10.0.0.0/33"], ["not an address"], ["10.0.0.1/8/2"], "10.0.0.0/8", [8]]
+)
+def test_allow_refuses_what_is_not_an_address(pool: Pool, allow: Any) -> None:
+    """A bad allow entry is a ValueError at construction that names it."""
+    with pytest.raises(ValueError, match="allow"):
+        AdminApi(pool, allow=allow)
+
+
+def test_a_token_is_required_from_allowed_and_loopback_clients_too(pool: Pool) -> None:
+    """With a token, allow does not bypass it: every client needs it, loopback included."""
+    api = AdminApi(pool, token=TOKEN, allow=["10.0.0.0/8"])
+    for address in ("127.0.0.1", "10.1.1.1", "172.16.0.1"):
+        client = from_address(api, address)
+        assert client.get("/_softlb/servers").status_code == 401
+        assert client.get("/_softlb/servers", headers=AUTH).status_code == 200
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    encoded = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {encoded}"}
+
+
+@pytest.mark.parametrize("user", ["", "admin", "any one", "ü"])
+def test_the_token_works_as_a_basic_password_with_any_user(secured: Client, user: str) -> None:
+    """HTTP Basic with the token as the password is accepted, whatever the user name."""
+    assert secured.get("/_softlb/servers", headers=basic(user, TOKEN)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        basic("admin", "wrong"),
+        basic(TOKEN, ""),
+        basic("admin", TOKEN + "x"),
+        {"Authorization": "Basic " + base64.b64encode(TOKEN.encode()).decode()},
+        {"Authorization": "Basic !!!not-base64"},
+        {"Authorization": "Basic"},
+    ],
+    ids=["wrong", "token-as-user", "longer", "no-colon", "garbage", "empty"],
+)
+def test_a_wrong_basic_password_is_401(secured: Client, pool: Pool, headers: Any) -> None:
+    """Basic credentials without the token as the password get 401 and change nothing."""
+    before = members(pool)
+    resp = send(secured, "POST", "/_softlb/servers", {"url": NEW}, headers=headers)
+    assert "wrong" in error_of(resp, 401)
+    assert resp.headers["WWW-Authenticate"] == 'Basic realm="softlb"'
+    assert members(pool) == before
+
+
+# --------------------------------------------------------------------------- Origin
+
+
+WRITES = [
+    ("POST", "/_softlb/servers", {"url": NEW}),
+    ("PATCH", "/_softlb/servers", {"url": A, "weight": 3}),
+    ("DELETE", "/_softlb/servers", {"url": A}),
+    ("POST", "/upload_server", {"url": NEW}),
+    ("DELETE", "/delete_server", {"url": A}),
+    ("PUT", "/_softlb/servers", {"url": A}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), WRITES)
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://evil.example",
+        "http://localhost:8081",
+        "http://127.0.0.1:8080",
+        "null",
+        "",
+        "not a url",
+        "http://localhost:8080.evil.example",
+    ],
+)
+def test_a_cross_site_write_is_403(
+    client: Client, pool: Pool, origin: str, method: str, path: str, body: object
+) -> None:
+    """A state-changing call whose Origin names another host (or is null) gets 403 and
+    changes nothing, whichever route it is sent to."""
+    before = members(pool)
+    headers = {"Origin": origin, "Host": "localhost:8080"}
+    message = error_of(send(client, method, path, body, headers=headers), 403)
+    assert "cross-site" in message
+    assert members(pool) == before
+
+
+@pytest.mark.parametrize(
+    ("origin", "host"),
+    [
+        ("http://localhost:8080", "localhost:8080"),
+        ("http://LocalHost:8080", "localhost:8080"),
+        ("http://localhost:8080", "LOCALHOST:8080"),
+        ("http://lb.example", "lb.example"),
+        ("http://lb.example", "lb.example:80"),
+        ("http://[::1]:8080", "[::1]:8080"),
+    ],
+)
+def test_a_same_origin_write_is_allowed(client: Client, origin: str, host: str) -> None:
+    """An Origin naming the Host the call was sent to (case and default port aside) passes."""
+    headers = {"Origin": origin, "Host": host}
+    assert (
+        send(client, "POST", "/_softlb/servers", {"url": NEW}, headers=headers).status_code == 201
+    )
+
+
+def test_reads_and_writes_without_origin_are_not_checked(client: Client) -> None:
+    """GET with a foreign Origin and a write with no Origin (curl) are not refused."""
+    assert (
+        client.get("/_softlb/servers", headers={"Origin": "http://evil.example"}).status_code == 200
+    )
+    assert send(client, "POST", "/_softlb/servers", {"url": NEW}).status_code == 201
+
+
+# --------------------------------------------------------------------------- properties
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=10,
+)
+URLS = st.one_of(
+    st.sampled_from([A, B, NEW, "http://[::1]]:80", "http://h:0", "localhost:8081"]),
+    st.builds(
+        lambda scheme, host, port: f"{scheme}{host}{port}",
+        st.sampled_from(["http://", "https://", "", "ftp://", "HTTP://"]),
+        st.text(max_size=30),
+        st.sampled_from(["", ":80", ":0", ":65536", ":-1", ":x"]),
+    ),
+    st.text(max_size=40),
+)
+BODIES = st.one_of(
+    JSON_VALUES,
+    st.fixed_dictionaries(
+        {"url": URLS},
+        optional={
+            "weight": st.one_of(st.integers(-5, MAX_WEIGHT + 5), JSON_VALUES),
+            "draining": st.one_of(st.booleans(), JSON_VALUES),
+            "extra": JSON_VALUES,
+        },
+    ),
+)
+PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@PROPERTY
+@given(
+    method=st.sampled_from(["POST", "PATCH", "DELETE"]),
+    path=st.sampled_from(["/_softlb/servers", "/upload_server", "/delete_server"]),
+    body=BODIES,
+)
+def test_random_bodies_never_get_a_5xx_and_a_4xx_changes_nothing(
+    method: str, path: str, body: object
+) -> None:
+    """Whatever JSON body and URL is sent to a writing route, the answer is never a 5xx, and
+    a 4xx leaves the pool exactly as it was."""
+    pool = Pool([A, Backend(B, weight=3)])
+    client = Client(AdminApi(pool))
+    before = members(pool)
+    resp = send(client, method, path, json.dumps(body))
+    assert resp.status_code < 500, resp.get_data(as_text=True)
+    if resp.status_code >= 400:
+        error_of(resp, resp.status_code)
+        assert members(pool) == before
+
+
+@PROPERTY
+@given(raw=st.binary(max_size=200), method=st.sampled_from(["POST", "PATCH", "DELETE"]))
+def test_random_bytes_never_get_a_5xx(raw: bytes, method: str) -> None:
+    """Arbitrary bytes as a body are a 4xx (or, by chance, a valid call), never a 5xx."""
+    pool = Pool([A, Backend(B, weight=3)])
+    before = members(pool)
+    resp = send(Client(AdminApi(pool)), method, "/_softlb/servers", raw)
+    assert resp.status_code < 500
+    if resp.status_code >= 400:
+        assert members(pool) == before

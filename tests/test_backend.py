@@ -24,6 +24,12 @@ from softlb.errors import InvalidBackend
         ("http://[::1]:8080", "http://[::1]:8080"),
         ("http://[2001:DB8::1]/", "http://[2001:db8::1]"),
         ("https://xn--bcher-kva.example", "https://xn--bcher-kva.example"),
+        ("http://[0:0::1]:80/", "http://[::1]:80"),
+        ("http://backend-1.svc.cluster.local:65535", "http://backend-1.svc.cluster.local:65535"),
+        ("http://host:1", "http://host:1"),
+        ("http://host:080", "http://host:80"),
+        ("http://192.168.0.10", "http://192.168.0.10"),
+        ("http://" + "a" * 63 + ".example", "http://" + "a" * 63 + ".example"),
     ],
 )
 def test_normalize_url_accepts(url: str, normalized: str) -> None:
@@ -37,12 +43,27 @@ def test_normalize_url_accepts(url: str, normalized: str) -> None:
         ("http://exa mple.com", "whitespace or control characters"),
         ("http://host\x00:80", "whitespace or control characters"),
         ("http://host\x7f", "whitespace or control characters"),
-        ("http://host:99999", "is malformed"),
+        ("http://host:99999", "port 99999 is out of range; use a port from 1 to 65535"),
+        ("http://host:0", "port 0 is out of range; use a port from 1 to 65535"),
+        ("http://host:", "':' with no port after it"),
+        ("http://[::1]]:80", "is malformed"),
+        ("http://::1:80", "an IPv6 address must be in brackets"),
+        ("http://[not-v6]:80", "is malformed"),
+        ("http://999.999.999.999", "not a valid IPv4 address"),
+        ("http://10.0.0", "not a valid IPv4 address"),
+        ("http://-leading.example", "not a valid host name"),
+        ("http://under_score", "not a valid host name"),
+        ("http://a..b", "not a valid host name"),
+        ("http://" + "a" * 64 + ".example", "not a valid host name"),
+        ("http://169.254.169.254/latest", "link-local"),
+        ("http://[fe80::1]:80", "link-local"),
+        ("http://[::ffff:169.254.1.1]", "link-local"),
+        ("http://[fe80::1%25eth0]", "zone"),
         ("http://host:abc", "is malformed"),
         ("http://[::1", "is malformed"),
         ("ftp://host", "must start with http:// or https:// (got ftp://)"),
         ("example.com", "must start with http:// or https://"),
-        ("localhost:8080", "must start with http:// or https://"),
+        ("localhost:8080", "the scheme is missing; write http://localhost:8080"),
         ("//host:8080", "must start with http:// or https://"),
         ("http://", "has no host"),
         ("http:///path", "has no host"),
@@ -60,6 +81,15 @@ def test_normalize_url_rejects_and_names_the_url(url: str, message: str) -> None
         normalize_url(url)
     assert message in str(info.value)
     assert repr(url) in str(info.value)
+
+
+def test_a_huge_host_is_refused_with_a_short_message() -> None:
+    """A 10,000-character host is refused, and the message quotes only the URL's start."""
+    for url in ("http://" + "a" * 10_000, "http://" + "a." * 130 + "com"):
+        with pytest.raises(InvalidBackend) as info:
+            normalize_url(url)
+        assert len(str(info.value)) < 300
+        assert "characters" in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -422,13 +422,17 @@ def test_banner() -> None:
     )
     assert server.banner(config, ServeOptions(), version="0.1.0") == (
         "softlb 0.1.0 serving on http://127.0.0.1:8080 (least_connections, 3 backends, "
+        "1 worker × event loop); admin at http://127.0.0.1:8080/_softlb/"
+    )
+    assert server.banner(config, ServeOptions(engine="threads"), version="0.1.0") == (
+        "softlb 0.1.0 serving on http://127.0.0.1:8080 (least_connections, 3 backends, "
         "1 worker × 16 threads); admin at http://127.0.0.1:8080/_softlb/"
     )
 
 
 def test_banner_all_interfaces_and_bind() -> None:
     """Listening on every interface, the admin URL is one a local browser can open."""
-    options = ServeOptions(bind="0.0.0.0:9000", workers=2, threads=4)
+    options = ServeOptions(bind="0.0.0.0:9000", workers=2, threads=4, engine="threads")
     assert server.banner(Config(), options, version="1.2") == (
         "softlb 1.2 serving on http://0.0.0.0:9000 (all interfaces) (least_connections, "
         "0 backends, 2 workers × 4 threads); admin at http://127.0.0.1:9000/_softlb/"
@@ -466,7 +470,9 @@ def test_default_state_is_sqlite_for_several_workers() -> None:
 def test_gunicorn_settings() -> None:
     """gthread workers, the app built after the fork, a graceful stop, a generous timeout."""
     config = Config(timeouts=TimeoutsConfig(read=120.0))
-    settings = server.gunicorn_settings(config, ServeOptions(threads=8, graceful_timeout=2.5))
+    assert server.gunicorn_settings(config, ServeOptions())["worker_class"] == "softlb.aio.Worker"
+    options = ServeOptions(threads=8, graceful_timeout=2.5, engine="threads")
+    settings = server.gunicorn_settings(config, options)
     assert settings["worker_class"] == "softlb.worker.SoftLBWorker"
     assert settings["workers"] == 1
     assert settings["threads"] == 8
@@ -481,7 +487,7 @@ def test_gunicorn_settings() -> None:
 
 def test_embedded_gunicorn_takes_known_settings_only() -> None:
     """Settings this gunicorn does not know are skipped; known ones reach its config."""
-    settings = server.gunicorn_settings(Config(), ServeOptions(threads=3))
+    settings = server.gunicorn_settings(Config(), ServeOptions(threads=3, engine="threads"))
     settings["no_such_setting_in_any_gunicorn"] = 1
     app = server.SoftLBServer(lambda: None, settings)  # type: ignore[arg-type,return-value]
     assert app.cfg.worker_class_str == "softlb.worker.SoftLBWorker"

@@ -437,6 +437,38 @@ def test_drain_unknown_raises_unknown_backend() -> None:
         Pool([A]).drain("http://q:1")
 
 
+def test_set_weight_changes_the_split_and_keeps_the_counters() -> None:
+    """set_weight() changes a member in place: same object, same counters and lease, and
+    sequential traffic splits by the new weights at once."""
+    pool = Pool([A, B], balancer=WeightedRoundRobin())
+    a = pool.get(A)
+    with pool.lease():
+        pass
+    lease = pool.lease()
+    before = (a.requests + pool.get(B).requests, a.active + pool.get(B).active)
+    assert pool.set_weight(A, 3) is a
+    assert (a.weight, a.eff_weight) == (3, 3.0)
+    assert pool.get(A) is a
+    assert (a.requests + pool.get(B).requests, a.active + pool.get(B).active) == before
+    lease.release()
+    picks = Counter()
+    for _ in range(40):
+        with pool.lease() as backend:
+            picks[backend.url] += 1
+    assert picks == {A: 30, B: 10}
+
+
+def test_set_weight_refuses_bad_weights_and_unknown_backends() -> None:
+    """A bad weight raises InvalidBackend and an unknown URL UnknownBackend; nothing changes."""
+    pool = Pool([A])
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(InvalidBackend):
+            pool.set_weight(A, bad)  # type: ignore[arg-type]
+    with pytest.raises(UnknownBackend):
+        pool.set_weight("http://q:1", 2)
+    assert pool.get(A).weight == 1
+
+
 def test_set_healthy_reports_changes(events: list[PoolEvent]) -> None:
     """set_healthy returns whether the verdict changed and tells listeners why."""
     pool = Pool([A, B])

@@ -8,6 +8,8 @@ method and path               body                      answers
 ============================  ========================  =====================================
 ``GET {prefix}/servers``                                200 ``{"servers": [...]}``
 ``POST {prefix}/servers``     ``{"url", "weight"?}``    201 the server; 400; 409 present
+``PATCH {prefix}/servers``    ``{"url", "weight"?,      200 the server; 400; 404 unknown
+                              "draining"?}``
 ``DELETE {prefix}/servers``   ``{"url"}``               200 the removed server; 400; 404
 ``GET {prefix}/metrics``                                200 Prometheus text exposition
 ``GET {prefix}/status``                                 200 the status page's figures, JSON
@@ -21,22 +23,40 @@ method and path               body                      answers
 
 Every route also answers ``HEAD`` where it answers ``GET``, and ``OPTIONS`` with 204 and an
 ``Allow`` header. Any other method gets 405 with ``Allow``; any other path under the prefix 404.
-Errors are ``{"error": "<one sentence>"}`` with a 4xx status. With a ``token``, every call
-(the seed routes, the page and the metrics included) first needs ``Authorization: Bearer
-TOKEN``, else 401. A request body must be one JSON object of at most :data:`MAX_BODY` bytes
-(any Content-Type); a bad body is refused before anything changes.
+Errors are ``{"error": "<one sentence>"}`` with a 4xx status. A request body must be one
+JSON object of at most :data:`MAX_BODY` bytes (any Content-Type); a bad body is refused before
+anything changes.
+
+Who may call it (SPEC §5), checked before anything else, on every route (the seed routes, the
+page and the metrics included):
+
+* with a ``token``: every client, wherever it is, sends it as ``Authorization: Bearer TOKEN``
+  or as the password of HTTP Basic auth (any user name), else 401 with
+  ``WWW-Authenticate: Basic realm="softlb"`` (so that a browser asks for it). ``allow`` does
+  not bypass a token: like HAProxy's ``stats auth`` or Traefik's ``basicAuth``, a configured
+  password is asked of everyone.
+* without a token: only clients whose address (``REMOTE_ADDR``, never a header a client could
+  forge) is loopback (127.0.0.0/8, ::1, ::ffff:127.0.0.0/104) or inside ``allow``; others get
+  403.
+* a call that changes state (any method but GET, HEAD and OPTIONS) whose ``Origin`` names
+  another host than its ``Host`` (``Origin: null`` included) gets 403: a web page the
+  operator happens to visit cannot make their browser change the backends. A call with no
+  ``Origin`` (curl, scripts) is not affected.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
+import ipaddress
 import json
 import logging
 import os
 import secrets
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
@@ -56,7 +76,7 @@ if TYPE_CHECKING:
     from softlb.state.sync import SharedState
     from softlb.wsgi import Environ, StartResponse
 
-__all__ = ["MAX_BODY", "SEED_ADD", "SEED_REMOVE", "STATUS_CANDIDATES", "AdminApi"]
+__all__ = ["MAX_BODY", "SEED_ADD", "SEED_REMOVE", "STATUS_CANDIDATES", "AdminApi", "parse_allow"]
 
 log = logging.getLogger("softlb.admin")
 
@@ -71,6 +91,21 @@ SEED_REMOVE: Final = "/delete_server"
 #: Shown in messages about a bad request body.
 _EXAMPLE: Final = '{"url": "http://10.0.0.1:8000", "weight": 1}'
 _EXAMPLE_URL: Final = '{"url": "http://10.0.0.1:8000"}'
+_EXAMPLE_PATCH: Final = '{"url": "http://10.0.0.1:8000", "weight": 2, "draining": true}'
+
+#: Methods that only read: the Origin check (cross-site writes) leaves them alone.
+_SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+
+#: The challenge a 401 carries: Basic, so that a browser asks for the token (as the password).
+_CHALLENGE: Final = 'Basic realm="softlb"'
+
+#: Addresses that may call the admin API without a token and without ``allow``: loopback.
+#: IPv4-mapped IPv6 addresses (::ffff:127.0.0.1, what a dual-stack socket reports) are
+#: checked as the IPv4 address they map.
+_LOOPBACK: Final = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 #: Longest field name or path echoed back in an error message.
 _ECHO_MAX: Final = 60
@@ -159,16 +194,108 @@ def _no_constant(name: str) -> object:
     raise _BadConstant(f"{name} is not a JSON number")
 
 
+def parse_allow(allow: Sequence[str]) -> tuple[_Network, ...]:
+    """``allow`` (addresses or CIDR blocks such as ``"10.0.0.0/8"``) as networks; raise
+    ValueError naming the first entry that is neither. A block with host bits set
+    (``"10.0.0.1/8"``) is taken as the block it is in, as iptables and nginx do."""
+    if isinstance(allow, str):
+        raise ValueError("admin allow must be a list of addresses or CIDR blocks, not a string")
+    networks: list[_Network] = []
+    for entry in allow:
+        if not isinstance(entry, str):
+            raise ValueError(
+                f"admin allow entries must be strings like '10.0.0.0/8', got {entry!r}"
+            )
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ValueError(
+                f"admin allow entry {entry!r} is not an IP address or CIDR block "
+                "(like '10.0.0.5' or '10.0.0.0/8')"
+            ) from None
+    return tuple(networks)
+
+
+def _client_address(environ: Environ) -> _Address | str | None:
+    """The peer's address from ``REMOTE_ADDR`` (IPv4-mapped IPv6 unwrapped); ``"local"``
+    when there is none (a Unix socket, whose clients are on this host, or a call from this
+    process); ``None`` when it is not an IP address."""
+    text = environ.get("REMOTE_ADDR") or ""
+    if not text.strip():
+        return "local"
+    try:
+        address = ipaddress.ip_address(text.strip().strip("[]").partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _host_and_port(text: str, scheme: str) -> tuple[str, int | None] | None:
+    """``(host, port)`` of a ``Host`` header's value, the port filled in from ``scheme``
+    when absent; ``None`` when it cannot be read."""
+    text = text.strip().lower()
+    if not text:
+        return None
+    try:
+        parts = urllib.parse.urlsplit("//" + text)
+        port = parts.port
+    except ValueError:
+        return None
+    host = parts.hostname
+    if not host or parts.username is not None or parts.path or parts.query:
+        return None
+    if port is None:
+        port = {"http": 80, "https": 443}.get(scheme)
+    return host, port
+
+
+def _same_origin(origin: str, environ: Environ) -> bool:
+    """Whether the ``Origin`` header names the host (and port) the request was sent to, by
+    its ``Host`` header (or the server's name and port without one). ``null`` never does."""
+    origin = origin.strip()
+    if not origin or origin.lower() == "null":
+        return False
+    try:
+        parts = urllib.parse.urlsplit(origin)
+    except ValueError:
+        return False
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or parts.path not in ("", "/"):
+        return False
+    theirs = _host_and_port(parts.netloc, scheme)
+    host_header = environ.get("HTTP_HOST")
+    if not host_header:
+        name = environ.get("SERVER_NAME") or ""
+        port = environ.get("SERVER_PORT") or ""
+        host_header = f"{name}:{port}" if port else name
+    ours = _host_and_port(host_header, str(environ.get("wsgi.url_scheme") or "http"))
+    return theirs is not None and theirs == ours
+
+
+def _basic_password(credentials: str) -> bytes | None:
+    """The password of HTTP Basic credentials (base64 of ``user:password``), as bytes."""
+    try:
+        decoded = base64.b64decode(credentials.strip().encode("latin-1"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        return None
+    _user, colon, password = decoded.partition(b":")
+    return password if colon else None
+
+
 class AdminApi:
     """The admin API over ``pool``, as a WSGI app; see the module docstring for the routes.
 
     ``prefix`` is where it lives (a trailing ``/`` is dropped). ``token``, if given, is the
-    bearer token every call needs. ``seed_routes`` keeps ``POST /upload_server`` and ``DELETE
-    /delete_server``. ``stats`` are the proxy's counters for the metrics and the status page
-    (default: fresh, all zero); ``checker`` is shown on the status page. ``on_remove(url)``,
-    if set, is called after a backend left the pool through the API (the proxy closes its
-    pooled connections there); it is a public attribute, so that a process can point it at
-    its own proxy after a fork.
+    token every call needs, from every client (as a bearer token or a Basic password).
+    Without one, only loopback clients and those whose address is in ``allow`` (addresses or
+    CIDR blocks like ``"10.0.0.0/8"``; ValueError for anything else) may call it.
+    ``seed_routes`` keeps ``POST /upload_server`` and ``DELETE /delete_server``. ``stats``
+    are the proxy's counters for the metrics and the status page (default: fresh, all zero);
+    ``checker`` is shown on the status page. ``on_remove(url)``, if set, is called after a
+    backend left the pool through the API (the proxy closes its pooled connections there); it
+    is a public attribute, so that a process can point it at its own proxy after a fork.
 
     A route's work runs under the pool's own locking; the API keeps no lock and no state but
     its start time.
@@ -185,6 +312,7 @@ class AdminApi:
         checker: HealthChecker | None = None,
         on_remove: Callable[[str], None] | None = None,
         state: SharedState | None = None,
+        allow: Sequence[str] = (),
     ) -> None:
         if not isinstance(prefix, str) or not prefix.startswith("/") or not prefix.rstrip("/"):
             raise ValueError(f"admin prefix must be a path like '/_softlb', got {prefix!r}")
@@ -200,6 +328,8 @@ class AdminApi:
         #: fork. ``None``: straight to the pool.
         self.state = state
         self._token = token.encode() if token is not None else None
+        #: Networks whose clients may call the API without a token (besides loopback).
+        self.allow: tuple[_Network, ...] = parse_allow(allow)
         self._metrics = Metrics(
             pool,
             self.stats,
@@ -213,7 +343,12 @@ class AdminApi:
         self._routes: dict[str, dict[str, Handler]] = {
             p: {"GET": self._redirect_to_page},
             p + "/": {"GET": self._page},
-            p + "/servers": {"GET": self._list, "POST": self._add, "DELETE": self._remove},
+            p + "/servers": {
+                "GET": self._list,
+                "POST": self._add,
+                "PATCH": self._update,
+                "DELETE": self._remove,
+            },
             p + "/metrics": {"GET": self._metrics_text},
             p + "/status": {"GET": self._status_json},
             p + "/explain": {"GET": self._explain},
@@ -254,6 +389,15 @@ class AdminApi:
 
     def _dispatch(self, environ: Environ, method: str) -> _Response:
         self._authorize(environ)
+        if method not in _SAFE_METHODS:
+            origin = environ.get("HTTP_ORIGIN")
+            if origin is not None and not _same_origin(origin, environ):
+                raise _Refused(
+                    403,
+                    f"cross-site request refused: Origin {_echo(origin)} is not the host this "
+                    "call was sent to; change the backends from the command line (no Origin "
+                    "header) or from a page served by this host",
+                )
         path = environ.get("PATH_INFO") or "/"
         handlers = self._routes.get(path)
         if handlers is None:
@@ -280,23 +424,52 @@ class AdminApi:
     # -- authentication ------------------------------------------------------------------
 
     def _authorize(self, environ: Environ) -> None:
-        if self._token is None:
-            return
+        """Let the call through, or refuse it: 401 without the right token when there is
+        one, 403 from a client neither on loopback nor in ``allow`` when there is none."""
+        token = self._token
+        if token is None:
+            if self._allowed(environ):
+                return
+            client = str(environ.get("REMOTE_ADDR") or "") or "this client"
+            raise _Refused(
+                403,
+                f"the admin API answers only local clients without a token, and {_echo(client)} "
+                "is not one; set admin.token (then send it as Authorization: Bearer TOKEN) or "
+                "add this address to admin.allow",
+            )
         header = environ.get("HTTP_AUTHORIZATION") or ""
         scheme, _, credentials = header.strip().partition(" ")
-        if scheme.lower() == "bearer":
+        scheme = scheme.lower()
+        given: bytes | None = None
+        if scheme == "bearer":
             try:
                 given = credentials.strip().encode("latin-1")  # PEP 3333: header bytes as latin-1
             except UnicodeEncodeError:
-                given = b""
-            if hmac.compare_digest(given, self._token):
-                return
-            challenge = 'Bearer realm="softlb", error="invalid_token"'
-            message = "the bearer token is wrong; send Authorization: Bearer TOKEN"
+                given = None
+        elif scheme == "basic":
+            given = _basic_password(credentials)
+        # Compared whatever was sent, so that the time taken says nothing about the token.
+        if hmac.compare_digest(given if given is not None else b"", token) and given is not None:
+            return
+        if scheme in ("bearer", "basic"):
+            message = "the admin token is wrong; send Authorization: Bearer TOKEN"
         else:
-            challenge = 'Bearer realm="softlb"'
-            message = "this call needs the admin token; send Authorization: Bearer TOKEN"
-        raise _Refused(401, message, [("WWW-Authenticate", challenge)])
+            message = (
+                "this call needs the admin token; send Authorization: Bearer TOKEN "
+                "(or the token as the password of Basic auth)"
+            )
+        raise _Refused(401, message, [("WWW-Authenticate", _CHALLENGE)])
+
+    def _allowed(self, environ: Environ) -> bool:
+        """Whether the client may call without a token: loopback, or inside ``allow``."""
+        address = _client_address(environ)
+        if address is None:
+            return False
+        if isinstance(address, str):  # no address at all: a Unix socket
+            return True
+        if any(address in network for network in _LOOPBACK):
+            return True
+        return any(address in network for network in self.allow)
 
     # -- request bodies ------------------------------------------------------------------
 
@@ -339,7 +512,12 @@ class AdminApi:
 
     def _read_object(self, environ: Environ, fields: tuple[str, ...]) -> dict[str, Any]:
         """The body as a JSON object holding only ``fields`` (400 for anything else)."""
-        example = _EXAMPLE if "weight" in fields else _EXAMPLE_URL
+        if "draining" in fields:
+            example = _EXAMPLE_PATCH
+        elif "weight" in fields:
+            example = _EXAMPLE
+        else:
+            example = _EXAMPLE_URL
         raw = self._read_body(environ)
         if not raw.strip():
             raise _Refused(400, f"the request body is empty; send a JSON object like {example}")
@@ -415,6 +593,58 @@ class AdminApi:
             raise _Refused(503, f"state store unavailable, nothing changed: {exc}") from None
         log.info("backend %s (weight %d) added by %s", url, weight, environ.get("REMOTE_ADDR", "?"))
         return _json_body(201, backend.as_dict())
+
+    def _update(self, environ: Environ) -> _Response:
+        """``PATCH {prefix}/servers``: change a backend's weight and/or draining flag in
+        place (its counters stay); everything is checked before anything changes."""
+        data = self._read_object(environ, ("url", "weight", "draining"))
+        weight: int | None = None
+        draining: bool | None = None
+        try:
+            url = normalize_url(data["url"])
+            if "weight" in data:
+                weight = validate_weight(data["weight"])
+        except InvalidBackend as exc:
+            raise _Refused(400, str(exc)) from None
+        if "draining" in data:
+            value = data["draining"]
+            if not isinstance(value, bool):
+                raise _Refused(400, f'"draining" must be true or false, got {_json_kind(value)}')
+            draining = value
+        if weight is None and draining is None:
+            raise _Refused(
+                400,
+                f'nothing to change: give "weight", "draining" or both; send {_EXAMPLE_PATCH}',
+            )
+        try:
+            state = self.state
+            if state is not None:
+                backend = state.update(url, weight=weight, draining=draining)
+            else:
+                backend = self.pool.get(url)
+                if weight is not None:
+                    self.pool.set_weight(backend, weight)
+                if draining is not None:
+                    self.pool.drain(backend, draining)
+        except UnknownBackend as exc:
+            raise _Refused(404, str(exc)) from None
+        except InvalidBackend as exc:
+            raise _Refused(400, str(exc)) from None
+        except StoreUnavailable as exc:
+            raise _Refused(503, f"state store unavailable, nothing changed: {exc}") from None
+        changes = []
+        if weight is not None:
+            changes.append(f"weight {weight}")
+        if draining is not None:
+            changes.append("draining" if draining else "not draining")
+        log.info(
+            "backend %s set to %s by %s",
+            backend.url,
+            ", ".join(changes),
+            environ.get("REMOTE_ADDR", "?"),
+        )
+        entry = next((f for f in self.figures() if f.get("url") == backend.url), None)
+        return _json_body(200, entry if entry is not None else backend.as_dict())
 
     def _remove(self, environ: Environ) -> _Response:
         data = self._read_object(environ, ("url",))
@@ -554,6 +784,11 @@ class AdminApi:
         return _json_body(308, {"location": location}, [("Location", location)])
 
     def __repr__(self) -> str:
-        auth = "token" if self._token is not None else "no token"
+        if self._token is not None:
+            auth = "token"
+        elif self.allow:
+            auth = "no token, loopback and " + ", ".join(str(n) for n in self.allow)
+        else:
+            auth = "no token, loopback only"
         seed = ", seed routes" if self.seed_routes else ""
         return f"<AdminApi {self.prefix} {auth}{seed} over {self.pool!r}>"

@@ -11,6 +11,7 @@ gunicorn is reached only through :mod:`softlb.server`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,8 +23,10 @@ from softlb.demo import DEFAULT_PORT, HOST, run_demo
 from softlb.durations import parse_duration
 from softlb.errors import ConfigError
 from softlb.server import (
+    DEFAULT_ENGINE,
     DEFAULT_THREADS,
     DEFAULT_WORKERS,
+    ENGINES,
     GRACEFUL_TIMEOUT,
     BindError,
     ServeOptions,
@@ -80,6 +83,15 @@ def _positive(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {number}")
     return number
+
+
+def _readable_file(value: str) -> str:
+    """A file that exists and can be read (a TLS certificate or key)."""
+    if not os.path.isfile(value):
+        raise argparse.ArgumentTypeError(f"{value}: no such file")
+    if not os.access(value, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{value}: cannot read it (permission denied)")
+    return value
 
 
 def _port(value: str) -> int:
@@ -153,12 +165,17 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the balancer on gunicorn until SIGINT/SIGTERM."""
     config = _load(args.config or DEFAULT_CONFIG, defaulted=args.config is None)
+    if bool(args.certfile) != bool(args.keyfile):
+        raise _CommandError("--certfile and --keyfile go together: give both", EXIT_USAGE)
     options = ServeOptions(
         bind=args.bind,
         workers=args.workers,
         threads=args.threads,
         graceful_timeout=args.graceful_timeout,
         access_log=args.access_log,
+        engine=args.engine,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
     )
     try:
         check_bindable(options.bind or config.listen)
@@ -233,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        help="run the balancer (gunicorn, gthread workers)",
+        help="run the balancer (gunicorn workers, one event loop each)",
         description="Run the balancer until SIGINT/SIGTERM, then let in-flight requests "
         "finish (up to the graceful timeout) and exit 0.",
     )
@@ -258,8 +275,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         type=_positive,
         default=DEFAULT_THREADS,
-        help=f"threads per worker: requests proxied at once (default: {DEFAULT_THREADS})",
+        help="threads per worker with --engine threads: requests proxied at once "
+        f"(default: {DEFAULT_THREADS}; ignored by the event loop)",
     )
+    serve.add_argument(
+        "--engine",
+        choices=tuple(ENGINES),
+        default=DEFAULT_ENGINE,
+        help="eventloop: one event loop per worker serves every connection (default); "
+        "threads: gunicorn's threaded worker",
+    )
+    serve.add_argument(
+        "--certfile", metavar="PATH", type=_readable_file, help="TLS certificate (PEM)"
+    )
+    serve.add_argument("--keyfile", metavar="PATH", type=_readable_file, help="TLS key (PEM)")
     serve.add_argument(
         "--graceful-timeout",
         metavar="DURATION",
@@ -269,7 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {GRACEFUL_TIMEOUT:g}s)",
     )
     serve.add_argument(
-        "--access-log", action="store_true", help="log every request on stdout (default: off)"
+        "--access-log",
+        metavar="PATH|-",
+        nargs="?",
+        const="-",
+        help="one line per proxied request, naming the backend, to PATH or - (stdout); "
+        "overrides the config's access_log (default: the config's, else off)",
     )
     serve.set_defaults(handler=cmd_serve)
 

@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Final
 
 from softlb import events
-from softlb.backend import Backend, normalize_url
+from softlb.backend import Backend, normalize_url, validate_weight
 from softlb.balancers.base import Balancer, Candidate, balancer_by_name, candidate
 from softlb.balancers.least import LeastConnections, load_of
 from softlb.errors import BackendExists, InvalidBackend, NoBackendAvailable, UnknownBackend
@@ -285,6 +285,26 @@ class Pool:
         detail = "draining" if draining else "ready"
         self._emit(PoolEvent("drain", backend, detail))
         self.publish(events.DRAINED, backend, detail)
+        return backend
+
+    def set_weight(self, url: str | Backend, weight: int) -> Backend:
+        """Change a member's weight in place and return it.
+
+        The backend keeps its counters, its requests in flight, its health and its latency
+        estimate (removing and re-adding it would lose them); the balancer gets a new
+        snapshot, so the next pick uses the new weight. A backend in a slow-start ramp keeps
+        ramping, towards the new weight. Raises :class:`~softlb.errors.UnknownBackend` and
+        :class:`~softlb.errors.InvalidBackend` for a bad weight.
+        """
+        weight = validate_weight(weight)
+        with self._lock:
+            backend = self.get(url.url if isinstance(url, Backend) else url)
+            if backend.weight == weight:
+                return backend
+            backend.weight = weight
+            if backend._ramp_from is None:
+                backend.eff_weight = float(weight)
+            self._rebuild(self.clock())
         return backend
 
     def set_healthy(

@@ -20,6 +20,7 @@ at once (gunicorn's own rule while stopping).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import math
@@ -37,8 +38,10 @@ from gunicorn.arbiter import Arbiter
 from softlb.config import Config
 
 __all__ = [
+    "DEFAULT_ENGINE",
     "DEFAULT_THREADS",
     "DEFAULT_WORKERS",
+    "ENGINES",
     "GRACEFUL_TIMEOUT",
     "BindError",
     "ServeOptions",
@@ -56,6 +59,13 @@ DEFAULT_WORKERS: Final = 1
 #: backend holds a thread, so this is higher than a CPU-bound app would use; the backend
 #: connection pools are sized to match.
 DEFAULT_THREADS: Final = 16
+#: The engines ``softlb serve --engine`` runs, and the gunicorn worker class of each: one event
+#: loop per worker (uvloop + httptools, :mod:`softlb.aio`), or gunicorn's threaded worker.
+ENGINES: Final = {
+    "eventloop": "softlb.aio.Worker",
+    "threads": "softlb.worker.SoftLBWorker",
+}
+DEFAULT_ENGINE: Final = "eventloop"
 #: Seconds in-flight requests get to finish after SIGTERM/SIGINT (SPEC §1).
 GRACEFUL_TIMEOUT: Final = 30.0
 #: Seconds an idle client connection is kept open: nginx's ``keepalive_timeout`` is 75 s, but a
@@ -84,14 +94,19 @@ class ServeOptions:
     """How :func:`serve` runs gunicorn; every field has the default ``softlb serve`` uses.
 
     ``bind`` is ``HOST:PORT`` (an IPv6 host in brackets); ``None`` means the config's listen
-    address.
+    address. ``engine`` is a key of :data:`ENGINES`; ``threads`` applies to the threaded engine
+    only. ``certfile``/``keyfile`` override the config's ``tls``. ``access_log`` (a path or
+    ``"-"``) overrides the config's ``access_log``.
     """
 
     bind: str | None = None
     workers: int = DEFAULT_WORKERS
     threads: int = DEFAULT_THREADS
     graceful_timeout: float = GRACEFUL_TIMEOUT
-    access_log: bool = False
+    access_log: str | None = None
+    engine: str = DEFAULT_ENGINE
+    certfile: str | None = None
+    keyfile: str | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -100,6 +115,10 @@ class ServeOptions:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.graceful_timeout < 0:
             raise ValueError(f"graceful_timeout must be >= 0, got {self.graceful_timeout}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ValueError("certfile and keyfile go together")
 
 
 # --------------------------------------------------------------------------- before starting
@@ -161,13 +180,15 @@ def banner(config: Config, options: ServeOptions, *, version: str) -> str:
     """The one line ``softlb serve`` prints before gunicorn's logs."""
     bind = options.bind or config.listen
     host, port = _split_bind(bind)
-    local = f"http://{_url_host(_local_host(host))}:{port}"
-    where = f"http://{_url_host(host)}:{port}"
+    scheme = "https" if options.certfile or getattr(config, "tls", None) else "http"
+    local = f"{scheme}://{_url_host(_local_host(host))}:{port}"
+    where = f"{scheme}://{_url_host(host)}:{port}"
     if local != where:
         where += " (all interfaces)"
+    per_worker = "event loop" if options.engine == "eventloop" else f"{options.threads} threads"
     shape = (
         f"{config.algorithm}, {_plural(len(config.servers), 'backend')}, "
-        f"{_plural(options.workers, 'worker')} × {options.threads} threads"
+        f"{_plural(options.workers, 'worker')} × {per_worker}"
     )
     prefix = config.admin.prefix.rstrip("/")
     return f"softlb {version} serving on {where} ({shape}); admin at {local}{prefix}/"
@@ -234,6 +255,8 @@ def _post_worker_init(worker: Any) -> None:
 
 def _worker_exit(server: Any, worker: Any) -> None:
     """In a worker that is leaving: stop the health checker and close backend connections."""
+    if getattr(worker, "app_stopped", False):
+        return  # the event-loop worker stopped the app itself, after its drain
     app = getattr(worker, "wsgi", None)
     stop = getattr(app, "stop", None)
     if callable(stop):
@@ -318,18 +341,28 @@ def _flush() -> None:
 def gunicorn_settings(config: Config, options: ServeOptions) -> dict[str, Any]:
     """The gunicorn settings :func:`serve` runs with."""
     worker_timeout = max(WORKER_TIMEOUT_MIN, math.ceil(config.timeouts.read) + WORKER_TIMEOUT_SLACK)
+    tls = getattr(config, "tls", None)
+    certfile = options.certfile or (tls.certfile if tls is not None else None)
+    keyfile = options.keyfile or (tls.keyfile if tls is not None else None)
+    binds = [options.bind or config.listen]
+    admin_listen = getattr(config.admin, "listen", None)
+    if admin_listen is not None:
+        binds.append(admin_listen)
     return {
-        "bind": [options.bind or config.listen],
-        # gthread with one send() per small answer and no needless settimeout()s; falls back to
-        # plain gthread behaviour on a gunicorn whose internals differ (see softlb/worker.py).
-        "worker_class": "softlb.worker.SoftLBWorker",
+        "bind": binds,
+        # The event loop (softlb.aio.Worker), or gthread with one send() per small answer and
+        # no needless settimeout()s (softlb/worker.py).
+        "worker_class": ENGINES[options.engine],
         "workers": options.workers,
         "threads": options.threads,
         "preload_app": False,  # the app is built in each worker, after the fork
         "graceful_timeout": math.ceil(options.graceful_timeout),
         "timeout": worker_timeout,
-        "keepalive": KEEPALIVE,
-        "accesslog": "-" if options.access_log else None,
+        "keepalive": math.ceil(getattr(config.timeouts, "keepalive", KEEPALIVE)),
+        "limit_request_field_size": 0,  # softlb's limits.max_header_bytes is the rule
+        "certfile": certfile,
+        "keyfile": keyfile,
+        "accesslog": None,  # softlb's own access log names the backend (--access-log)
         "errorlog": "-",
         "loglevel": "info",
         "proc_name": "softlb",
@@ -370,6 +403,8 @@ def serve(
     first. The listen address should have been checked with :func:`check_bindable`.
     """
     options = options or ServeOptions()
+    if options.access_log is not None:
+        config = dataclasses.replace(config, access_log=options.access_log)
     state, scratch = default_state(config, options)
     if factory is None:
         threads = options.threads

@@ -121,11 +121,11 @@ def test_serve_prints_the_banner_first(shared: Running) -> None:
     output = shared.output()
     line = (
         f"softlb {softlb.__version__} serving on http://127.0.0.1:{shared.port} "
-        "(least_connections, 1 backend, 1 worker × 16 threads); "
+        "(least_connections, 1 backend, 1 worker × event loop); "
         f"admin at http://127.0.0.1:{shared.port}/_softlb/"
     )
     assert output.splitlines()[0] == line
-    assert "Using worker: softlb.worker.SoftLBWorker" in output
+    assert "Using worker: softlb.aio.Worker" in output
     assert_clean(output)
 
 
@@ -295,7 +295,7 @@ def test_two_workers_start_and_share_state(
     assert get(port, "/x") == (200, f"ok from {backend.port}".encode())
     assert "warning" not in running.output()
     assert "softlb: 2 workers share their state in sqlite:////" in running.output()
-    assert "2 workers × 4 threads" in running.output()
+    assert "2 workers × event loop" in running.output()  # --threads: the threaded engine's
     running.signal(signal.SIGTERM)
     assert running.wait() == 0
 

@@ -941,3 +941,105 @@ def test_store_down_at_start_still_health_checks(
     MEASURED["store down at start: probes of the failing backend in ~3 s"] = failing.probes
     assert failing.probes > 0, "no worker probes while the store is down"
     assert failing_healthy() == {False}
+
+
+# --------------------------------------------------------------------------- PATCH everywhere
+
+
+def await_field(
+    pins: Mapping[str, Pinned], url: str, field: str, value: object, since: float
+) -> dict[str, float]:
+    """Seconds from ``since`` until every worker lists ``url`` with ``field`` == ``value``."""
+    seen: dict[str, float] = {}
+    deadline = since + 5 * WITHIN
+    while len(seen) < len(pins):
+        assert time.monotonic() < deadline, f"{field}={value!r} seen by {seen} only"
+        for name, p in pins.items():
+            if name not in seen:
+                entry = next(s for s in p.servers() if s["url"] == url)
+                if entry[field] == value:
+                    seen[name] = time.monotonic() - since
+        time.sleep(0.005)
+    return seen
+
+
+def patch_everywhere(
+    pins: dict[str, Pinned], by: Pinned, kept: TestBackend, drained: TestBackend, label: str
+) -> None:
+    """PATCH a weight through ``by`` and a drain through another worker; both must reach
+    every worker within 1 s, the reweighted backend keep its counters, and a drained
+    backend get no request from any worker until it is undrained."""
+    for name, p in pins.items():  # every worker sends some traffic to both first
+        for i in range(4):
+            assert p.request("GET", f"/warm/{name}/{i}")[0] == 200
+    requests_before = {
+        name: next(s for s in p.servers() if s["url"] == kept.url)["requests"]
+        for name, p in pins.items()
+    }
+    status, doc = by.json("PATCH", SERVERS, {"url": kept.url, "weight": 3})
+    since = time.monotonic()
+    assert status == 200, doc
+    assert (doc["url"], doc["weight"], doc["draining"]) == (kept.url, 3, False)
+    seen = await_field(pins, kept.url, "weight", 3, since)
+    MEASURED[f"{label} PATCH weight: seen by each worker after"] = fmt(seen)
+    assert max(seen.values()) <= WITHIN + SLACK, seen
+    for name, p in pins.items():  # changed in place: the counters stay
+        entry = next(s for s in p.servers() if s["url"] == kept.url)
+        assert entry["requests"] >= requests_before[name] > 0, (name, entry)
+
+    other = next(p for p in pins.values() if p is not by)
+    status, doc = other.json("PATCH", SERVERS, {"url": drained.url, "draining": True})
+    since = time.monotonic()
+    assert status == 200, doc
+    assert (doc["weight"], doc["draining"]) == (1, True)
+    seen = await_field(pins, drained.url, "draining", True, since)
+    MEASURED[f"{label} PATCH draining: seen by each worker after"] = fmt(seen)
+    assert max(seen.values()) <= WITHIN + SLACK, seen
+    before = drained.request_count
+    for name, p in pins.items():
+        for i in range(6):
+            assert p.request("GET", f"/while-drained/{name}/{i}")[0] == 200
+    assert drained.request_count == before, "a drained backend got new requests"
+
+    assert by.json("PATCH", SERVERS, {"url": drained.url, "draining": False})[0] == 200
+    await_field(pins, drained.url, "draining", False, time.monotonic())
+    assert by.json("PATCH", SERVERS, {"url": "http://127.0.0.1:9", "weight": 2})[0] == 404
+
+
+def test_patch_reaches_every_worker_within_1s(
+    launch: Launcher, tmp_path: Path, backends: list[TestBackend]
+) -> None:
+    """`softlb serve --workers 2` (SQLite): a weight changed and a backend drained through
+    either worker's PATCH are seen by both within 1 s, and a drained backend gets nothing."""
+    first, second, _ = backends
+    config = {
+        "servers": [first.url, second.url],
+        "algorithm": "round_robin",
+        "health_check": QUIET_PROBES,
+    }
+    running, pids = serve(launch, tmp_path, "patch", config)
+    pins = pin_one(running.port or 0, pids, label="pid-")
+    patch_everywhere(pins, next(iter(pins.values())), first, second, "sqlite")
+    assert_all_agree(pins)
+    assert_clean(running)
+
+
+def test_patch_reaches_the_other_host_within_1s(
+    launch: Launcher, tmp_path: Path, redis_isolated: RedisServer, backends: list[TestBackend]
+) -> None:
+    """Two hosts on one Redis: a PATCH made on host-a is seen by every worker of host-b
+    within 1 s, and one made on host-b by host-a's."""
+    first, second, _ = backends
+    hosts = two_hosts(launch, tmp_path, redis_isolated, [first.url, second.url], interval=5)
+    pins = pin_hosts(hosts)
+    by = next(iter(pins["host-a"].values()))
+    # patch_everywhere drains through "another worker" (the second listed): one of host-b's.
+    ordered = {by.name: by, **pins["host-b"]}
+    ordered.update(flat(pins))
+    patch_everywhere(ordered, by, first, second, "redis")
+    assert assert_hosts_agree(pins) == [
+        (first.url, 3, True, False),
+        (second.url, 1, True, False),
+    ]
+    for running, _ in hosts.values():
+        assert_clean(running)

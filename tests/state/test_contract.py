@@ -132,6 +132,53 @@ def test_remove_of_an_unknown_url_raises_and_changes_nothing(store: StateStore) 
     assert store.version() == 1
 
 
+def test_update_changes_weight_and_draining_in_place(store: StateStore) -> None:
+    """update() changes only what it is given, keeps the member's slot and place, and bumps
+    the version by one each time."""
+    seeded = store.seed(SEED)
+    slot_b = seeded.members[1].slot
+    weighted = store.update("http://b:2", weight=7)
+    assert weighted.version == 2
+    assert [(m.url, m.weight, m.draining) for m in weighted.members] == [
+        ("http://a:1", 1, False),
+        ("http://b:2", 7, False),
+        ("http://c:3", 3, False),
+    ]
+    assert weighted.members[1].slot == slot_b
+    drained = store.update("http://b:2", draining=True)
+    assert drained.version == 3
+    assert (drained.members[1].weight, drained.members[1].draining) == (7, True)
+    assert store.membership() == drained
+    both = store.update("http://b:2", weight=2, draining=False)
+    assert (both.members[1].weight, both.members[1].draining) == (2, False)
+    assert both.members[1].slot == slot_b
+    assert store.version() == 4
+
+
+def test_update_of_an_unknown_url_raises_and_changes_nothing(store: StateStore) -> None:
+    """UnknownBackend for a URL not present, on an empty store too (which stays empty)."""
+    with pytest.raises(UnknownBackend):
+        store.update("http://nowhere:1", weight=2)
+    assert store.version() is None
+    store.seed(SEED)
+    with pytest.raises(UnknownBackend):
+        store.update("http://nowhere:1", draining=True)
+    assert store.version() == 1
+
+
+def test_seed_after_a_version_and_with_draining_members(store: StateStore) -> None:
+    """seed(after=N) writes version N + 1 (a write-back past every version still known),
+    and (url, weight, draining) triples keep the draining flag."""
+    membership = store.seed([("http://a:1", 1, True), ("http://b:2", 2)], after=1005)
+    assert membership.version == 1006
+    assert [(m.url, m.weight, m.draining) for m in membership.members] == [
+        ("http://a:1", 1, True),
+        ("http://b:2", 2, False),
+    ]
+    assert store.membership() == membership
+    assert store.add("http://c:3", 3).version == 1007
+
+
 def test_a_freed_slot_is_reused_last(store: StateStore) -> None:
     """Slots go round the table: a new member gets a slot nobody used lately."""
     seeded = store.seed(SEED)

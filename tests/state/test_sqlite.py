@@ -271,3 +271,37 @@ def test_workers_starting_together_on_a_new_file(tmp_path: Path) -> None:
         assert sorted(membership.urls()[1:]) == [f"http://w{n}:80" for n in range(4)]
     finally:
         store.close()
+
+
+def test_a_file_written_before_draining_existed_gets_the_column(db: str) -> None:
+    """A file whose member table has no draining column (written by an earlier softlb) is
+    upgraded when opened: its membership reads back with draining false, and can drain."""
+    with sqlite3.connect(db) as old:
+        old.executescript(
+            """
+            CREATE TABLE softlb_cluster (cluster TEXT PRIMARY KEY, version INTEGER NOT NULL,
+                last_slot INTEGER NOT NULL, next_position INTEGER NOT NULL);
+            CREATE TABLE softlb_member (cluster TEXT NOT NULL, url TEXT NOT NULL,
+                weight INTEGER NOT NULL, slot INTEGER NOT NULL, position INTEGER NOT NULL,
+                PRIMARY KEY (cluster, url));
+            CREATE TABLE softlb_health (cluster TEXT NOT NULL, url TEXT NOT NULL,
+                healthy INTEGER NOT NULL, reason TEXT NOT NULL, expires REAL NOT NULL,
+                PRIMARY KEY (cluster, url));
+            CREATE TABLE softlb_prober (cluster TEXT PRIMARY KEY, owner TEXT NOT NULL,
+                expires REAL NOT NULL);
+            INSERT INTO softlb_cluster VALUES ('softlb', 4, 0, 1);
+            INSERT INTO softlb_member VALUES ('softlb', 'http://a:1', 2, 0, 0);
+            """
+        )
+    old.close()
+    store = SqliteStore(db)
+    try:
+        membership = store.membership()
+        assert membership is not None
+        assert [(m.url, m.weight, m.draining) for m in membership.members] == [
+            ("http://a:1", 2, False)
+        ]
+        drained = store.update("http://a:1", draining=True)
+        assert (drained.version, drained.members[0].draining) == (5, True)
+    finally:
+        store.close()

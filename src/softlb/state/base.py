@@ -33,8 +33,10 @@ __all__ = [
     "HealthVerdict",
     "Member",
     "Membership",
+    "SeedEntry",
     "StateStore",
     "StoreUnavailable",
+    "seed_entries",
 ]
 
 #: Backends a shared store can hold: the width of the in-flight slot table. 1,024 keeps the
@@ -56,6 +58,8 @@ class Member:
     weight: int = 1
     #: Column of this backend in the host's in-flight slot table (0 .. MAX_SLOTS - 1).
     slot: int = 0
+    #: Taken out of rotation by an operator (``PATCH`` with ``"draining": true``).
+    draining: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,10 +106,13 @@ class StateStore(ABC):
         """The membership version (cheap), or ``None`` when there is no membership."""
 
     @abstractmethod
-    def seed(self, members: Iterable[tuple[str, int]]) -> Membership:
-        """Write ``(url, weight)`` pairs as the membership if there is none; return what is
-        there afterwards. Used for the config's ``servers`` at start, and to write back the
-        last known membership when a store comes back empty."""
+    def seed(self, members: Iterable[SeedEntry], *, after: int = 0) -> Membership:
+        """Write ``(url, weight)`` pairs or ``(url, weight, draining)`` triples as the
+        membership if there is none, at version ``after + 1``; return what is there
+        afterwards (the first of duplicate URLs wins). Used for the config's ``servers`` at
+        start (``after`` 0), and to write back the last known membership when a store comes
+        back empty: then ``after`` is past every version a process may still know, so that
+        no process takes the new membership, or a change made to it, for one it has seen."""
 
     @abstractmethod
     def add(self, url: str, weight: int) -> Membership:
@@ -115,6 +122,14 @@ class StateStore(ABC):
     @abstractmethod
     def remove(self, url: str) -> Membership:
         """Remove a member (raise :class:`~softlb.errors.UnknownBackend`) and bump the version."""
+
+    @abstractmethod
+    def update(
+        self, url: str, *, weight: int | None = None, draining: bool | None = None
+    ) -> Membership:
+        """Change a member's weight and/or draining flag (``None``: leave it), keeping its
+        slot and place, and bump the version; raise :class:`~softlb.errors.UnknownBackend`
+        for a URL that is not a member (or when there is no membership)."""
 
     # -- health --------------------------------------------------------------------------
 
@@ -157,6 +172,21 @@ class StateStore(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}>"
+
+
+#: What :meth:`StateStore.seed` takes per member: ``(url, weight)`` or ``(url, weight,
+#: draining)``.
+SeedEntry = tuple[str, int] | tuple[str, int, bool]
+
+
+def seed_entries(members: Iterable[SeedEntry]) -> list[tuple[str, int, bool]]:
+    """``members`` as ``(url, weight, draining)`` triples, the first of duplicate URLs kept."""
+    unique: dict[str, tuple[str, int, bool]] = {}
+    for entry in members:
+        url, weight = entry[0], int(entry[1])
+        draining = bool(entry[2]) if len(entry) > 2 else False
+        unique.setdefault(url, (url, weight, draining))
+    return list(unique.values())
 
 
 def next_free_slot(used: Iterable[int], last: int) -> int:

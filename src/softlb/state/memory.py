@@ -7,7 +7,15 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from softlb.errors import BackendExists, UnknownBackend
-from softlb.state.base import HealthVerdict, Member, Membership, StateStore, next_free_slot
+from softlb.state.base import (
+    HealthVerdict,
+    Member,
+    Membership,
+    SeedEntry,
+    StateStore,
+    next_free_slot,
+    seed_entries,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -37,22 +45,20 @@ class MemoryStore(StateStore):
         membership = self._membership
         return None if membership is None else membership.version
 
-    def _write(self, members: tuple[Member, ...]) -> Membership:
-        version = 1 if self._membership is None else self._membership.version + 1
+    def _write(self, members: tuple[Member, ...], after: int = 0) -> Membership:
+        version = after + 1 if self._membership is None else self._membership.version + 1
         self._membership = Membership(version, members)
         return self._membership
 
-    def seed(self, members: Iterable[tuple[str, int]]) -> Membership:
+    def seed(self, members: Iterable[SeedEntry], *, after: int = 0) -> Membership:
         with self._lock:
             if self._membership is not None:
                 return self._membership
             seeded: list[Member] = []
-            for url, weight in members:
-                if any(m.url == url for m in seeded):
-                    continue  # the first of duplicate URLs wins, as in the other stores
+            for url, weight, draining in seed_entries(members):
                 self._last_slot = next_free_slot((m.slot for m in seeded), self._last_slot)
-                seeded.append(Member(url, weight, self._last_slot))
-            return self._write(tuple(seeded))
+                seeded.append(Member(url, weight, self._last_slot, draining))
+            return self._write(tuple(seeded), after)
 
     def add(self, url: str, weight: int) -> Membership:
         with self._lock:
@@ -69,6 +75,26 @@ class MemoryStore(StateStore):
                 raise UnknownBackend(f"no backend {url} in the pool")
             self._health.pop(url, None)
             return self._write(tuple(m for m in current if m.url != url))
+
+    def update(
+        self, url: str, *, weight: int | None = None, draining: bool | None = None
+    ) -> Membership:
+        with self._lock:
+            current = self._membership.members if self._membership else ()
+            if not any(m.url == url for m in current):
+                raise UnknownBackend(f"no backend {url} in the pool")
+            changed = tuple(
+                Member(
+                    m.url,
+                    m.weight if weight is None else weight,
+                    m.slot,
+                    m.draining if draining is None else draining,
+                )
+                if m.url == url
+                else m
+                for m in current
+            )
+            return self._write(changed)
 
     def health(self) -> Mapping[str, HealthVerdict]:
         now = self.clock()

@@ -7,8 +7,9 @@ works with the Redis 7.0 that Debian ships (no 7.2+ or 7.4-only commands, no fun
 Key layout, everything under the prefix ``{cluster}:`` so that two clusters share one Redis
 (the ``cluster`` config key, ``"softlb"`` by default)::
 
-    {cluster}:members        hash    url -> {"weight": W, "slot": S, "seq": N}; seq orders
-                                     members as they were added (a hash has no order)
+    {cluster}:members        hash    url -> {"weight": W, "slot": S, "seq": N,
+                                     "draining": B}; seq orders members as they were
+                                     added (a hash has no order); no draining = false
     {cluster}:version        string  the membership version; no key = no membership
     {cluster}:last_slot      string  the slot handed out last (slots go round the table)
     {cluster}:health:{url}   string  {"healthy": B, "reason": R}, expires by PX
@@ -57,8 +58,10 @@ from softlb.state.base import (
     HealthVerdict,
     Member,
     Membership,
+    SeedEntry,
     StateStore,
     StoreUnavailable,
+    seed_entries,
 )
 
 if TYPE_CHECKING:
@@ -122,9 +125,10 @@ return reply(version)
 """
 )
 
-#: seed(): write ARGV[4..] as (url, weight) pairs unless a membership exists. Slots go round
-#: the table from last_slot like softlb.state.base.next_free_slot; the caller removed
-#: duplicate urls and checked there are at most MAX_SLOTS of them.
+#: seed(): unless a membership exists, write ARGV[5..] as (url, weight, draining "0"/"1")
+#: triples at version ARGV[4] + 1. Slots go round the table from last_slot like
+#: softlb.state.base.next_free_slot; the caller removed duplicate urls and checked there are
+#: at most MAX_SLOTS of them.
 _SEED_LUA = (
     _MEMBERSHIP_PRELUDE
     + """
@@ -135,15 +139,17 @@ local max = tonumber(ARGV[2])
 local last = tonumber(redis.call('GET', KEYS[3]) or '-1')
 local used = {}
 local seq = 0
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 3 do
   last = (last + 1) % max
   while used[last] do last = (last + 1) % max end
   used[last] = true
   seq = seq + 1
-  redis.call('HSET', KEYS[2], ARGV[i],
-    cjson.encode({weight = tonumber(ARGV[i + 1]), slot = last, seq = seq}))
+  local member = {weight = tonumber(ARGV[i + 1]), slot = last, seq = seq}
+  if ARGV[i + 2] == '1' then member.draining = true end
+  redis.call('HSET', KEYS[2], ARGV[i], cjson.encode(member))
 end
 redis.call('SET', KEYS[3], last)
+redis.call('SET', KEYS[1], ARGV[4])
 return reply(bump())
 """
 )
@@ -184,6 +190,23 @@ local url = ARGV[4]
 if redis.call('HDEL', KEYS[2], url) == 0 then return {'unknown'} end
 redis.call('DEL', ARGV[3] .. url)
 redis.call('SREM', KEYS[4], url)
+return reply(bump())
+"""
+)
+
+#: update(): refuse an absent url ('unknown'); otherwise set its weight (ARGV[5], unless
+#: empty) and draining flag (ARGV[6]: '1', '0' or empty), keep its slot and seq, bump.
+_UPDATE_LUA = (
+    _MEMBERSHIP_PRELUDE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
+local url = ARGV[4]
+local raw = redis.call('HGET', KEYS[2], url)
+if not raw then return {'unknown'} end
+local member = cjson.decode(raw)
+if ARGV[5] ~= '' then member.weight = tonumber(ARGV[5]) end
+if ARGV[6] == '1' then member.draining = true elseif ARGV[6] == '0' then member.draining = nil end
+redis.call('HSET', KEYS[2], url, cjson.encode(member))
 return reply(bump())
 """
 )
@@ -246,6 +269,7 @@ _READ = _Script(_READ_LUA)
 _SEED = _Script(_SEED_LUA)
 _ADD = _Script(_ADD_LUA)
 _REMOVE = _Script(_REMOVE_LUA)
+_UPDATE = _Script(_UPDATE_LUA)
 _PUT_EXPIRING = _Script(_PUT_EXPIRING_LUA)
 _READ_INDEXED = _Script(_READ_INDEXED_LUA)
 _CLAIM = _Script(_CLAIM_LUA)
@@ -476,7 +500,11 @@ class RedisStore(StateStore):
         )
         self._seen_version = version
         return Membership(
-            version, tuple(Member(url, int(d["weight"]), int(d["slot"])) for url, d in members)
+            version,
+            tuple(
+                Member(url, int(d["weight"]), int(d["slot"]), d.get("draining") is True)
+                for url, d in members
+            ),
         )
 
     def membership(self) -> Membership | None:
@@ -493,13 +521,13 @@ class RedisStore(StateStore):
         self._seen_version = version
         return version
 
-    def seed(self, members: Iterable[tuple[str, int]]) -> Membership:
-        unique: dict[str, int] = {}
-        for url, weight in members:
-            unique.setdefault(url, int(weight))  # the first of duplicate urls wins
+    def seed(self, members: Iterable[SeedEntry], *, after: int = 0) -> Membership:
+        unique = seed_entries(members)
         if len(unique) > MAX_SLOTS:
             raise InvalidBackend(_TOO_MANY)
-        args = [item for url, weight in unique.items() for item in (url, weight)]
+        args: list[str | int] = [int(after)]
+        for url, weight, draining in unique:
+            args += [url, weight, "1" if draining else "0"]
         result = self._membership_script(_SEED, args, "seeding membership")
         assert isinstance(result, Membership)
         return result
@@ -515,6 +543,20 @@ class RedisStore(StateStore):
 
     def remove(self, url: str) -> Membership:
         result = self._membership_script(_REMOVE, (url,), f"removing {url}")
+        if result == "unknown":
+            raise UnknownBackend(f"no backend {url} in the pool")
+        assert isinstance(result, Membership)
+        return result
+
+    def update(
+        self, url: str, *, weight: int | None = None, draining: bool | None = None
+    ) -> Membership:
+        args = (
+            url,
+            "" if weight is None else int(weight),
+            "" if draining is None else ("1" if draining else "0"),
+        )
+        result = self._membership_script(_UPDATE, args, f"updating {url}")
         if result == "unknown":
             raise UnknownBackend(f"no backend {url} in the pool")
         assert isinstance(result, Membership)

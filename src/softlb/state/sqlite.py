@@ -3,7 +3,8 @@
 Tables, keyed by cluster so that several clusters can share a file::
 
     softlb_cluster  (cluster PK, version, last_slot, next_position)   the membership's version
-    softlb_member   (cluster, url) PK, weight, slot, position          its members, in order
+    softlb_member   (cluster, url) PK, weight, slot, position,         its members, in order
+                    draining
     softlb_health   (cluster, url) PK, healthy, reason, expires        verdicts, until expires
     softlb_prober   (cluster PK, owner, expires)                       the prober lease
 
@@ -35,9 +36,11 @@ from softlb.state.base import (
     HealthVerdict,
     Member,
     Membership,
+    SeedEntry,
     StateStore,
     StoreUnavailable,
     next_free_slot,
+    seed_entries,
 )
 
 __all__ = ["BUSY_TIMEOUT", "SqliteStore"]
@@ -60,6 +63,7 @@ _SCHEMA: Final = (
         weight INTEGER NOT NULL,
         slot INTEGER NOT NULL,
         position INTEGER NOT NULL,
+        draining INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (cluster, url)
     )""",
     """CREATE TABLE IF NOT EXISTS softlb_health (
@@ -78,8 +82,12 @@ _SCHEMA: Final = (
 )
 _TABLES: Final = ("softlb_cluster", "softlb_member", "softlb_health", "softlb_prober")
 
+#: Columns added to a table after its first release, with their definitions: a file written
+#: by an older softlb gets them when first opened (ALTER TABLE ... ADD COLUMN).
+_ADDED_COLUMNS: Final = (("softlb_member", "draining", "INTEGER NOT NULL DEFAULT 0"),)
+
 _MEMBERSHIP: Final = """
-    SELECT c.version, m.url, m.weight, m.slot
+    SELECT c.version, m.url, m.weight, m.slot, m.draining
     FROM softlb_cluster AS c LEFT JOIN softlb_member AS m ON m.cluster = c.cluster
     WHERE c.cluster = ?
     ORDER BY m.position
@@ -163,30 +171,32 @@ class SqliteStore(StateStore):
             ).fetchone()
         return None if row is None else int(row[0])
 
-    def seed(self, members: Iterable[tuple[str, int]]) -> Membership:
+    def seed(self, members: Iterable[SeedEntry], *, after: int = 0) -> Membership:
         with self._transaction() as db:
             existing = _read_membership(db, self.cluster)
             if existing is not None:
                 return existing
-            unique: dict[str, int] = {}
-            for url, weight in members:
-                unique.setdefault(url, weight)  # the first of duplicate urls wins
+            # Members left without a cluster row are not a membership: start afresh.
+            db.execute("DELETE FROM softlb_member WHERE cluster = ?", (self.cluster,))
             seeded: list[Member] = []
             last = -1
-            for url, weight in unique.items():
+            for url, weight, draining in seed_entries(members):
                 last = next_free_slot((m.slot for m in seeded), last)
-                seeded.append(Member(url, weight, last))
+                seeded.append(Member(url, weight, last, draining))
             db.executemany(
-                "INSERT INTO softlb_member (cluster, url, weight, slot, position) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [(self.cluster, m.url, m.weight, m.slot, i) for i, m in enumerate(seeded)],
+                "INSERT INTO softlb_member (cluster, url, weight, slot, position, draining) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (self.cluster, m.url, m.weight, m.slot, i, int(m.draining))
+                    for i, m in enumerate(seeded)
+                ],
             )
             db.execute(
                 "INSERT INTO softlb_cluster (cluster, version, last_slot, next_position) "
-                "VALUES (?, 1, ?, ?)",
-                (self.cluster, last, len(seeded)),
+                "VALUES (?, ?, ?, ?)",
+                (self.cluster, after + 1, last, len(seeded)),
             )
-            return Membership(1, tuple(seeded))
+            return Membership(after + 1, tuple(seeded))
 
     def add(self, url: str, weight: int) -> Membership:
         with self._transaction() as db:
@@ -238,6 +248,26 @@ class SqliteStore(StateStore):
             )
             membership = _read_membership(db, self.cluster)
             assert membership is not None
+            return membership
+
+    def update(
+        self, url: str, *, weight: int | None = None, draining: bool | None = None
+    ) -> Membership:
+        with self._transaction() as db:
+            found = db.execute(
+                "UPDATE softlb_member SET weight = COALESCE(?, weight), "
+                "draining = COALESCE(?, draining) WHERE cluster = ? AND url = ?",
+                (weight, None if draining is None else int(draining), self.cluster, url),
+            ).rowcount
+            if not found:
+                raise UnknownBackend(f"no backend {url} in the pool")
+            db.execute(
+                "UPDATE softlb_cluster SET version = version + 1 WHERE cluster = ?",
+                (self.cluster,),
+            )
+            membership = _read_membership(db, self.cluster)
+            if membership is None:  # members without a cluster row: no membership
+                raise UnknownBackend(f"no backend {url} in the pool")
             return membership
 
     # -- health --------------------------------------------------------------------------
@@ -364,10 +394,14 @@ class SqliteStore(StateStore):
                 f"AND name IN ({', '.join('?' * len(_TABLES))})",
                 _TABLES,
             ).fetchone()[0]
-            if present != len(_TABLES):  # a write: only when needed, so reads work while
-                conn.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            if present != len(_TABLES) or _missing_columns(conn):
+                # A write: only when needed, so reads work while another process holds
+                # the write lock.
+                conn.execute("BEGIN IMMEDIATE")
                 for statement in _SCHEMA:
                     conn.execute(statement)
+                for table, column, definition in _missing_columns(conn):
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
                 conn.execute("COMMIT")
             stat = os.stat(self.path)
         except BaseException:
@@ -407,12 +441,24 @@ def _switch_to_wal(conn: sqlite3.Connection, timeout: float) -> None:
             delay = min(delay * 2, 0.1)
 
 
+def _missing_columns(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
+    """The columns of :data:`_ADDED_COLUMNS` that a table present in the file lacks."""
+    missing = []
+    for table, column, definition in _ADDED_COLUMNS:
+        names = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if names and column not in names:
+            missing.append((table, column, definition))
+    return missing
+
+
 def _read_membership(db: sqlite3.Connection, cluster: str) -> Membership | None:
     rows = db.execute(_MEMBERSHIP, (cluster,)).fetchall()
     if not rows:
         return None
     members = tuple(
-        Member(url, int(weight), int(slot)) for _v, url, weight, slot in rows if url is not None
+        Member(url, int(weight), int(slot), bool(draining))
+        for _v, url, weight, slot, draining in rows
+        if url is not None
     )
     return Membership(int(rows[0][0]), members)
 

@@ -51,6 +51,7 @@ __all__ = [
     "LOAD_INTERVAL",
     "POLL_INTERVAL",
     "PROBER_TTL",
+    "WRITE_BACK_GAP",
     "SharedState",
     "node_name",
     "runtime_dir",
@@ -73,6 +74,14 @@ PROBER_TTL: Final = 3.0
 
 #: How often the whole membership is read even when its version has not changed.
 FULL_READ_INTERVAL: Final = 5.0
+
+#: How far past the version it last knew a process writes back a membership the store lost.
+#: Versions restart at 1 in an empty store; a write-back at version 1 would let a process
+#: that knew version N take the store's version N, reached again by changes made after the
+#: write-back, for the one it has seen, and miss those changes (hardening item 8). Another
+#: process may know a few versions more than the writer (changes made within its last poll
+#: interval); no one makes a thousand admin changes in a quarter of a second.
+WRITE_BACK_GAP: Final = 1000
 
 #: Proxy-wide counters shared through the slot table, two per column (its requests and
 #: failures cells, which readers sum over every row, dead and retired ones included, so the
@@ -254,17 +263,7 @@ class SharedState:
         try:
             version = store.version()
             if version is None:
-                known = self._known
-                if known is not None:
-                    log.warning(
-                        "state store has no membership (data lost?): writing back the %d "
-                        "backends last known",
-                        len(known.members),
-                    )
-                    pairs = [(m.url, m.weight) for m in known.members]
-                else:
-                    pairs = self.seed
-                self.apply(store.seed(pairs))
+                self._write_back()
             elif (
                 self._known is None
                 or version != self._known.version
@@ -292,6 +291,30 @@ class SharedState:
         self.last_error = None
         self._stale_since = None
 
+    def _write_back(self) -> None:
+        """Seed the store, which has no membership, with the one this process last knew
+        (or the config's, at the first start), and apply what the store then holds: this
+        process's, or that of another one that got there first."""
+        known = self._known
+        if known is None:
+            self.apply(self.store.seed(self.seed))
+            return
+        log.warning(
+            "state store has no membership (data lost?): writing back the %d backends last known",
+            len(known.members),
+        )
+        entries = [(m.url, m.weight, m.draining) for m in known.members]
+        self.apply(self.store.seed(entries, after=known.version + WRITE_BACK_GAP))
+
+    def _write_back_if_lost(self) -> None:
+        """Before an admin change: if the store lost its membership, write back the last
+        known one first, so that the change is made to it rather than to an empty store
+        (which would drop every other backend everywhere)."""
+        if self.store.version() is None:
+            with self._apply_lock:
+                if self.store.version() is None:
+                    self._write_back()
+
     def _elect(self, prober: bool) -> None:
         checker = self.checker
         assert checker is not None
@@ -306,21 +329,29 @@ class SharedState:
     # -- membership ----------------------------------------------------------------------
 
     def apply(self, membership: Membership) -> None:
-        """Make the local pool match ``membership`` (order, weights, slots)."""
+        """Make the local pool match ``membership`` (order, weights, draining, slots).
+
+        A member whose weight or draining flag changed is changed in place: it keeps its
+        counters, its requests in flight and its health.
+        """
         with self._apply_lock:
             local = {b.url: b for b in self.pool.backends}
             wanted = {m.url: m for m in membership.members}
             for url, backend in local.items():
-                member = wanted.get(url)
-                if member is None or member.weight != backend.weight:
+                if url not in wanted:
                     self._drop(backend)
             for member in membership.members:
                 present = local.get(member.url)
-                if present is not None and member.weight == present.weight:
+                if present is not None:
+                    if present.weight != member.weight:
+                        self.pool.set_weight(present, member.weight)
+                    if present.draining != member.draining:
+                        self.pool.drain(present, member.draining)
                     if present._slot != member.slot:  # renumbered (a store written back)
                         self._move_slot(present, member.slot)
                     continue
                 fresh = Backend(member.url, member.weight)
+                fresh.draining = member.draining
                 fresh._slot = member.slot
                 try:
                     self.pool.add(fresh)
@@ -375,16 +406,32 @@ class SharedState:
         Raises :class:`StoreUnavailable` (nothing changes anywhere),
         :class:`~softlb.errors.BackendExists`, :class:`~softlb.errors.InvalidBackend`.
         """
+        self._write_back_if_lost()
         membership = self.store.add(url, weight)
         self.apply(membership)
         return self.pool.get(url)
 
     def remove(self, url: str) -> Backend:
         """Remove a backend everywhere; its requests in flight finish."""
+        self._write_back_if_lost()
         backend = self.pool.get(url) if url in self.pool else None
         membership = self.store.remove(url)
         self.apply(membership)
         return backend if backend is not None else Backend(url)
+
+    def update(
+        self, url: str, *, weight: int | None = None, draining: bool | None = None
+    ) -> Backend:
+        """Change a backend's weight and/or draining flag everywhere (``None``: leave it);
+        here it is changed in place, keeping its counters.
+
+        Raises :class:`StoreUnavailable` (nothing changes anywhere) and
+        :class:`~softlb.errors.UnknownBackend`.
+        """
+        self._write_back_if_lost()
+        membership = self.store.update(url, weight=weight, draining=draining)
+        self.apply(membership)
+        return self.pool.get(url)
 
     # -- health --------------------------------------------------------------------------
 

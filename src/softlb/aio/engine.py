@@ -1,0 +1,1302 @@
+"""The event-loop data plane: one asyncio loop (uvloop when installed) serves every client
+connection of a worker; requests are parsed by httptools (llhttp) and proxied through
+:class:`~softlb.aio.upstream.UpstreamPool` without touching a thread.
+
+What it shares with the threaded engine is everything above the wire: the
+:class:`~softlb.wsgi.Application` (pool, strategies, health checker, shared state, events,
+stats, access log), the retry rules of :mod:`softlb.retry`, the header rules of
+:mod:`softlb.http.headers` and the admin API, which runs as the same WSGI app on a small
+thread pool (it is not on the proxied path).
+
+What it adds, because an event loop can (SPEC §3): slow and idle clients cost memory, not a
+thread (``timeouts.client_header``, ``timeouts.keepalive``, ``limits.max_connections``,
+``limits.max_header_bytes``), bodies relayed with backpressure both ways, pipelined requests
+answered in order, ``Expect: 100-continue``, ``Upgrade`` tunnels (WebSocket) after a backend's
+``101``, and TLS on the listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import os
+import socket
+import ssl
+import sys
+import time
+import typing
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from http.cookies import CookieError, SimpleCookie
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import unquote_to_bytes
+
+import httptools
+
+from softlb.aio.upstream import (
+    HIGH_WATER,
+    LOW_WATER,
+    UpstreamAnswer,
+    UpstreamConnection,
+    UpstreamPool,
+    _ConnectionGone,
+)
+from softlb.errors import NoBackendAvailable, ProxyError, UpstreamError
+from softlb.events import ACCESS, RETRIED
+from softlb.http.headers import HOP_BY_HOP, _origin_form, connection_tokens
+from softlb.http.upstream import SMALL_BODY
+from softlb.retry import failure_kind, may_resend, may_retry
+
+if TYPE_CHECKING:
+    from softlb.pool import Lease
+    from softlb.wsgi import Application
+
+__all__ = ["Engine", "Limits"]
+
+log = logging.getLogger("softlb.proxy")
+
+_HOP: Final = frozenset(name.encode() for name in HOP_BY_HOP)
+#: Request fields the engine writes itself (X-Forwarded-*), or never sends on (Expect: the
+#: engine answers 100-continue; framing: re-made per hop).
+_REPLACED: Final = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"expect", b"content-length"}
+)
+_UNREMOVABLE: Final = frozenset({b"host", b"content-length"})
+_METHODS_WITH_BODY: Final = frozenset({"POST", "PUT", "PATCH"})
+
+_REASONS: Final = {
+    100: "Continue",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}
+
+
+class Limits:
+    """The engine's timeouts (seconds) and limits, from the config's ``timeouts`` and
+    ``limits`` (SPEC §2)."""
+
+    __slots__ = (
+        "client_body",
+        "client_header",
+        "keepalive",
+        "max_connections",
+        "max_header_bytes",
+        "tunnel",
+    )
+
+    def __init__(
+        self,
+        *,
+        client_header: float = 10.0,
+        keepalive: float = 5.0,
+        client_body: float = 30.0,
+        tunnel: float = 3600.0,
+        max_connections: int = 10_000,
+        max_header_bytes: int = 65_536,
+    ) -> None:
+        self.client_header = client_header
+        self.keepalive = keepalive
+        self.client_body = client_body
+        self.tunnel = tunnel
+        self.max_connections = max_connections
+        self.max_header_bytes = max_header_bytes
+
+    @classmethod
+    def from_config(cls, config: Any) -> Limits:
+        timeouts = config.timeouts
+        limits = getattr(config, "limits", None)
+        return cls(
+            client_header=getattr(timeouts, "client_header", 10.0),
+            keepalive=getattr(timeouts, "keepalive", 5.0),
+            client_body=getattr(timeouts, "client_body", 30.0),
+            tunnel=getattr(timeouts, "tunnel", 3600.0),
+            max_connections=getattr(limits, "max_connections", 10_000),
+            max_header_bytes=getattr(limits, "max_header_bytes", 65_536),
+        )
+
+
+class _ClientError(Exception):
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+        self.why = why
+
+
+class _Request:
+    """One request as parsed so far, and its body: buffered, or streamed to a backend."""
+
+    __slots__ = (
+        "body",
+        "body_size",
+        "chunked",
+        "complete",
+        "conn",
+        "error",
+        "expect_continue",
+        "headers",
+        "keep_alive",
+        "length",
+        "method",
+        "on_body",
+        "sink",
+        "started",
+        "upgrade",
+        "url",
+        "version",
+        "waiter",
+    )
+
+    def __init__(self, conn: ClientConnection | None = None) -> None:
+        self.conn = conn
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.method = ""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.length: int | None = None
+        self.chunked = False
+        self.complete = False
+        self.error: _ClientError | None = None
+        self.expect_continue = False
+        self.upgrade = False
+        self.sink: Callable[[bytes], None] | None = None
+        self.on_body: Callable[[], None] | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.started = time.perf_counter()
+
+    def header(self, lname: bytes) -> bytes | None:
+        for name, value in self.headers:
+            if len(name) == len(lname) and name.lower() == lname:
+                return value
+        return None
+
+    def take_body(self) -> bytes:
+        body = self.body
+        self.body = []
+        return body[0] if len(body) == 1 else b"".join(body)
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        if self.on_body is not None:
+            self.on_body()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: parses requests, answers them in order, one at a time."""
+
+    def __init__(self, engine: Engine, *, admin_only: bool = False, tls: bool = False) -> None:
+        self.engine = engine
+        self.loop = engine.loop
+        self.admin_only = admin_only
+        self.scheme = "https" if tls else "http"
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = ("", 0)
+        self.local = ("", 0)
+        self.queue: deque[_Request] = deque()
+        self.current: _Request | None = None  # being parsed
+        self.busy = False
+        self.closing = False
+        self.closed = False
+        self.reading_paused = False
+        self.writing_paused = False
+        self.head_bytes = 0
+        self.upstream: UpstreamConnection | None = None  # while its answer streams to us
+        self.tunnel: UpstreamConnection | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._deadline = 0.0
+        self._deadline_kind = ""
+        self._timer: asyncio.TimerHandle | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._lost: asyncio.Future[None] | None = None
+
+    def lost_future(self) -> asyncio.Future[None]:
+        """A future that resolves when the connection has closed."""
+        if self._lost is None:
+            self._lost = self.loop.create_future()
+            if self.closed:
+                self._lost.set_result(None)
+        return self._lost
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = typing.cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = (str(peer[0]), int(peer[1]))
+        local = transport.get_extra_info("sockname")
+        if isinstance(local, tuple):
+            self.local = (str(local[0]), int(local[1]))
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.engine._opened(self)
+        self._set_deadline("header", self.engine.limits.client_header)
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            self._set_deadline("tunnel", self.engine.limits.tunnel)
+            tunnel.write(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            # The request asked to switch protocols; what follows its head is the new
+            # protocol's, kept for the backend once it has agreed (101).
+            request = self.queue[-1] if self.queue else None
+            if request is not None:
+                request.upgrade = True
+                rest = data[int(exc.args[0]) :]
+                if rest:
+                    request.body.append(rest)
+            self._pause_reading()
+        except _ClientError as exc:
+            self._client_error(exc)
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _ClientError):
+                self._client_error(cause)
+            else:
+                self._client_error(_ClientError(400, f"malformed request: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        request = self.current
+        if request is not None and request.method and not request.complete:
+            request.error = _ClientError(400, "the client closed the connection mid-request")
+            request.wake()
+        if not self.busy:
+            return None  # nothing to answer: close
+        self.closing = True
+        return True  # half-closed: the answer being made may still go out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        self.engine._closed(self)
+        for request in (self.current, *self.queue):
+            if request is not None and not request.complete:
+                request.error = request.error or _ClientError(400, "client went away")
+                request.wake()
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        if self.tunnel is not None:
+            self.tunnel.abort()
+            self.tunnel = None
+        for waiter in (self._drain_waiter, self._lost):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        upstream = self.upstream or self.tunnel
+        if upstream is not None:
+            upstream.pause()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        upstream = self.upstream or self.tunnel
+        if upstream is not None:
+            upstream.resume()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.current = _Request(self)
+        self.head_bytes = 0
+        if self._deadline_kind != "header":
+            self._set_deadline("header", self.engine.limits.client_header)
+
+    def on_url(self, url: bytes) -> None:
+        request = self.current
+        assert request is not None
+        request.url += url
+        self.head_bytes += len(url)
+        if self.head_bytes > self.engine.limits.max_header_bytes:
+            raise _ClientError(431, "the request head is too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self.current
+        assert request is not None
+        if request.method:
+            return  # a trailer field of a chunked body: not forwarded
+        request.headers.append((name, value))
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.engine.limits.max_header_bytes:
+            raise _ClientError(431, "the request head is too large")
+
+    def on_headers_complete(self) -> None:
+        request = self.current
+        assert request is not None
+        parser = self.parser
+        request.method = parser.get_method().decode("ascii", "replace")
+        request.version = parser.get_http_version()
+        request.keep_alive = parser.should_keep_alive()
+        host_seen = 0
+        for name, value in request.headers:
+            lname = name.lower()
+            if lname == b"host":
+                host_seen += 1
+            elif lname == b"transfer-encoding":
+                if value.strip().lower() != b"chunked" or request.chunked:
+                    request.error = _ClientError(
+                        501, "only Transfer-Encoding: chunked is supported"
+                    )
+                request.chunked = True
+            elif lname == b"content-length":
+                request.length = int(value)  # llhttp checked: digits, below 2^64, no conflict
+            elif lname == b"expect" and value.strip().lower() == b"100-continue":
+                request.expect_continue = True
+        if request.length is not None and request.length >= 1 << 63:
+            request.error = _ClientError(400, "Content-Length is too large")
+        if request.version == "1.1" and host_seen != 1:
+            request.error = request.error or _ClientError(
+                400, "an HTTP/1.1 request needs exactly one Host header"
+            )
+        if request.error is not None:
+            request.keep_alive = False
+        if request.length == 0 or (request.length is None and not request.chunked):
+            request.complete = True  # no body; httptools still calls on_message_complete
+        self.queue.append(request)
+        self._set_deadline("body", self.engine.limits.client_body)
+        if len(self.queue) > 1:
+            self._pause_reading()  # pipelined: read no further until the ones ahead are answered
+        if not self.busy:
+            self._next()
+
+    def on_body(self, body: bytes) -> None:
+        request = self.current
+        assert request is not None
+        self._set_deadline("body", self.engine.limits.client_body)
+        request.body_size += len(body)
+        sink = request.sink
+        if sink is not None:
+            sink(body)
+            return
+        request.body.append(body)
+        if request.body_size > SMALL_BODY:
+            self._pause_reading()
+        request.wake()
+
+    def on_message_complete(self) -> None:
+        request = self.current
+        assert request is not None
+        self.current = None
+        request.complete = True
+        self._set_deadline("idle" if not self.busy else "", self.engine.limits.keepalive)
+        request.wake()
+
+    # -- answering ------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        if self.busy or self.closed or not self.queue:
+            return
+        self.busy = True
+        request = self.queue[0]
+        self.task = self.loop.create_task(self._answer(request))
+
+    async def _answer(self, request: _Request) -> None:
+        try:
+            if request.error is not None:
+                self.send_error(request.error.status, request.error.why, close=True)
+            elif self.engine.is_admin(request, self):
+                await self.engine.admin(self, request)
+            else:
+                await self.engine.forward(self, request)
+        except Exception:  # never a traceback to the client
+            log.exception("internal error while proxying %s", request.url[:200])
+            self.send_error(500, "internal error", close=True)
+        finally:
+            self._done(request)
+
+    def _done(self, request: _Request) -> None:
+        self.busy = False
+        self.task = None
+        if self.queue and self.queue[0] is request:
+            self.queue.popleft()
+        if self.closed or self.tunnel is not None:
+            return
+        if not request.keep_alive or self.closing or self.engine.stopping:
+            self.close()
+            return
+        if not request.complete:
+            # The answer went out before the body was read (an early answer, an error):
+            # what is left of the body cannot be told from the next request. Close, as nginx.
+            self.close()
+            return
+        if self.queue:
+            self._next()
+        else:
+            self._set_deadline("idle", self.engine.limits.keepalive)
+        self._resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    async def drained(self) -> None:
+        """Wait until the client's write buffer is below the low-water mark."""
+        if not self.writing_paused or self.closed:
+            return
+        self._drain_waiter = self.loop.create_future()
+        try:
+            await self._drain_waiter
+        finally:
+            self._drain_waiter = None
+
+    def send_error(self, status: int, why: str, *, close: bool = False) -> None:
+        """A short plain-text answer made by the engine itself."""
+        reason = _REASONS.get(status, "Error")
+        body = f"{status} {reason}: {why}\n".encode()
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+        )
+        if close:
+            head += "Connection: close\r\n"
+            self.closing = True
+        self.write(head.encode() + b"\r\n" + body)
+
+    def close(self) -> None:
+        self._cancel_timer()
+        if self.transport is not None and not self.closed:
+            self.closing = True
+            self.transport.close()
+
+    def _client_error(self, error: _ClientError) -> None:
+        """A request the parser refused: its body (400, with the backend exchange cut) or a
+        new head (answered in turn, then the connection closes)."""
+        self._pause_reading()
+        request = self.current
+        if request is not None and request.method and not request.complete:
+            request.error = error
+            request.keep_alive = False
+            request.wake()
+            return
+        bad = request if request is not None else _Request()
+        bad.error = error
+        bad.keep_alive = False
+        bad.complete = True
+        self.current = None
+        self.queue.append(bad)
+        if not self.busy:
+            self._next()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    # -- one timer per connection -------------------------------------------------------
+
+    def _set_deadline(self, kind: str, seconds: float) -> None:
+        """Arm the connection's one timer for ``kind``: ``header`` (408), ``body`` (408),
+        ``idle`` (close quietly), ``tunnel`` (close) or ``""`` (none: an answer is being made,
+        the backend's read timeout applies). A later deadline only moves a number; the timer
+        re-arms itself when it fires early."""
+        self._deadline_kind = kind
+        if not kind:
+            return
+        deadline = self.loop.time() + seconds
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+        elif timer.when() > deadline:
+            timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        kind = self._deadline_kind
+        if self.closed or not kind:
+            return
+        now = self.loop.time()
+        if now < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            return
+        if kind == "header":
+            if self.busy:
+                return  # a pipelined head waits behind an answer: not the client's fault
+            self._deadline_kind = ""
+            if self.current is not None and self.current.method == "":
+                self._client_error(_ClientError(408, "the request head took too long"))
+            elif self.current is None and not self.queue:
+                self.close()  # a connection that never sent a byte
+            return
+        if kind == "body":
+            request = self.current
+            if request is not None and request.method and not request.complete:
+                self._deadline_kind = ""
+                request.error = _ClientError(408, "the request body paused too long")
+                request.keep_alive = False
+                request.wake()
+                if not self.busy:
+                    self.send_error(408, "the request body paused too long", close=True)
+                    self.close()
+            return
+        if kind == "tunnel" or (kind == "idle" and not self.busy):
+            self.close()
+
+
+class _Listener:
+    __slots__ = ("admin_only", "sock", "ssl")
+
+    def __init__(self, sock: socket.socket, ssl_context: ssl.SSLContext | None, admin_only: bool):
+        self.sock = sock
+        self.ssl = ssl_context
+        self.admin_only = admin_only
+
+
+class Engine:
+    """One worker's data plane over an :class:`~softlb.wsgi.Application`.
+
+    :meth:`listen` serves a listening socket (its own accept loop, so that at
+    ``limits.max_connections`` it stops accepting and later clients wait in the kernel's
+    backlog); :meth:`stop_accepting` and :meth:`drain` make the graceful stop of SPEC §1.
+    """
+
+    def __init__(
+        self,
+        app: Application,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        limits: Limits | None = None,
+        admin_threads: int = 4,
+    ) -> None:
+        self.app = app
+        self.loop = loop
+        self.pool = app.pool
+        self.proxy = app.proxy
+        config = app.config
+        self.limits = limits or Limits.from_config(config)
+        self.upstreams = UpstreamPool(
+            loop,
+            connect_timeout=config.timeouts.connect,
+            read_timeout=config.timeouts.read,
+            max_idle=64,
+        )
+        self.connections: set[ClientConnection] = set()
+        self.listeners: list[_Listener] = []
+        self.accepting = False
+        self.stopping = False
+        self.admin_listen = getattr(config.admin, "listen", None)
+        self._executor = ThreadPoolExecutor(admin_threads, thread_name_prefix="softlb-admin")
+        self._idle_waiter: asyncio.Future[None] | None = None
+        self._forget_hook()
+
+    def _forget_hook(self) -> None:
+        """Backends removed by the admin API or the shared state close their idle connections
+        here too, on the loop's thread."""
+        loop, upstreams = self.loop, self.upstreams
+
+        def forget(url: str, previous: Callable[[str], None] | None = None) -> None:
+            if previous is not None:
+                previous(url)
+            if not loop.is_closed():
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(upstreams.forget, url)
+
+        admin = self.app.admin
+        previous = admin.on_remove
+        admin.on_remove = lambda url: forget(url, previous)
+        state = self.app.state
+        if state is not None:
+            before = state.on_remove
+            state.on_remove = lambda url: forget(url, before)
+
+    # -- listening ------------------------------------------------------------------------
+
+    def listen(
+        self, sock: socket.socket, *, ssl_context: ssl.SSLContext | None = None,
+        admin_only: bool = False,
+    ) -> None:  # fmt: skip
+        sock.setblocking(False)
+        listener = _Listener(sock, ssl_context, admin_only)
+        self.listeners.append(listener)
+        self.accepting = True
+        self.loop.add_reader(sock.fileno(), self._accept, listener)
+
+    def _accept(self, listener: _Listener) -> None:
+        for _ in range(128):
+            if len(self.connections) >= self.limits.max_connections:
+                self._pause_accepting()
+                return
+            try:
+                conn, _addr = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: wait for a connection to end
+                log.warning("accept failed: %s", exc.strerror or exc)
+                self._pause_accepting()
+                self.loop.call_later(0.1, self._resume_accepting)
+                return
+            conn.setblocking(False)
+            self.loop.create_task(self._start(conn, listener))
+
+    async def _start(self, conn: socket.socket, listener: _Listener) -> None:
+        tls = listener.ssl is not None
+
+        def factory() -> ClientConnection:
+            return ClientConnection(self, admin_only=listener.admin_only, tls=tls)
+
+        try:
+            if tls:
+                await self.loop.connect_accepted_socket(
+                    factory,
+                    conn,
+                    ssl=listener.ssl,
+                    ssl_handshake_timeout=self.limits.client_header,
+                )
+            else:
+                await self.loop.connect_accepted_socket(factory, conn)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+            log.debug("connection not set up: %s", exc)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def _pause_accepting(self) -> None:
+        for listener in self.listeners:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(listener.sock.fileno())
+        self.accepting = False
+
+    def _resume_accepting(self) -> None:
+        if self.accepting or self.stopping:
+            return
+        self.accepting = True
+        for listener in self.listeners:
+            with contextlib.suppress(OSError, ValueError):
+                self.loop.add_reader(listener.sock.fileno(), self._accept, listener)
+
+    def _opened(self, conn: ClientConnection) -> None:
+        self.connections.add(conn)
+        if self.stopping:
+            conn.close()
+
+    def _closed(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        if (
+            not self.accepting
+            and not self.stopping
+            and len(self.connections) < self.limits.max_connections
+        ):
+            self._resume_accepting()
+        waiter = self._idle_waiter
+        if waiter is not None and not waiter.done() and not any(c.busy for c in self.connections):
+            waiter.set_result(None)
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets now: a new connection is refused, not left hanging."""
+        self.stopping = True
+        self._pause_accepting()
+        for listener in self.listeners:
+            with contextlib.suppress(OSError):
+                listener.sock.close()
+        self.listeners.clear()
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the requests in flight, then close what is left."""
+        deadline = self.loop.time() + timeout
+        while any(c.busy for c in self.connections):
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                break
+            self._idle_waiter = self.loop.create_future()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle_waiter, min(remaining, 0.5))
+            self._idle_waiter = None
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        self.upstreams.close()
+
+    def close(self) -> None:
+        self.upstreams.close()
+        self._executor.shutdown(wait=False)
+
+    # -- routing --------------------------------------------------------------------------
+
+    def is_admin(self, request: _Request, conn: ClientConnection) -> bool:
+        if conn.admin_only:
+            return True
+        if self.admin_listen is not None:
+            return False
+        path = request.url.split(b"?", 1)[0]
+        if not path.startswith(b"/"):
+            path = (_origin_form(path.decode("latin-1"), request.method) or "/").encode("latin-1")
+        return self.app.admin.matches(unquote_to_bytes(path).decode("latin-1"))
+
+    # -- the admin API, on a thread ---------------------------------------------------------
+
+    async def admin(self, conn: ClientConnection, request: _Request) -> None:
+        """Serve an admin call with the WSGI admin app on the engine's small thread pool."""
+        while not request.complete and request.error is None:
+            if request.body_size > 1024 * 1024:
+                request.error = _ClientError(413, "admin request body too large")
+                break
+            conn._resume_reading()
+            await _wait(request)
+        if request.error is not None:
+            conn.send_error(request.error.status, request.error.why, close=True)
+            return
+        environ = self._environ(conn, request)
+        status, headers, body = await self.loop.run_in_executor(
+            self._executor, _call_wsgi, self.app, environ
+        )
+        lines = [f"HTTP/1.1 {status}\r\n"]
+        has_length = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname in ("connection", "transfer-encoding"):
+                continue
+            if lname == "content-length":
+                has_length = True
+                if request.method != "HEAD":
+                    value = str(len(body))  # noqa: PLW2901  # the body as it was collected
+            lines.append(f"{name}: {value}\r\n")
+        if not has_length and not status.startswith(("204", "304")):
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        if not request.keep_alive:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        data = "".join(lines).encode("latin-1")
+        conn.write(data if request.method == "HEAD" else data + body)
+
+    def _environ(self, conn: ClientConnection, request: _Request) -> dict[str, Any]:
+        raw = request.url.decode("latin-1")
+        path, _, query = raw.partition("?")
+        if not path.startswith("/"):
+            path = _origin_form(path, request.method) or "/"
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": request.method,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": unquote_to_bytes(path).decode("latin-1"),
+            "QUERY_STRING": query,
+            "RAW_URI": raw,
+            "SERVER_NAME": conn.local[0],
+            "SERVER_PORT": str(conn.local[1]),
+            "SERVER_PROTOCOL": f"HTTP/{request.version}",
+            "REMOTE_ADDR": conn.peer[0],
+            "REMOTE_PORT": str(conn.peer[1]),
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": conn.scheme,
+            "wsgi.input": io.BytesIO(request.take_body()),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+        }
+        for name, value in request.headers:
+            key = name.decode("latin-1").upper().replace("-", "_")
+            text = value.decode("latin-1")
+            if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                environ[key] = text
+                continue
+            key = "HTTP_" + key
+            if key in environ:
+                environ[key] += "," + text
+            else:
+                environ[key] = text
+        if request.chunked:
+            environ["CONTENT_LENGTH"] = str(request.body_size)
+        return environ
+
+    # -- the proxy --------------------------------------------------------------------------
+
+    async def forward(self, conn: ClientConnection, request: _Request) -> None:
+        """Forward one request, with the retry rules of SPEC §3, and relay the answer."""
+        proxy = self.proxy
+        pool = self.pool
+        if request.expect_continue and not request.complete:
+            conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # Read the body ahead up to SMALL_BODY, so that a small one can be sent again on a
+        # retry, and a client's bad framing is caught before any byte reaches a backend.
+        while not request.complete and request.error is None and request.body_size <= SMALL_BODY:
+            conn._resume_reading()
+            await _wait(request)
+        if request.error is not None:
+            conn.send_error(request.error.status, request.error.why, close=True)
+            return
+        target = _target(request)
+        if target is None:
+            conn.send_error(400, "bad request target", close=True)
+            return
+        key = self._key(conn, request) if (pool.balancer.uses_key or proxy.access_log) else None
+        has_key = request.header(b"idempotency-key") is not None
+        resend = may_resend(request.method, has_key)
+        head_fields = self._fields(conn, request)
+        shown = target.decode("latin-1")
+        tried: list[Any] = []
+        error: ProxyError | None = None
+        replayable = request.complete
+        while True:
+            try:
+                lease = pool.lease(key, exclude=tried)
+            except NoBackendAvailable as exc:
+                error = error or exc
+                break
+            backend = lease.backend
+            try:
+                upstream = await self._exchange(
+                    backend.url, request, target, head_fields, resend=resend
+                )
+            except UpstreamError as exc:
+                lease.release(failure_kind(exc))
+                tried.append(backend)
+                error = exc
+                log.warning("%s %s via %s failed: %s", request.method, shown, backend.url, exc)
+                replayable = replayable and request.complete and request.sink is None
+                if request.error is not None:
+                    break
+                if may_retry(
+                    exc, resend=resend, replayable=replayable, tried=len(tried),
+                    limit=proxy.retries,
+                ):  # fmt: skip
+                    proxy.stats.retried()
+                    pool.publish(RETRIED, backend, f"{request.method} {shown}: {exc}")
+                    continue
+                break
+            except _ClientBodyFailed:
+                lease.release()  # the client's fault: no failure recorded
+                conn.send_error(request.error.status if request.error else 400,
+                                request.error.why if request.error else "bad request body",
+                                close=True)  # fmt: skip
+                return
+            proxy.stats.observe(time.perf_counter() - request.started)
+            await self._relay(conn, request, upstream, lease, key=key, target=target)
+            return
+        if request.error is not None:
+            conn.send_error(request.error.status, request.error.why, close=True)
+            return
+        assert error is not None
+        proxy.stats.error(error.status)
+        status, headers, body = proxy.error_handler({"REQUEST_METHOD": request.method}, error)
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, error.reason)}\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in headers]
+        if not request.keep_alive or not request.complete:
+            lines.append("Connection: close\r\n")
+            request.keep_alive = False
+        lines.append("\r\n")
+        data = "".join(lines).encode("latin-1")
+        conn.write(data if request.method == "HEAD" else data + body)
+
+    async def _exchange(
+        self,
+        url: str,
+        request: _Request,
+        target: bytes,
+        fields: bytes,
+        *,
+        resend: bool,
+    ) -> UpstreamConnection:
+        """Send the request to ``url`` and wait for the head of its answer.
+
+        A reused connection that the backend closed while idle fails before any byte of the
+        answer: the request goes once more on a fresh connection when it may be sent again
+        (Go's Transport rule), and the backend is not blamed.
+        """
+        fresh = False
+        while True:
+            upstream = await self.upstreams.connection(url, fresh=fresh)
+            address = upstream.address
+            body = request.take_body() if request.complete else b""
+            if request.complete:
+                if body or request.method in _METHODS_WITH_BODY:
+                    framing = b"Content-Length: %d\r\n" % len(body)
+                else:
+                    framing = b""
+            elif request.chunked:
+                framing = b"Transfer-Encoding: chunked\r\n"
+            else:
+                framing = b"Content-Length: %d\r\n" % (request.length or 0)
+            upgrade = b""
+            if request.upgrade:
+                value = request.header(b"upgrade") or b""
+                upgrade = b"Upgrade: " + value + b"\r\nConnection: upgrade\r\n"
+            head = b"".join(
+                (
+                    request.method.encode("ascii"), b" ", address.base, target, b" HTTP/1.1\r\n",
+                    fields, framing, upgrade, b"\r\n",
+                )
+            )  # fmt: skip
+            if request.complete and not request.upgrade:
+                upstream.start(head + body, head_request=request.method == "HEAD", upgrade=False)
+                if body:
+                    request.body = [body]  # kept for a retry
+            else:
+                upstream.start(head, head_request=request.method == "HEAD", upgrade=request.upgrade)
+                if request.upgrade:
+                    pass  # bytes after the head belong to the new protocol: sent after the 101
+                else:
+                    self._stream_body(request, upstream)
+            try:
+                assert upstream.head is not None
+                await upstream.head
+            except _ConnectionGone:
+                if upstream.reused and resend and not fresh and request.sink is None:
+                    fresh = True
+                    continue
+                raise
+            except UpstreamError:
+                if request.error is not None:
+                    raise _ClientBodyFailed from None
+                raise
+            return upstream
+
+    def _stream_body(self, request: _Request, upstream: UpstreamConnection) -> None:
+        """Send what is buffered of the body, then every later piece as it arrives, with
+        backpressure: the client is not read while the backend's buffer is full."""
+        conn_resume: Callable[[], None] | None = None
+        chunked = request.chunked
+
+        if chunked:
+
+            def sink(data: bytes) -> None:
+                if data:
+                    upstream.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+        else:
+            sink = upstream.write
+        pending = request.take_body()
+        if pending:
+            sink(pending)
+        request.sink = sink
+        client = request.conn
+        if client is not None:
+            upstream.on_full = client._pause_reading
+            upstream.on_drain = client._resume_reading
+            conn_resume = client._resume_reading
+
+        def on_more() -> None:
+            if request.complete and request.error is None:
+                request.on_body = None
+                if chunked:
+                    upstream.write(b"0\r\n\r\n")
+            elif request.error is not None:
+                request.on_body = None
+                upstream.abort()  # the client's body broke: cut the exchange, blame nobody
+
+        request.on_body = on_more
+        if request.complete:
+            on_more()
+        elif conn_resume is not None and not upstream.writing_paused:
+            conn_resume()
+
+    async def _relay(
+        self,
+        conn: ClientConnection,
+        request: _Request,
+        upstream: UpstreamConnection,
+        lease: Lease,
+        *,
+        key: str | None,
+        target: bytes,
+    ) -> None:
+        """Write the answer's head, then its body as it arrives; release lease and connection."""
+        assert upstream.head is not None
+        answer: UpstreamAnswer = upstream.head.result()
+        status = answer.status
+        if status == 101:
+            if not request.upgrade:
+                lease.release("broken")
+                upstream.abort()
+                conn.send_error(502, "the backend switched protocols unasked", close=True)
+                return
+            await self._tunnel(conn, request, upstream, lease, answer)
+            return
+        client_chunked = False
+        close = not request.keep_alive or not request.complete or self.stopping
+        bodiless = request.method == "HEAD" or status in (204, 304)
+        if answer.length is None and not bodiless:
+            if request.version == "1.1":
+                client_chunked = True
+            else:
+                close = True
+        if request.upgrade:
+            close = True  # the connection stayed in the upgrade request's state
+        if close:
+            request.keep_alive = False
+        head = _answer_head(answer, client_chunked=client_chunked, close=close)
+        conn.upstream = upstream
+        if upstream.complete:  # the usual small answer: head and body leave in one write
+            body = upstream.take_body()
+            if client_chunked and body:
+                body = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+            elif client_chunked:
+                body = b"0\r\n\r\n"
+            conn.write(head + body)
+            self._finish(
+                conn, request, upstream, lease, key=key, target=target, status=status, error=None
+            )
+            return
+        conn.write(head)
+        waiter: asyncio.Future[UpstreamError | None] = self.loop.create_future()
+
+        def sink(data: bytes) -> None:
+            if client_chunked:
+                conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+            else:
+                conn.write(data)
+
+        def done(error: UpstreamError | None) -> None:
+            if not waiter.done():
+                waiter.set_result(error)
+
+        pending = upstream.take_body()
+        if pending:
+            sink(pending)
+        if conn.writing_paused:
+            upstream.pause()
+        upstream.stream(sink, done)
+        error = await waiter
+        if error is None and client_chunked:
+            conn.write(b"0\r\n\r\n")
+        self._finish(
+            conn, request, upstream, lease, key=key, target=target, status=status, error=error
+        )
+
+    def _finish(
+        self,
+        conn: ClientConnection,
+        request: _Request,
+        upstream: UpstreamConnection,
+        lease: Lease,
+        *,
+        key: str | None,
+        target: bytes,
+        status: int,
+        error: UpstreamError | None,
+    ) -> None:
+        conn.upstream = None
+        if error is not None:
+            log.warning("answer from %s cut short: %s", lease.backend.url, error)
+            lease.release(failure_kind(error))
+            request.keep_alive = False
+            if conn.transport is not None:
+                conn.transport.abort()  # the head went out: the client must see a cut answer
+            return
+        if conn.closed and not upstream.complete:
+            upstream.abort()
+            lease.release()  # the client left: not the backend's failure
+            return
+        upstream.release(reusable=request.complete or request.sink is None)
+        lease.release()
+        proxy = self.proxy
+        if proxy.access_log is not None or self.pool.wants(ACCESS):
+            line = f"{request.method} {target.decode('latin-1')} {status}"
+            proxy._log_access(lease, key, line)
+
+    async def _tunnel(
+        self,
+        conn: ClientConnection,
+        request: _Request,
+        upstream: UpstreamConnection,
+        lease: Lease,
+        answer: UpstreamAnswer,
+    ) -> None:
+        """Join the client and the backend byte for byte after the backend's ``101``."""
+        lines = [b"HTTP/1.1 101 " + (answer.reason or b"Switching Protocols") + b"\r\n"]
+        for name, value in answer.headers:
+            lname = name.lower()
+            if lname in (b"connection", b"keep-alive", b"transfer-encoding", b"content-length"):
+                continue
+            lines.append(name + b": " + value + b"\r\n")
+        lines.append(b"Connection: upgrade\r\n\r\n")
+        conn.write(b"".join(lines))
+        if upstream.upgrade_tail:
+            conn.write(upstream.upgrade_tail)
+        early = request.take_body()
+        if early:
+            upstream.write(early)
+        waiter: asyncio.Future[None] = self.loop.create_future()
+
+        def done(error: UpstreamError | None) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        conn.tunnel = upstream
+        upstream.on_full = conn._pause_reading
+        upstream.on_drain = conn._resume_reading
+        upstream.stream(conn.write, done)
+        lease.release()  # the request was answered; the tunnel is not counted in flight
+        conn._set_deadline("tunnel", self.limits.tunnel)
+        conn._resume_reading()
+        conn.busy = False
+        closed = conn.lost_future()
+        try:
+            await asyncio.wait({waiter, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            upstream.abort()
+            conn.close()
+
+    # -- request pieces ---------------------------------------------------------------------
+
+    def _fields(self, conn: ClientConnection, request: _Request) -> bytes:
+        """The request's header block for the backend: hop-by-hop fields (and the ones the
+        Connection header names) dropped, ``X-Forwarded-*`` set (SPEC §3)."""
+        skip = _HOP | _REPLACED
+        connection = [v.decode("latin-1") for n, v in request.headers if n.lower() == b"connection"]
+        if connection:
+            named = {t.encode() for t in connection_tokens(connection)} - _UNREMOVABLE
+            skip = skip | named
+        out: list[bytes] = []
+        forwarded_for: list[bytes] = []
+        host = b""
+        for name, value in request.headers:
+            lname = name.lower()
+            if lname in skip:
+                if lname == b"x-forwarded-for" and lname not in (skip - _REPLACED - _HOP):
+                    forwarded_for.append(value)
+                continue
+            if lname == b"host":
+                host = value
+            out += (name, b": ", value, b"\r\n")
+        peer = conn.peer[0].encode()
+        if peer:
+            forwarded_for.append(peer)
+        if forwarded_for:
+            out += (b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n")
+        out += (b"X-Forwarded-Proto: ", conn.scheme.encode(), b"\r\n")
+        if not host:
+            port = conn.local[1]
+            default = 443 if conn.scheme == "https" else 80
+            host = conn.local[0].encode() + (b"" if port == default else b":%d" % port)
+        out += (b"X-Forwarded-Host: ", host, b"\r\n")
+        return b"".join(out)
+
+    def _key(self, conn: ClientConnection, request: _Request) -> str | None:
+        """The value ``hash_key`` names for this request, as the WSGI proxy computes it."""
+        kind, name = self.proxy.hash_kind, self.proxy.hash_name
+        value: str | None
+        if kind == "client_ip":
+            value = conn.peer[0]
+        elif kind == "path":
+            path = request.url.split(b"?", 1)[0]
+            value = unquote_to_bytes(path).decode("latin-1") or "/"
+        elif kind == "header":
+            raw = request.header((name or "").lower().encode("latin-1"))
+            value = raw.decode("latin-1") if raw is not None else None
+        else:
+            raw = request.header(b"cookie")
+            value = None
+            if raw is not None:
+                try:
+                    morsel = SimpleCookie(raw.decode("latin-1")).get(name or "")
+                except CookieError:
+                    morsel = None
+                value = morsel.value if morsel is not None else None
+        return value or None
+
+
+class _ClientBodyFailed(Exception):
+    """The exchange ended because the client's body broke, not the backend."""
+
+
+async def _wait(request: _Request) -> None:
+    loop = asyncio.get_running_loop()
+    request.waiter = loop.create_future()
+    await request.waiter
+
+
+def _target(request: _Request) -> bytes | None:
+    url = request.url
+    if url[:1] == b"/":
+        hash_at = url.find(b"#")
+        return url if hash_at < 0 else url[:hash_at]
+    text = _origin_form(url.decode("latin-1"), request.method)
+    return None if text is None else text.encode("latin-1")
+
+
+def _answer_head(answer: UpstreamAnswer, *, client_chunked: bool, close: bool) -> bytes:
+    """The answer's head for the client: hop-by-hop fields (and those its Connection names)
+    dropped, framing re-made for this hop."""
+    skip = _HOP
+    connection = [v.decode("latin-1") for n, v in answer.headers if n.lower() == b"connection"]
+    if connection:
+        skip = skip | {t.encode() for t in connection_tokens(connection)}
+    out = [b"HTTP/1.1 %d " % answer.status, answer.reason, b"\r\n"]
+    for name, value in answer.headers:
+        if name.lower() in skip:
+            continue
+        out += (name, b": ", value, b"\r\n")
+    if client_chunked:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    if close:
+        out.append(b"Connection: close\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def _call_wsgi(app: Any, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
+    """Run a WSGI app to the end; its status, headers and whole body."""
+    answer: dict[str, Any] = {}
+
+    def start_response(
+        status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], object]:
+        answer["status"] = status
+        answer["headers"] = headers
+        return lambda data: None
+
+    result: Iterable[bytes] = app(environ, start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    return answer.get("status", "500 Internal Server Error"), answer.get("headers", []), body
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop where it is installed (and not turned off with ``SOFTLB_LOOP=asyncio``),
+    else asyncio's own."""
+    if os.environ.get("SOFTLB_LOOP", "") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()

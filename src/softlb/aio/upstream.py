@@ -1,0 +1,517 @@
+"""The event-loop engine's HTTP/1.1 client for backends: pooled keep-alive connections as
+asyncio protocols, answers parsed by httptools (llhttp, Node's parser).
+
+One :class:`UpstreamConnection` is one TCP (or TLS) connection to one backend. An exchange
+writes the request head (and the body when it is in memory) in one ``write()``; the answer's
+head resolves :attr:`UpstreamConnection.head`, and the body is either kept until the engine
+asks for it (a small answer then leaves in the same ``write()`` as its head) or handed to a
+``sink`` as it arrives, with backpressure: :meth:`pause` / :meth:`resume` stop and restart
+reading from the backend when the client side's buffer is full.
+
+Failures leave as :class:`~softlb.errors.UpstreamConnectError` (nothing was sent),
+:class:`~softlb.errors.UpstreamTimeout` (``read_timeout`` passed without a byte) or
+:class:`~softlb.errors.UpstreamBroken` (reset, closed early, or an answer llhttp refuses), so
+the retry rules of :mod:`softlb.retry` apply unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+import typing
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+from urllib.parse import urlsplit
+
+import httptools
+
+from softlb.errors import UpstreamBroken, UpstreamConnectError, UpstreamError, UpstreamTimeout
+
+__all__ = ["BackendAddress", "UpstreamConnection", "UpstreamPool", "UpstreamAnswer"]
+
+log = logging.getLogger("softlb.proxy")
+
+#: Most interim (1xx) answers skipped before the final one, as Go's Transport.
+MAX_INTERIM: Final = 5
+
+#: Largest answer head accepted from a backend (status line and fields), as the threaded
+#: engine's client: above it the answer is a 502.
+MAX_HEAD: Final = 64 * 1024
+
+#: A client connection's and a backend connection's write buffer high-water mark: above it
+#: the other side stops being read until the buffer drains below the low mark.
+HIGH_WATER: Final = 256 * 1024
+LOW_WATER: Final = 64 * 1024
+
+#: Statuses whose answers never have a body (RFC 9110 §6.4.1), besides every answer to HEAD.
+_BODILESS: Final = frozenset({204, 304})
+
+
+class BackendAddress:
+    """Where one backend is: host, port, TLS, the ``Host``-independent base path."""
+
+    __slots__ = ("base", "host", "port", "tls", "url")
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.url = url
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.tls else 80)
+        self.base = parts.path.rstrip("/").encode("latin-1")
+
+
+class UpstreamAnswer:
+    """The head of a backend's answer, as the client will get it (hop-by-hop not yet removed).
+
+    ``headers`` are raw ``(name, value)`` byte pairs in the order the backend sent them.
+    ``length`` is the Content-Length when the backend framed the body by length, else ``None``;
+    ``chunked`` says it framed it in chunks; neither means no body or one that runs to the
+    end of the connection (``until_close``).
+    """
+
+    __slots__ = ("chunked", "headers", "keep_alive", "length", "reason", "status", "until_close")
+
+    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.length: int | None = None
+        self.chunked = False
+        self.until_close = False
+        self.keep_alive = True
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to a backend; serves one exchange at a time.
+
+    The engine drives it: :meth:`start` sends a request, awaits :attr:`head`, then either
+    takes the whole body (:meth:`take_body`, when :attr:`complete` is already set) or sets a
+    ``sink`` that gets each piece as it arrives and ``on_done(error)`` when the answer ends.
+    """
+
+    def __init__(self, pool: UpstreamPool, address: BackendAddress) -> None:
+        self.pool = pool
+        self.address = address
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.reused = False
+        self.closed = False
+        self.head: asyncio.Future[UpstreamAnswer] | None = None
+        self.complete = False
+        self.upgraded = False
+        self.upgrade_tail = b""
+        self.sink: Callable[[bytes], None] | None = None
+        self.on_done: Callable[[UpstreamError | None], None] | None = None
+        self.on_drain: Callable[[], None] | None = None  # the backend can take more body
+        self.on_full: Callable[[], None] | None = None  # the backend's write buffer is full
+        self._parser: httptools.HttpResponseParser | None = None
+        self._answer: UpstreamAnswer | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._head_bytes = 0
+        self._head_done = False
+        self._body: list[bytes] = []
+        self._interim = 0
+        self._head_request = False
+        self._want_upgrade = False
+        self._got_bytes = False
+        self._last_read = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._read_timeout = pool.read_timeout
+        self._lost: asyncio.Future[None] | None = None
+        self.paused = False
+        self.writing_paused = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = typing.cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        if self.upgraded:
+            sink = self.sink
+            if sink is not None:
+                sink(data)
+            return
+        parser = self._parser
+        if parser is None:  # bytes on an idle connection: nobody asked; it is unusable
+            self._drop()
+            return
+        self._got_bytes = True
+        self._last_read = time.monotonic()
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            if self._answer is not None and self._answer.status == 101 and self._want_upgrade:
+                self.upgraded = True
+                self.upgrade_tail = data[int(exc.args[0]) :]
+                self._stop_timer()
+                self._parser = None
+                return
+            self._fail(UpstreamBroken(f"{self.address.url} switched protocols unasked"))
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamBroken(f"invalid answer from {self.address.url}: {exc}"))
+        except _HeadTooLarge:
+            self._fail(UpstreamBroken(f"answer head from {self.address.url} is too large"))
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._stop_timer()
+        self.pool._forget_idle(self)
+        if self.upgraded:
+            done = self.on_done
+            self.on_done = None
+            if done is not None:
+                done(None)
+            return
+        answer = self._answer
+        if self._parser is not None and not self.complete:
+            if answer is not None and answer.until_close and self._head_done:
+                self._finish()  # a body delimited by the end of the connection ended
+            else:
+                why = f"{exc}" if exc else "closed the connection"
+                if not self._got_bytes:
+                    self._fail(_ConnectionGone(f"{self.address.url} {why} before answering"))
+                else:
+                    self._fail(UpstreamBroken(f"{self.address.url} {why} during the answer"))
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        if self.on_full is not None:
+            self.on_full()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.on_drain is not None:
+            self.on_drain()
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+        self._head_bytes += len(status)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:
+            return  # a trailer field: not forwarded (nor announced: Trailer is hop-by-hop)
+        self._headers.append((name, value))
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD:
+            raise _HeadTooLarge
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        status = parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._interim += 1
+            if self._interim > MAX_INTERIM:
+                raise httptools.HttpParserError("too many interim answers")
+            self._headers = []
+            self._reason = b""
+            return  # an interim answer (103 Early Hints...): skipped, as the threaded engine
+        answer = UpstreamAnswer(status, self._reason, self._headers)
+        answer.keep_alive = parser.should_keep_alive()
+        length: int | None = None
+        chunked = False
+        for name, value in self._headers:
+            if len(name) == 14 and name.lower() == b"content-length":
+                length = int(value)  # llhttp checked it: digits, no conflict
+            elif len(name) == 17 and name.lower() == b"transfer-encoding":
+                chunked = value.strip().lower().endswith(b"chunked")
+        if self._head_request or status in _BODILESS or status == 101:
+            length = 0
+        elif chunked:
+            answer.chunked = True
+            length = None
+        elif length is None:
+            answer.until_close = True
+            answer.keep_alive = False
+        answer.length = length
+        self._answer = answer
+        self._head_done = True
+        head = self.head
+        if head is not None and not head.done():
+            head.set_result(answer)
+        if self._head_request:  # llhttp would wait for a body the answer to HEAD never has
+            self._finish()
+            self._parser = None  # any byte that still comes makes the connection unusable
+
+    def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is None:
+            self._body.append(body)
+        else:
+            sink(body)
+
+    def on_message_complete(self) -> None:
+        if not self._head_done:
+            return  # the end of an interim answer
+        self._finish()
+
+    # -- driving an exchange ------------------------------------------------------------
+
+    def start(self, data: bytes, *, head_request: bool, upgrade: bool) -> None:
+        """Send ``data`` (the request head, with its body when it is in memory) and wait for
+        the answer; :attr:`head` resolves with its head."""
+        self.head = self.loop.create_future()
+        self.complete = False
+        self._answer = None
+        self._headers = []
+        self._reason = b""
+        self._head_bytes = 0
+        self._head_done = False
+        self._body = []
+        self._interim = 0
+        self._got_bytes = False
+        self._head_request = head_request
+        self._want_upgrade = upgrade
+        self.sink = None
+        self.on_done = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._last_read = time.monotonic()
+        self._arm_timer()
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def write(self, data: bytes) -> None:
+        """More of the request body (or tunnel bytes)."""
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def take_body(self) -> bytes:
+        """What has arrived of the body and not been handed on yet."""
+        body = self._body
+        self._body = []
+        if not body:
+            return b""
+        return body[0] if len(body) == 1 else b"".join(body)
+
+    def stream(
+        self, sink: Callable[[bytes], None], on_done: Callable[[UpstreamError | None], None]
+    ) -> None:
+        """Hand every later piece of the body to ``sink``; ``on_done`` when the answer ends."""
+        self.sink = sink
+        self.on_done = on_done
+        if self.complete and not self.upgraded:
+            self.on_done = None
+            on_done(None)
+
+    def pause(self) -> None:
+        """Stop reading from the backend (the client's buffer is full)."""
+        if not self.paused and self.transport is not None and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self._last_read = time.monotonic()  # the wait was the client's, not the backend's
+            self.transport.resume_reading()
+
+    def release(self, reusable: bool) -> None:
+        """The exchange is over: back to the idle pool when ``reusable``, else closed."""
+        self._stop_timer()
+        self.sink = None
+        self.on_done = None
+        self.on_drain = self.on_full = None
+        if (
+            reusable
+            and self.complete
+            and not self.closed
+            and not self.upgraded
+            and self._answer is not None
+            and self._answer.keep_alive
+        ):
+            self._parser = None
+            self.reused = True
+            if self.paused:
+                self.resume()
+            self.pool._put_idle(self)
+        else:
+            self._drop()
+
+    def abort(self) -> None:
+        """Close now, mid-exchange (the client went away, or sent a bad body)."""
+        self.sink = None
+        self.on_done = None
+        self._drop()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        if self.complete:
+            return
+        self.complete = True
+        self._stop_timer()
+        done = self.on_done
+        if done is not None:
+            self.on_done = None
+            done(None)
+
+    def _fail(self, error: UpstreamError) -> None:
+        self._stop_timer()
+        head = self.head
+        if head is not None and not head.done():
+            head.set_exception(error)
+            head.exception()  # retrieved: nobody may await it if the client has gone
+        done = self.on_done
+        self.on_done = None
+        self._drop()
+        if done is not None:
+            done(error)
+
+    def _drop(self) -> None:
+        self._parser = None
+        self.pool._forget_idle(self)
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.abort()
+
+    def _arm_timer(self) -> None:
+        if self._timer is None and self._read_timeout is not None:
+            self._timer = self.loop.call_at(
+                self.loop.time() + self._read_timeout, self._check_timeout
+            )
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check_timeout(self) -> None:
+        """One timer per exchange, moved forward when reads happened (no re-arm per read)."""
+        self._timer = None
+        if self.complete or self.closed or self._read_timeout is None:
+            return
+        idle = time.monotonic() - self._last_read
+        if self.paused or idle < self._read_timeout:
+            wait = self._read_timeout - (0.0 if self.paused else idle)
+            self._timer = self.loop.call_at(
+                self.loop.time() + max(wait, 0.001), self._check_timeout
+            )
+            return
+        self._fail(UpstreamTimeout(f"backend did not answer in time: {self.address.url}"))
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class _ConnectionGone(UpstreamBroken):
+    """A connection closed before any byte of the answer: on a reused one, the backend closed
+    it while idle (the request may go again on a fresh connection without blaming it)."""
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per backend for one event loop, and how to make new ones.
+
+    ``ssl_context`` verifies ``https://`` backends (by default the system's CAs, which
+    honours ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``). ``max_idle`` bounds the idle connections
+    kept per backend.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        connect_timeout: float | None = 2.0,
+        read_timeout: float | None = 30.0,
+        max_idle: int = 64,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.loop = loop
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_idle = max_idle
+        self._ssl = ssl_context
+        self._idle: dict[str, deque[UpstreamConnection]] = {}
+        self._addresses: dict[str, BackendAddress] = {}
+        self.closed = False
+
+    def address(self, url: str) -> BackendAddress:
+        address = self._addresses.get(url)
+        if address is None:
+            if len(self._addresses) > 4096:
+                self._addresses.clear()
+            address = self._addresses[url] = BackendAddress(url)
+        return address
+
+    def ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    async def connection(self, url: str, *, fresh: bool = False) -> UpstreamConnection:
+        """An idle connection to ``url`` (the most recently used), or a new one."""
+        if not fresh:
+            idle = self._idle.get(url)
+            while idle:
+                conn = idle.pop()
+                if not conn.closed:
+                    return conn
+        address = self.address(url)
+        try:
+            connecting = self.loop.create_connection(
+                lambda: UpstreamConnection(self, address),
+                address.host,
+                address.port,
+                ssl=self.ssl_context() if address.tls else None,
+                server_hostname=address.host if address.tls else None,
+            )
+            if self.connect_timeout is not None:
+                _, protocol = await asyncio.wait_for(connecting, self.connect_timeout)
+            else:
+                _, protocol = await connecting
+        except asyncio.TimeoutError:
+            raise UpstreamConnectError(f"connecting to {url} timed out", backend=url) from None
+        except ssl.SSLError as exc:
+            raise UpstreamConnectError(
+                f"TLS with {url} failed: {exc.reason or exc}", backend=url
+            ) from None
+        except OSError as exc:
+            raise UpstreamConnectError(
+                f"cannot connect to {url}: {exc.strerror or exc}", backend=url
+            ) from None
+        return protocol
+
+    def _put_idle(self, conn: UpstreamConnection) -> None:
+        if self.closed:
+            conn._drop()
+            return
+        idle = self._idle.setdefault(conn.address.url, deque())
+        if len(idle) >= self.max_idle:
+            conn._drop()
+            return
+        idle.append(conn)
+
+    def _forget_idle(self, conn: UpstreamConnection) -> None:
+        idle = self._idle.get(conn.address.url)
+        if idle:
+            with contextlib.suppress(ValueError):
+                idle.remove(conn)
+
+    def forget(self, url: str) -> None:
+        """Close the idle connections of a backend that left the pool."""
+        for conn in list(self._idle.pop(url, ())):
+            conn._drop()
+        self._addresses.pop(url, None)
+
+    def close(self) -> None:
+        self.closed = True
+        for idle in list(self._idle.values()):
+            for conn in list(idle):
+                conn._drop()
+        self._idle.clear()

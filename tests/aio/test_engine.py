@@ -1,0 +1,517 @@
+"""The event-loop engine in-process (softlb.aio.serve.running) in front of real backends.
+
+Each test talks to the engine over a real socket (http.client or raw bytes) and asserts on
+what the backend received as well as on what the client got back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from softlb.aio.engine import Limits
+from softlb.aio.serve import running
+from softlb.wsgi import Application
+from tests.helpers.raw_backend import CLOSE, SILENT, RawBackend
+from tests.helpers.servers import RefusingURL, TestBackend, body_sha256
+
+Served = Callable[..., tuple[Application, int]]
+
+
+@pytest.fixture
+def serve(make_app: Callable[..., Application]) -> Iterator[Served]:
+    """Start an Application (health checks off) on the event-loop engine; yields a factory
+    ``serve(limits=None, **config) -> (app, port)``."""
+    stack: list[Any] = []
+
+    def start(limits: Limits | None = None, **config: Any) -> tuple[Application, int]:
+        app = make_app(**config)
+        context = running(app, limits=limits, drain_timeout=1.0)
+        _, port = context.__enter__()
+        stack.append(context)
+        return app, port
+
+    yield start
+    for context in reversed(stack):
+        context.__exit__(None, None, None)
+
+
+def get(port: int, target: str, **kw: Any) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(kw.pop("method", "GET"), target, **kw)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def raw(port: int, data: bytes, *, wait: float = 2.0, until: bytes | None = None) -> bytes:
+    """Send ``data`` on a new connection; what came back until close, ``until`` or ``wait``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        sock.sendall(data)
+        got = b""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                more = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not more:
+                break
+            got += more
+            if until is not None and until in got:
+                break
+        return got
+
+
+def servers_json(port: int) -> list[dict[str, Any]]:
+    status, _, body = get(port, "/_softlb/servers")
+    assert status == 200
+    servers: list[dict[str, Any]] = json.loads(body)["servers"]
+    return servers
+
+
+# -- forwarding --------------------------------------------------------------------------
+
+
+def test_target_headers_and_forwarded_fields(serve: Served, backend: TestBackend) -> None:
+    _, port = serve(servers=[backend.url])
+    status, _, _body = get(
+        port,
+        "/echo/a%2fb?x=%zz",
+        headers={"X-Forwarded-For": "10.9.8.7", "Connection": "X-Secret", "X-Secret": "s"},
+    )
+    assert status == 200
+    seen = backend.last
+    assert seen.target == "/echo/a%2fb?x=%zz"
+    assert seen.header("Host") == f"127.0.0.1:{port}"
+    assert seen.header("X-Forwarded-For") == "10.9.8.7, 127.0.0.1"
+    assert seen.header("X-Forwarded-Proto") == "http"
+    assert seen.header("X-Forwarded-Host") == f"127.0.0.1:{port}"
+    assert not seen.has_header("X-Secret")
+    assert not seen.has_header("Connection")
+
+
+def test_repeated_set_cookie_and_hop_by_hop_answer(serve: Served, backend: TestBackend) -> None:
+    _, port = serve(servers=[backend.url])
+    data = raw(port, b"GET /cookies HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert data.count(b"Set-Cookie:") >= 2
+    data = raw(port, b"GET /hop HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head = data.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"keep-alive:" not in head
+    assert b"x-hop" not in head or b"connection: x-hop" not in head
+
+
+def test_big_download_and_chunked_answer(serve: Served, backend: TestBackend) -> None:
+    _, port = serve(servers=[backend.url])
+    size = 3 * 1024 * 1024 + 7
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for kind in ("big", "chunked"):
+        conn.request("GET", f"/{kind}/{size}")
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 200
+        assert len(body) == size
+        import hashlib
+
+        assert hashlib.sha256(body).hexdigest() == body_sha256(size)
+    conn.close()
+
+
+def test_uploads_by_length_and_chunked(serve: Served, backend: TestBackend) -> None:
+    _, port = serve(servers=[backend.url])
+    for size in (10, 200_000):
+        status, _, _ = get(port, "/echo", method="POST", body=b"u" * size)
+        assert status == 200
+        assert backend.last.body == b"u" * size
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/echo", body=iter([b"a" * 70_000, b"b" * 70_000]), encode_chunked=True)
+    resp = conn.getresponse()
+    resp.read()
+    assert resp.status == 200
+    assert backend.last.body == b"a" * 70_000 + b"b" * 70_000
+    assert backend.last.header("Transfer-Encoding") == "chunked"  # streamed past the read-ahead
+    conn.request("POST", "/echo", body=iter([b"small"]), encode_chunked=True)
+    assert conn.getresponse().status == 200
+    assert backend.last.body == b"small"
+    assert backend.last.header("Content-Length") == "5"  # read ahead whole: sent with a length
+    conn.close()
+
+
+def test_head_and_bodiless_statuses(serve: Served, backend: TestBackend) -> None:
+    _, port = serve(servers=[backend.url])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("HEAD", "/big/5000")
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.read() == b""
+    for status in (204, 304):
+        conn.request("GET", f"/status/{status}")
+        resp = conn.getresponse()
+        assert resp.status == status
+        assert resp.read() == b""
+    conn.request("GET", "/x")  # the connection is still in step
+    assert conn.getresponse().read().startswith(b"ok from")
+    conn.close()
+
+
+def test_pipelined_requests_are_answered_in_order(serve: Served, backend: TestBackend) -> None:
+    _, port = serve(servers=[backend.url])
+    data = raw(
+        port,
+        b"GET /echo/1 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /slow/0.2 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /echo/3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        wait=5,
+    )
+    assert data.count(b"HTTP/1.1 200") == 3
+    assert data.index(b"/echo/1") < data.index(b"slow") < data.index(b"/echo/3")
+
+
+def test_expect_continue_gets_100_then_the_answer(serve: Served, backend: TestBackend) -> None:
+    _, port = serve(servers=[backend.url])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(b"hello")
+        assert b"HTTP/1.1 200" in sock.recv(65536)
+    assert backend.last.body_length == 5
+    assert not backend.last.has_header("Expect")
+
+
+def test_http10_client_gets_a_close_delimited_answer(serve: Served, backend: TestBackend) -> None:
+    _, port = serve(servers=[backend.url])
+    data = raw(port, b"GET /chunked/1000 HTTP/1.0\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head.lower()
+    assert len(body) == 1000
+
+
+# -- failures ----------------------------------------------------------------------------
+
+
+def test_retry_after_refused_and_errors(serve: Served, backend: TestBackend) -> None:
+    refused = RefusingURL()
+    _, port = serve(servers=[refused, backend.url], algorithm="round_robin")
+    for _ in range(4):
+        status, _, body = get(port, "/x")
+        assert status == 200
+        assert body.startswith(b"ok from")
+    _, port = serve(servers=[refused])
+    status, _, body = get(port, "/x")
+    assert status == 502
+    assert b"502" in body
+    _, port = serve(servers=[])
+    assert get(port, "/x")[0] == 503
+
+
+def test_read_timeout_is_504(serve: Served, backend: TestBackend) -> None:
+    _, port = serve(servers=[backend.url], timeouts={"read": "200ms"}, retries=0)
+    status, _, body = get(port, "/slow/2")
+    assert status == 504
+    assert b"in time" in body
+
+
+def test_stale_pooled_connection_is_retried_unblamed(serve: Served) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    with RawBackend([answer], close_after_answer=True) as raw_backend:
+        _, port = serve(servers=[raw_backend.url], retries=0)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        for _ in range(3):
+            conn.request("GET", "/x")
+            assert conn.getresponse().read() == b"ok"
+            time.sleep(0.05)  # the backend's FIN arrives while the connection is idle
+        conn.close()
+        assert servers_json(port)[0]["failures"] == 0
+
+
+def test_post_after_reset_is_not_retried(serve: Served) -> None:
+    with RawBackend([CLOSE]) as one, RawBackend([CLOSE]) as two:
+        _, port = serve(servers=[one.url, two.url], algorithm="round_robin")
+        status, _, _ = get(port, "/x", method="POST", body=b"data")
+        assert status == 502
+        assert len(one.requests) + len(two.requests) == 1
+        status, _, _ = get(port, "/x")
+        assert status == 502
+        assert len(one.requests) + len(two.requests) == 3  # GET went to both
+
+
+def test_answer_cut_after_head_closes_the_client(serve: Served, backend: TestBackend) -> None:
+    _, port = serve(servers=[backend.url])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/reset-mid-body")
+    resp = conn.getresponse()
+    assert resp.status == 200
+    with pytest.raises(http.client.IncompleteRead):
+        resp.read()
+    conn.close()
+
+
+def test_early_answer_is_passed_on(serve: Served) -> None:
+    """A backend that answers 413 after the head, without reading the 4 MB body: the client
+    gets that 413 (nginx's behaviour), and the backend is not blamed."""
+    early = (
+        b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo much"
+    )
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+
+    def backend() -> None:
+        with contextlib.suppress(OSError):
+            sock, _ = listener.accept()
+            with sock:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += sock.recv(4096)
+                sock.sendall(early)
+                time.sleep(0.3)
+
+    thread = threading.Thread(target=backend, daemon=True)
+    thread.start()
+    _, port = serve(servers=[f"http://127.0.0.1:{listener.getsockname()[1]}"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 4000000\r\n\r\n")
+
+        def upload() -> None:
+            with contextlib.suppress(OSError):
+                for _ in range(60):
+                    sock.sendall(b"x" * 65536)
+
+        sender = threading.Thread(target=upload, daemon=True)
+        sender.start()
+        got = b""
+        with contextlib.suppress(OSError):
+            while b"too much" not in got:
+                more = sock.recv(65536)
+                if not more:
+                    break
+                got += more
+    thread.join(5)
+    listener.close()
+    assert got.startswith(b"HTTP/1.1 413"), got[:100]
+    assert servers_json(port)[0]["failures"] == 0
+
+
+# -- the client's faults ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551621\r\n\r\nab", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 9223372036854775808\r\n\r\nab", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    ],
+)
+def test_bad_requests_never_reach_or_blame_a_backend(
+    serve: Served, request_bytes: bytes, status: int
+) -> None:
+    with RawBackend([b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"]) as raw_backend:
+        _, port = serve(servers=[raw_backend.url])
+        for _ in range(4):
+            data = raw(port, request_bytes)
+            assert data.startswith(b"HTTP/1.1 %d" % status), data[:80]
+            assert b"connection: close" in data.lower()
+        assert raw_backend.requests == []
+        assert servers_json(port)[0]["failures"] == 0
+        assert servers_json(port)[0]["healthy"] is True
+
+
+def test_bad_chunk_after_the_read_ahead_cuts_the_exchange(
+    serve: Served, backend: TestBackend
+) -> None:
+    _, port = serve(servers=[backend.url])
+    body = b"10000\r\n" + b"z" * 0x10000 + b"\r\n" + b"10000\r\n" + b"z" * 0x10000 + b"\r\nzz\r\n"
+    data = raw(
+        port, b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+    )
+    assert data == b"" or data.startswith(b"HTTP/1.1 400")
+    assert servers_json(port)[0]["failures"] == 0
+
+
+# -- slow and idle clients -----------------------------------------------------------------------
+
+
+def test_half_open_heads_do_not_stall_others(serve: Served, backend: TestBackend) -> None:
+    _, port = serve(servers=[backend.url])
+    socks = []
+    try:
+        for _ in range(50):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            socks.append(sock)
+        started = time.monotonic()
+        status, _, _ = get(port, "/x")
+        assert status == 200
+        assert time.monotonic() - started < 0.5
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_slow_head_gets_408_and_idle_keepalive_is_closed(
+    serve: Served, backend: TestBackend
+) -> None:
+    limits = Limits(client_header=0.3, keepalive=0.3)
+    _, port = serve(limits=limits, servers=[backend.url])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        data = sock.recv(1000)
+        assert data.startswith(b"HTTP/1.1 408")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"200" in sock.recv(1000)
+        started = time.monotonic()
+        assert sock.recv(1000) == b""  # closed by the engine after the keep-alive timeout
+        assert 0.2 < time.monotonic() - started < 3
+
+
+def test_head_above_the_limit_gets_431(serve: Served, backend: TestBackend) -> None:
+    _, port = serve(limits=Limits(max_header_bytes=2048), servers=[backend.url])
+    data = raw(port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 431")
+    assert backend.request_count == 0
+
+
+def test_max_connections_leaves_later_clients_in_the_backlog(
+    serve: Served, backend: TestBackend
+) -> None:
+    _, port = serve(limits=Limits(max_connections=2), servers=[backend.url])
+    first = socket.create_connection(("127.0.0.1", port), timeout=5)
+    second = socket.create_connection(("127.0.0.1", port), timeout=5)
+    first.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"200" in first.recv(1000)
+    second.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"200" in second.recv(1000)
+    third = socket.create_connection(("127.0.0.1", port), timeout=5)  # kernel backlog
+    third.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    third.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        third.recv(1000)
+    first.close()
+    third.settimeout(5)
+    assert b"200" in third.recv(1000)
+    second.close()
+    third.close()
+
+
+# -- upgrade ----------------------------------------------------------------------------------
+
+
+def test_websocket_upgrade_is_tunnelled(serve: Served) -> None:
+    def ws_backend(sock: socket.socket) -> None:
+        sock.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: abc\r\n\r\n"
+        )
+        for _ in range(3):
+            data = sock.recv(1000)
+            if not data:
+                return
+            sock.sendall(b"echo:" + data)
+
+    with RawBackend([ws_backend]) as raw_backend:
+        _, port = serve(servers=[raw_backend.url])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: k\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(1000)
+            assert head.startswith(b"HTTP/1.1 101")
+            assert b"upgrade: websocket" in head.lower()
+            for word in (b"one", b"two"):
+                sock.sendall(word)
+                assert sock.recv(1000) == b"echo:" + word
+        seen = raw_backend.requests[0].head.lower()
+        assert b"upgrade: websocket" in seen
+        assert b"connection: upgrade" in seen
+
+
+def test_idle_tunnel_is_closed(serve: Served) -> None:
+    def ws_backend(sock: socket.socket) -> None:
+        sock.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+        )
+        sock.settimeout(5)
+        with contextlib.suppress(OSError):
+            sock.recv(1000)
+
+    with RawBackend([ws_backend]) as raw_backend:
+        _, port = serve(limits=Limits(tunnel=0.3), servers=[raw_backend.url])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n")
+            assert sock.recv(1000).startswith(b"HTTP/1.1 101")
+            started = time.monotonic()
+            assert sock.recv(1000) == b""
+            assert time.monotonic() - started < 3
+
+
+def test_unasked_101_is_a_502(serve: Served) -> None:
+    with RawBackend([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"]) as raw_backend:
+        _, port = serve(servers=[raw_backend.url], retries=0)
+        assert get(port, "/x")[0] == 502
+
+
+# -- admin ------------------------------------------------------------------------------------
+
+
+def test_admin_api_on_the_engine(serve: Served, backend: TestBackend) -> None:
+    _, port = serve(servers=[])
+    status, _, body = get(
+        port, "/_softlb/servers", method="POST", body=json.dumps({"url": backend.url})
+    )
+    assert status == 201, body
+    assert get(port, "/x")[0] == 200
+    assert [s["url"] for s in servers_json(port)] == [backend.url]
+    status, headers, _ = get(port, "/_softlb/metrics")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain")
+
+
+def test_concurrent_clients_share_pooled_connections(serve: Served, backend: TestBackend) -> None:
+    _, port = serve(servers=[backend.url])
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            for _ in range(25):
+                conn.request("GET", "/x")
+                assert conn.getresponse().read().startswith(b"ok from")
+            conn.close()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert errors == []
+    assert servers_json(port)[0]["requests"] == 200
+    assert backend.connections <= 16
+
+
+def test_silent_backend_with_post_is_504_once(serve: Served) -> None:
+    with RawBackend([SILENT]) as raw_backend:
+        _, port = serve(servers=[raw_backend.url], timeouts={"read": "200ms"})
+        assert get(port, "/x", method="POST", body=b"x")[0] == 504
+        assert len(raw_backend.requests) == 1
