@@ -37,7 +37,16 @@ def backend() -> Iterator[TestBackend]:
 
 
 @pytest.fixture(scope="module")
-def shared(module_balancer: StartBalancer, backend: TestBackend) -> Balancer:
+def plain(module_balancer: StartBalancer, backend: TestBackend) -> Balancer:
+    """A balancer with the default limits and timeouts."""
+    lb = module_balancer({"servers": [backend.url]})
+    assert lb.get("/warm-up")[0] == 200
+    return lb
+
+
+@pytest.fixture(scope="module")
+def limited(module_balancer: StartBalancer, backend: TestBackend) -> Balancer:
+    """A balancer with :data:`CLIENT_LIMITS`."""
     lb = module_balancer({"servers": [backend.url], **CLIENT_LIMITS})
     assert lb.get("/warm-up")[0] == 200
     return lb
@@ -55,17 +64,17 @@ def timed_get(lb: Balancer) -> float:
 
 
 @pytest.mark.eventloop_only("a thread per connection is held by each half-open client")
-def test_half_open_connections_do_not_delay_others(shared: Balancer) -> None:
+def test_half_open_connections_do_not_delay_others(plain: Balancer) -> None:
     """50 connections that sent half a request head and went silent: a normal request is
     still answered in under 0.2 s."""
-    with IdleClients(shared.port, 50, b"GET /never HTTP/1.1\r\nHost: exa"):
-        assert timed_get(shared) < 0.2
+    with IdleClients(plain.port, 50, b"GET /never HTTP/1.1\r\nHost: exa"):
+        assert timed_get(plain) < 0.2
 
 
 @pytest.mark.eventloop_only("timeouts.client_header is the event loop's")
-def test_unfinished_head_gets_408_and_close(shared: Balancer) -> None:
+def test_unfinished_head_gets_408_and_close(limited: Balancer) -> None:
     """A head not finished within timeouts.client_header (500ms) gets 408, then the close."""
-    with shared.raw(timeout=3.0) as client:
+    with limited.raw(timeout=3.0) as client:
         started = time.monotonic()
         client.send(b"GET /slowloris HTTP/1.1\r\nHost: example.test\r\n")
         response = client.read_response()
@@ -76,10 +85,10 @@ def test_unfinished_head_gets_408_and_close(shared: Balancer) -> None:
 
 
 @pytest.mark.eventloop_only("timeouts.client_body is the event loop's")
-def test_stalled_body_gets_408_and_close(shared: Balancer, backend: TestBackend) -> None:
+def test_stalled_body_gets_408_and_close(limited: Balancer, backend: TestBackend) -> None:
     """A body that stops for longer than timeouts.client_body (500ms) gets 408, then the
     close; the backend's failures stay 0."""
-    with shared.raw(timeout=3.0) as client:
+    with limited.raw(timeout=3.0) as client:
         client.send(b"POST /upload HTTP/1.1\r\nHost: example.test\r\nContent-Length: 10\r\n\r\nab")
         started = time.monotonic()
         response = client.read_response()
@@ -87,13 +96,13 @@ def test_stalled_body_gets_408_and_close(shared: Balancer, backend: TestBackend)
         assert response.status == 408
         client.wait_closed(timeout=2.0)
     assert 0.4 <= elapsed < 2.5
-    assert shared.servers()[backend.url]["failures"] == 0
+    assert limited.servers()[backend.url]["failures"] == 0
 
 
 @pytest.mark.eventloop_only("limits.max_header_bytes is the event loop's")
-def test_head_above_max_header_bytes_gets_431(shared: Balancer, backend: TestBackend) -> None:
+def test_head_above_max_header_bytes_gets_431(limited: Balancer, backend: TestBackend) -> None:
     """A head of 8 KiB against limits.max_header_bytes 4096: 431, not forwarded."""
-    with shared.raw(timeout=3.0) as client:
+    with limited.raw(timeout=3.0) as client:
         client.send(
             b"GET /too-big HTTP/1.1\r\nHost: example.test\r\nX-Big: %b\r\n\r\n" % (b"a" * 8192)
         )
@@ -102,9 +111,9 @@ def test_head_above_max_header_bytes_gets_431(shared: Balancer, backend: TestBac
 
 
 @pytest.mark.eventloop_only("timeouts.keepalive is the event loop's")
-def test_idle_keepalive_connection_closed(shared: Balancer) -> None:
+def test_idle_keepalive_connection_closed(limited: Balancer) -> None:
     """A keep-alive connection idle for timeouts.keepalive (300ms) is closed."""
-    with shared.raw(timeout=3.0) as client:
+    with limited.raw(timeout=3.0) as client:
         client.send(b"GET /once HTTP/1.1\r\nHost: example.test\r\n\r\n")
         assert client.read_response().status == 200
         started = time.monotonic()
@@ -114,9 +123,9 @@ def test_idle_keepalive_connection_closed(shared: Balancer) -> None:
 
 
 @pytest.mark.eventloop_only("gunicorn's threaded worker does not promise pipelining order")
-def test_pipelined_requests_answered_in_order(shared: Balancer) -> None:
+def test_pipelined_requests_answered_in_order(plain: Balancer) -> None:
     """Three GETs in one send, the first the slowest: three answers, in request order."""
-    with shared.raw(timeout=5.0) as client:
+    with plain.raw(timeout=5.0) as client:
         client.send(
             b"GET /slow/0.3 HTTP/1.1\r\nHost: example.test\r\n\r\n"
             b"GET /echo?n=2 HTTP/1.1\r\nHost: example.test\r\n\r\n"
@@ -130,11 +139,11 @@ def test_pipelined_requests_answered_in_order(shared: Balancer) -> None:
 
 
 @pytest.mark.eventloop_only("SPEC promises Expect: 100-continue for the event loop")
-def test_expect_100_continue_does_not_stall(shared: Balancer) -> None:
+def test_expect_100_continue_does_not_stall(plain: Balancer) -> None:
     """A client that waits for 100 Continue before its body gets it (or the final answer)
     at once, and the body then goes through."""
     size = 100_000
-    with shared.raw(timeout=5.0) as client:
+    with plain.raw(timeout=5.0) as client:
         client.send(
             b"POST /upload HTTP/1.1\r\nHost: example.test\r\n"
             b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % size
@@ -160,6 +169,13 @@ def echo_backend() -> Iterator[UpgradeEchoBackend]:
 
 @pytest.fixture(scope="module")
 def tunnel(module_balancer: StartBalancer, echo_backend: UpgradeEchoBackend) -> Balancer:
+    """A balancer in front of the echo backend, with the default timeouts."""
+    return module_balancer({"servers": [echo_backend.url]})
+
+
+@pytest.fixture(scope="module")
+def short_tunnel(module_balancer: StartBalancer, echo_backend: UpgradeEchoBackend) -> Balancer:
+    """The same with timeouts.tunnel 1s."""
     return module_balancer({"servers": [echo_backend.url], "timeouts": {"tunnel": "1s"}})
 
 
@@ -208,11 +224,11 @@ def wait_for_tunnel_close(echo_backend: UpgradeEchoBackend, closed_before: int) 
 
 @pytest.mark.eventloop_only("the threaded engine cannot hand over a socket: it drops Upgrade")
 def test_idle_tunnel_closed_after_timeouts_tunnel(
-    tunnel: Balancer, echo_backend: UpgradeEchoBackend
+    short_tunnel: Balancer, echo_backend: UpgradeEchoBackend
 ) -> None:
     """A tunnel idle for timeouts.tunnel (1s) is closed, on the backend's side too."""
     closed_before = echo_backend.tunnels_closed
-    client = open_tunnel(tunnel)
+    client = open_tunnel(short_tunnel)
     with client:
         started = time.monotonic()
         client.wait_closed(timeout=4.0)
