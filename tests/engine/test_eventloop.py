@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.engine.conftest import Balancer, StartBalancer
-from tests.helpers.hostile import IdleClients, RawClient, UpgradeEchoBackend
+from tests.helpers.hostile import UPGRADE_REQUEST, IdleClients, RawClient, UpgradeEchoBackend
 from tests.helpers.servers import TestBackend
 
 pytestmark = pytest.mark.integration
@@ -21,13 +21,6 @@ CLIENT_LIMITS = {
     "timeouts": {"client_header": "500ms", "keepalive": "300ms", "client_body": "500ms"},
     "limits": {"max_header_bytes": 4096},
 }
-
-#: A WebSocket opening handshake (RFC 6455 §1.2).
-UPGRADE_REQUEST = (
-    b"GET /chat HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n"
-    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    b"Sec-WebSocket-Version: 13\r\n\r\n"
-)
 
 
 @pytest.fixture(scope="module")

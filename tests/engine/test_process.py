@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from tests.engine.conftest import NO_PROBES, SUBPROCESS_ENV, StartBalancer
+from tests.engine.conftest import NO_PROBES, SUBPROCESS_ENV, StartBalancer, engine_flag_supported
+from tests.helpers.hostile import UPGRADE_REQUEST, RawClient, UpgradeEchoBackend
 from tests.helpers.servers import TestBackend, free_port
-from tests.integration.conftest import BIN, Launcher
+from tests.integration.conftest import BIN, SOFTLB, Launcher
 
 pytestmark = pytest.mark.integration
 
@@ -113,3 +114,25 @@ def test_sigterm_refuses_new_connections_and_finishes_the_one_in_flight(
     assert result == {"answer": (200, b"slow")}
     assert lb.running.wait() == 0
     assert "Traceback" not in lb.running.output()
+
+
+def test_event_loop_is_the_default_engine(launch: Launcher, tmp_path: Path) -> None:
+    """softlb serve without --engine runs the event loop (an Upgrade is joined through), and
+    accepts --threads, which only the threaded engine uses."""
+    if not engine_flag_supported():
+        pytest.skip("softlb serve has no --engine yet: the event-loop engine is not merged")
+    with UpgradeEchoBackend() as echo:
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"servers": [echo.url], **NO_PROBES}))
+        port = free_port()
+        argv = [*SOFTLB, "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}"]
+        running = launch([*argv, "--threads", "4"], port=port, env=SUBPROCESS_ENV)
+        with RawClient(port) as client:
+            client.send(UPGRADE_REQUEST)
+            assert client.read_head().status == 101
+            greeting = UpgradeEchoBackend.greeting
+            assert client.recv_exactly(len(greeting)) == greeting
+            client.send(b"ping")
+            assert client.recv_exactly(4) == b"ping"
+        running.signal(signal.SIGTERM)
+        assert running.wait() == 0

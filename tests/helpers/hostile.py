@@ -36,12 +36,19 @@ __all__ = [
     "RawClient",
     "RawResponse",
     "TLSBackend",
+    "UPGRADE_REQUEST",
     "UpgradeEchoBackend",
     "reset_step",
 ]
 
 #: How long any single wait in this module may last unless the caller says otherwise.
 DEFAULT_TIMEOUT = 5.0
+#: A WebSocket opening handshake (RFC 6455 §1.2).
+UPGRADE_REQUEST = (
+    b"GET /chat HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
 #: Largest head RawClient accepts from a server before calling it broken.
 MAX_HEAD = 256 * 1024
 
