@@ -3,14 +3,19 @@
 It keeps the seed's API — ``POST /upload_server {"url": ...}`` adds a backend and
 ``DELETE /delete_server {"url": ...}`` removes one — as ordinary Flask routes, and proxies every
 other request through softlb's :class:`~softlb.Pool` and :class:`~softlb.wsgi.LoadBalancer`, with
-a :class:`~softlb.HealthChecker` probing the backends. Run it with any of::
+a :class:`~softlb.HealthChecker` probing the backends. It needs Flask
+(``python -m pip install flask``). Run it with any of::
 
     python examples/flask_app.py                       # Flask's development server, port 8080
+                                                       # (or $PORT)
     flask --app examples/flask_app.py run -p 8080       # the same (Flask finds create_app)
     gunicorn -k gthread --threads 16 -b 127.0.0.1:8080 'examples.flask_app:create_app()'
 
 The config file is ``examples/config.json`` unless ``SOFTLB_CONFIG`` names another; its
-``listen`` is not used here (the server command decides where to listen).
+``listen`` is not used here (the server command decides where to listen). Its backends are
+``localhost:8081`` to ``8083``: ``python examples/flask_app.py`` with that default config starts
+softlb's demo backends on whichever of those ports are free, so that the first run answers
+(``curl http://127.0.0.1:8080/``) instead of ``503``; it prints what it serves.
 
 ``softlb serve`` gives you all of this plus the full admin API; this file shows how to put the
 balancer inside an app of your own.
@@ -23,7 +28,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, jsonify, request
+try:
+    from flask import Flask, jsonify, request
+except ImportError:  # one readable line, not a traceback
+    raise SystemExit("examples/flask_app.py needs Flask: python -m pip install flask") from None
 
 from softlb import Backend, BackendExists, HealthChecker, InvalidBackend, Pool, UnknownBackend
 from softlb.balancers import balancer_by_name
@@ -109,10 +117,43 @@ def create_app(config_path: str | os.PathLike[str] | None = None) -> Flask:
     return app
 
 
+def start_demo_backends(config_path: str | os.PathLike[str]) -> list[Any]:
+    """Start a softlb demo backend on each port of the config's backends that is free on this
+    machine (a first run has none of its own); return them, to stop at exit."""
+    from urllib.parse import urlsplit
+
+    from softlb.demo import DemoBackend
+
+    started = []
+    for number, server in enumerate(load_config(config_path).servers, start=1):
+        parts = urlsplit(server.url)
+        if parts.hostname not in ("localhost", "127.0.0.1") or parts.port is None:
+            continue
+        backend = DemoBackend(number, parts.port)
+        if backend.port != parts.port:  # taken: something already answers there
+            backend.stop()
+            continue
+        started.append(backend)
+    return started
+
+
 if __name__ == "__main__":
-    app = create_app()
+    from softlb.logs import configure_logging
+
+    configure_logging()  # softlb's lines (backends going down and up) with time and level
+    port = int(os.environ.get("PORT") or 8080)
+    config_path = os.environ.get("SOFTLB_CONFIG") or DEFAULT_CONFIG
+    demo = [] if os.environ.get("SOFTLB_CONFIG") else start_demo_backends(config_path)
+    app = create_app(config_path)
+    urls = ", ".join(b.url for b in app.extensions["softlb"]["pool"].backends)
+    print(f"flask_app: balancing {urls} (config {config_path})")
+    for backend in demo:
+        print(f"flask_app: started demo backend {backend.number} on {backend.url}")
+    print(f"flask_app: try curl http://127.0.0.1:{port}/ ; Ctrl-C stops", flush=True)
     try:
-        app.run(host="127.0.0.1", port=8080, threaded=True)
+        app.run(host="127.0.0.1", port=port, threaded=True)
     finally:
         app.extensions["softlb"]["checker"].stop()
         app.extensions["softlb"]["proxy"].close()
+        for backend in demo:
+            backend.stop()

@@ -7,15 +7,23 @@ directly (a process manager that expects it, extra gunicorn settings). Flags giv
 line override what is set here, e.g. ``-b 0.0.0.0:8080``.
 """
 
+import copy
+import os
 from typing import Any
 
+from gunicorn.glogging import CONFIG_DEFAULTS
+
 # The balancer spends its time waiting on backends, not computing: one process with a pool of
-# threads ("gthread") serves many slow requests at once. Until shared state lands, keep one worker:
-# each worker process has its own pool (membership, health, in-flight counts), so an admin change
-# would reach only the worker that served it.
+# threads ("gthread") serves many slow requests at once. Never gunicorn's default "sync" worker:
+# it proxies one request at a time, so one slow backend holds up every other request (softlb
+# logs a warning if it finds itself there).
 worker_class = "gthread"
-workers = 1
 threads = 16
+# One worker keeps its pool (membership, health, in-flight counts) to itself. For several, give
+# them a store to share it through, or an admin change reaches only the worker that served it:
+# "state" in the config, or SOFTLB_STATE below (e.g. "sqlite:////run/softlb/state.db"); see the
+# docs' scaling page. (`softlb serve --workers N` makes one by itself.)
+workers = 1
 
 # Listen on this machine only: the admin API has no token unless the config sets one.
 bind = "127.0.0.1:8080"
@@ -46,6 +54,31 @@ control_socket_disable = True
 accesslog = None  # "-" logs every request on stdout
 errorlog = "-"
 loglevel = "info"
+
+# softlb's own log: backends going down and up (WARNING/INFO), admin changes (INFO), failed tries,
+# one line each, on stderr with time, process and level like gunicorn's, or one JSON object per
+# line with SOFTLB_LOG_FORMAT=json. (Without this, create_app() sets up the same by itself; this is
+# the place to send it elsewhere, e.g. a FileHandler.) gunicorn replaces each top-level key of its
+# own defaults with ours, so they are copied in. A logconfig_dict turns gunicorn's access log on:
+# its logger is kept quiet below unless `accesslog` is set.
+_softlb_formatter = (
+    {"()": "softlb.logs.JsonFormatter"}
+    if os.environ.get("SOFTLB_LOG_FORMAT") == "json"
+    else {
+        "format": "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+        "datefmt": "%Y-%m-%d %H:%M:%S %z",
+    }
+)
+logconfig_dict = copy.deepcopy(CONFIG_DEFAULTS)
+logconfig_dict["formatters"]["softlb"] = _softlb_formatter
+logconfig_dict["handlers"]["softlb"] = {
+    "class": "logging.StreamHandler",
+    "formatter": "softlb",
+    "stream": "ext://sys.stderr",
+}
+logconfig_dict["loggers"]["softlb"] = {"level": "INFO", "handlers": ["softlb"], "propagate": False}
+if accesslog is None:
+    logconfig_dict["loggers"]["gunicorn.access"]["level"] = "WARNING"
 
 
 def post_worker_init(worker: Any) -> None:

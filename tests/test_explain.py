@@ -373,7 +373,7 @@ def test_every_skip_reason() -> None:
     assert explanation.skipped == (
         Skipped(B, "draining", 0),
         Skipped(C, "unhealthy: HTTP 503", 0),
-        Skipped(D, "ejected (passive): 2 failed requests in a row, last connect", 0),
+        Skipped(D, "ejected (passive): 2 requests in a row failed, the last: could not connect", 0),
         Skipped(E, "removed", 1),
     )
     lease.release()

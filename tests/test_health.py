@@ -466,8 +466,8 @@ def test_verdict_changes_are_logged(
         clock.now += 5.0
         checker.run_pending()
     assert caplog.messages == [
-        "backend http://a:1 is down (HTTP 500)",
-        "backend http://a:1 is up (HTTP 200)",
+        "backend http://a:1 is down: HTTP 500",
+        "backend http://a:1 is up: HTTP 200",
     ]
 
 

@@ -591,7 +591,8 @@ class AdminApi:
             raise _Refused(409, str(exc)) from None
         except StoreUnavailable as exc:
             raise _Refused(503, f"state store unavailable, nothing changed: {exc}") from None
-        log.info("backend %s (weight %d) added by %s", url, weight, environ.get("REMOTE_ADDR", "?"))
+        # The change itself is logged once, by the event log (softlb.logs); this says who.
+        log.debug("backend %s added by %s", url, environ.get("REMOTE_ADDR", "?"))
         return _json_body(201, backend.as_dict())
 
     def _update(self, environ: Environ) -> _Response:
@@ -658,12 +659,7 @@ class AdminApi:
             raise _Refused(404, str(exc)) from None
         except StoreUnavailable as exc:
             raise _Refused(503, f"state store unavailable, nothing changed: {exc}") from None
-        log.info(
-            "backend %s removed by %s (%d requests in flight finish)",
-            backend.url,
-            environ.get("REMOTE_ADDR", "?"),
-            backend.active,
-        )
+        log.debug("backend %s removed by %s", backend.url, environ.get("REMOTE_ADDR", "?"))
         on_remove = self.on_remove
         if on_remove is not None:
             try:

@@ -43,6 +43,7 @@ from softlb.http.upstream import (
     Upstream,
     encode_form,
 )
+from softlb.logs import failure_text
 from softlb.pool import Lease, Pool, PoolEvent
 from softlb.retry import failure_kind, may_resend, may_retry
 
@@ -455,7 +456,13 @@ class BalancedClient:
                 if preload_content:
                     response.read(cache_content=True)  # kept as .data; ends the lease
             except UpstreamError as exc:
-                log.warning("%s %s via %s failed: %s", method, target, backend.url, exc)
+                log.warning(
+                    "backend %s failed %s %s: %s",
+                    backend.url,
+                    method,
+                    target,
+                    failure_text(exc, backend.url),
+                )
                 lease.release(failure_kind(exc))  # already done if the body read failed
                 tried.append(backend)
                 error = exc

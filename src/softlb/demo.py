@@ -1,8 +1,16 @@
 """``softlb demo``: three local backends and a balancer in front of them, with no setup.
 
-The backends are stdlib :mod:`http.server` servers on free ports of 127.0.0.1, each in a thread
-of the gunicorn master; the balancer is the same embedded gunicorn as ``softlb serve`` (one
-worker), round-robin so that successive requests visibly go to each backend in turn.
+The backends are stdlib :mod:`http.server` servers on 127.0.0.1, each in a thread of the
+gunicorn master, on the three ports after the balancer's (8081-8083 for the default 8080) when
+those are free, else on free ports; the balancer is the same embedded gunicorn as ``softlb
+serve`` (one worker), round-robin so that successive requests visibly go to each backend in turn.
+
+A demo is there to show what a load balancer is for, so each backend can be broken and healed
+from outside: ``curl -X POST http://127.0.0.1:8082/break`` makes backend 2 behave like a crashed
+server (every request but ``/break`` and ``/heal`` has its connection closed with no answer, its
+health probe included), and the balancer takes it out of rotation and sends its traffic to the
+other two; ``curl -X POST http://127.0.0.1:8082/heal`` brings it back. The demo prints both
+commands with the real ports.
 """
 
 from __future__ import annotations
@@ -23,10 +31,16 @@ __all__ = ["DEFAULT_PORT", "DemoBackend", "demo_config", "run_demo"]
 DEFAULT_PORT: Final = 8080
 #: How many demo backends are started.
 BACKENDS: Final = 3
-#: Probe interval of the demo: short, so that stopping a backend shows up on the status page
+#: Probe interval of the demo: short, so that breaking a backend shows up on the status page
 #: within seconds.
 HEALTH_INTERVAL: Final = 2.0
 HOST: Final = "127.0.0.1"
+#: Good probes a healed backend needs to be back in rotation (the config's default ``rise``).
+RISE: Final = HealthCheckConfig().rise
+_TEXT: Final = "text/plain; charset=utf-8"
+#: The paths that break and heal a demo backend (``POST`` only); every other path is served.
+BREAK_PATH: Final = "/break"
+HEAL_PATH: Final = "/heal"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -49,8 +63,17 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
-        if self.path.split("?", 1)[0] == "/health":
-            self._answer(200, b"ok\n", "text/plain; charset=utf-8")
+        path = self.path.split("?", 1)[0]
+        if path in (BREAK_PATH, HEAL_PATH):
+            self._switch(path)
+            return
+        if self.server.broken.is_set():
+            # What a crashed backend looks like from the balancer: no answer at all. The probe
+            # fails, requests fail (and idempotent ones are retried on another backend).
+            self.close_connection = True
+            return
+        if path == "/health":
+            self._answer(200, b"ok\n", _TEXT)
             return
         number, port = self.server.number, self.server.server_address[1]
         greeting = f"Hello from demo backend {number} (port {port})"
@@ -61,7 +84,31 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(200, body + b"\n", "application/json")
         else:
             text = f"{greeting}: {self.command} {self.path}\n"
-            self._answer(200, text.encode(), "text/plain; charset=utf-8")
+            self._answer(200, text.encode(), _TEXT)
+
+    def _switch(self, path: str) -> None:
+        """``POST /break`` or ``POST /heal``: change this backend's state and say so."""
+        number, port = self.server.number, self.server.server_address[1]
+        if self.command != "POST":
+            self.close_connection = True  # the body of a refused request is not read
+            self._answer(405, f"use POST: curl -X POST {self._url(path)}\n".encode(), _TEXT)
+            return
+        if path == BREAK_PATH:
+            self.server.broken.set()
+            text = (
+                f"demo backend {number} (port {port}) is broken: it drops every request until "
+                f"healed with: curl -X POST {self._url(HEAL_PATH)}\n"
+            )
+        else:
+            self.server.broken.clear()
+            text = (
+                f"demo backend {number} (port {port}) is healed: it answers again, and is back "
+                f"in rotation after {RISE} good health checks\n"
+            )
+        self._answer(200, text.encode(), _TEXT)
+
+    def _url(self, path: str) -> str:
+        return f"http://{HOST}:{self.server.server_address[1]}{path}"
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _handle
 
@@ -69,17 +116,26 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, number: int) -> None:
+    def __init__(self, number: int, port: int) -> None:
         self.number = number
-        super().__init__((HOST, 0), _Handler)
+        self.broken = threading.Event()  # set by POST /break, cleared by POST /heal
+        super().__init__((HOST, port), _Handler)
 
 
 class DemoBackend:
-    """A tiny HTTP server on a free port of 127.0.0.1 that says which backend it is."""
+    """A tiny HTTP server on 127.0.0.1 that says which backend it is.
 
-    def __init__(self, number: int) -> None:
+    It listens on ``port`` if that is free (``0``, the default, or a taken port: a free port).
+    ``POST /break`` makes it drop every request, ``POST /heal`` makes it answer again; so do
+    :meth:`break_` and :meth:`heal`.
+    """
+
+    def __init__(self, number: int, port: int = 0) -> None:
         self.number = number
-        self._server = _Server(number)
+        try:
+            self._server = _Server(number, port)
+        except OSError:  # taken (or not ours to bind): any free port will do for a demo
+            self._server = _Server(number, 0)
         self.port: int = self._server.server_address[1]
         self.url = f"http://{HOST}:{self.port}"
         self._thread = threading.Thread(
@@ -90,6 +146,19 @@ class DemoBackend:
         )
         self._thread.start()
 
+    @property
+    def broken(self) -> bool:
+        """Whether the backend drops every request (``POST /break``) instead of answering."""
+        return self._server.broken.is_set()
+
+    def break_(self) -> None:
+        """Drop every request from now on, as ``POST /break`` does."""
+        self._server.broken.set()
+
+    def heal(self) -> None:
+        """Answer requests again, as ``POST /heal`` does."""
+        self._server.broken.clear()
+
     def stop(self) -> None:
         """Stop serving and close the listening socket."""
         self._server.shutdown()
@@ -97,7 +166,8 @@ class DemoBackend:
         self._thread.join(5)
 
     def __repr__(self) -> str:
-        return f"<DemoBackend {self.number} {self.url}>"
+        state = " broken" if self.broken else ""
+        return f"<DemoBackend {self.number} {self.url}{state}>"
 
 
 def demo_config(port: int, urls: list[str]) -> Config:
@@ -117,6 +187,7 @@ def instructions(config: Config, backends: list[DemoBackend]) -> str:
     base = f"http://{HOST}:{config.listen_port}"
     admin = base + config.admin.prefix.rstrip("/")
     payload = json.dumps({"url": backends[-1].url})
+    broken = backends[len(backends) // 2].url  # the middle one: backend 2 of 3
     lines = [
         f"softlb demo: {len(backends)} backends and a balancer in front of them",
         "",
@@ -126,6 +197,10 @@ def instructions(config: Config, backends: list[DemoBackend]) -> str:
         f"  servers:    {admin}/servers",
         "",
         f"  try:        curl {base}/hello",
+        f"  break one:  curl -X POST {broken}/break",
+        "              (it stops answering: the status page marks it down, the others take its "
+        "traffic)",
+        f"  heal it:    curl -X POST {broken}/heal",
         f"  remove one: curl -X DELETE {admin}/servers -d '{payload}'",
         f"  add it:     curl -X POST {admin}/servers -d '{payload}'",
         "",
@@ -143,7 +218,8 @@ def run_demo(port: int = DEFAULT_PORT) -> int:
     backends: list[DemoBackend] = []
     try:
         for number in range(1, BACKENDS + 1):
-            backends.append(DemoBackend(number))
+            preferred = port + number if port + number <= 65535 else 0
+            backends.append(DemoBackend(number, preferred))
         config = demo_config(port, [b.url for b in backends])
         print(instructions(config, backends), flush=True)
         return serve(config, ServeOptions(workers=1))

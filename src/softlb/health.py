@@ -26,6 +26,7 @@ from typing import Final
 
 from softlb.backend import Backend
 from softlb.pool import Pool, PoolEvent
+from softlb.retry import failure_reason
 
 __all__ = [
     "DEFAULT_JITTER",
@@ -155,10 +156,10 @@ class HealthChecker:
     probes; the default ``"up"`` trusts it until its first failure (HAProxy's rule).
 
     Each verdict change reaches the pool with its reason — the probe's detail (``"HTTP 500"``,
-    ``"timeout"``) or, for a passive ejection, ``"passive: N failed requests in a row, last
-    ..."`` — which :meth:`Pool.explain() <softlb.pool.Pool.explain>` shows and the pool's
-    ``health`` and ``ejected`` hooks receive. ``log_changes`` (default ``True``) also logs
-    each change to ``softlb.health``.
+    ``"timeout"``) or, for a passive ejection, ``"passive: N requests in a row failed, the
+    last: could not connect"`` — which :meth:`Pool.explain() <softlb.pool.Pool.explain>`
+    shows and the pool's ``health`` and ``ejected`` hooks receive. ``log_changes`` (default
+    ``True``) also logs each change to ``softlb.health``.
 
     One scheduler thread decides what is due; at most ``workers`` probes run at a time. No
     thread exists before :meth:`start`; :meth:`stop` joins them. Both are idempotent. Without
@@ -275,10 +276,11 @@ class HealthChecker:
             # scattered failures among good requests do not.
             backend = event.backend
             if backend.consecutive_failures >= self.fall:
+                count = backend.consecutive_failures
                 self._eject(
                     backend,
-                    f"passive: {backend.consecutive_failures} failed requests in a row, "
-                    f"last {event.detail}",
+                    f"passive: {count} {'request' if count == 1 else 'requests in a row'} "
+                    f"failed, the last: {failure_reason(event.detail)}",
                 )
         elif event.kind == "health":
             # A verdict decided elsewhere (another process, an operator): adopt it, so that a
@@ -300,7 +302,7 @@ class HealthChecker:
             state.successes = state.failures = 0
             changed = self.pool.set_healthy(backend, False, detail, passive=True)
         if changed and self.log_changes:
-            log.warning("backend %s is down (%s)", backend.url, detail)
+            log.warning("backend %s is down: %s", backend.url, detail.removeprefix("passive: "))
 
     def state_of(self, backend: Backend | str) -> HealthState | None:
         """The rise/fall state kept for a backend (``None`` if it is not tracked)."""
@@ -319,7 +321,7 @@ class HealthChecker:
             # (lock order: checker, then pool; the pool never calls us while holding its own).
             changed = verdict is not None and self.pool.set_healthy(backend, verdict, detail)
         if changed and self.log_changes:
-            log.warning("backend %s is %s (%s)", backend.url, "up" if verdict else "down", detail)
+            log.warning("backend %s is %s: %s", backend.url, "up" if verdict else "down", detail)
 
     # -- probing -------------------------------------------------------------------------
 

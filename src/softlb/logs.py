@@ -1,4 +1,4 @@
-"""The balancer's state-change log, written through the pool's event hooks.
+"""softlb's log: the state-change lines, their one style, and where they go.
 
 :func:`install_event_logging` subscribes to a pool's events (:mod:`softlb.events`) and writes
 one line per change to the ``softlb.events`` logger — as text, or as one JSON object per line.
@@ -7,16 +7,23 @@ The lines are written on the pool's dispatcher thread, never on a request's.
 
     backend http://10.0.0.2:8000 added (weight 1)
     backend http://10.0.0.2:8000 is down: HTTP 503
-    backend http://10.0.0.3:8000 ejected: passive: 3 failed requests in a row, last connect
+    backend http://10.0.0.3:8000 is down: 3 requests in a row failed, the last: connection refused
     no backend available: no backend in rotation: 2 members, none eligible
 
-or, with ``json=True`` (``SOFTLB_LOG_FORMAT=json`` for the application)::
+Every softlb line has that shape: what happened, to which backend, then why, in words (never a
+library's exception repr). One change is one line: a passive ejection is logged as its
+``ejected`` event only, not also as the ``health`` event that comes with it.
+
+With ``json=True`` (``SOFTLB_LOG_FORMAT=json`` for the application) each message is a JSON
+object::
 
     {"time": "2024-06-01T12:00:00.000Z", "level": "warning", "event": "health", ...}
 
-The logger is not configured here: handlers and levels are the program's (``softlb serve``
-prints ``softlb.*`` lines on stderr). With JSON, a handler whose format is ``%(message)s``
-gives pure JSON lines; every record also carries the event's fields as ``record.softlb_event``.
+:func:`configure_logging` is what ``softlb serve`` and :func:`softlb.wsgi.create_app` call when
+the program has not set up logging itself: ``softlb.*`` lines at INFO and above on stderr, with
+time, process and level (gunicorn's format), or pure JSON lines with ``SOFTLB_LOG_FORMAT=json``.
+Every event record also carries the event's fields as ``record.softlb_event``.
+:func:`warn_if_serial` says once per process when the WSGI server runs one request at a time.
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ from __future__ import annotations
 import datetime
 import json as json_module
 import logging
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Final
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final
 
 from softlb import events
 from softlb.events import Event
@@ -33,7 +42,21 @@ from softlb.events import Event
 if TYPE_CHECKING:
     from softlb.pool import Pool
 
-__all__ = ["NO_BACKEND_INTERVAL", "STATE_CHANGES", "EventLogger", "install_event_logging"]
+__all__ = [
+    "NO_BACKEND_INTERVAL",
+    "STATE_CHANGES",
+    "TEXT_FORMAT",
+    "EventLogger",
+    "JsonFormatter",
+    "configure_logging",
+    "failure_text",
+    "install_event_logging",
+    "warn_if_serial",
+]
+
+#: softlb's text lines, as gunicorn writes its own: time, process, level, then logger and message.
+TEXT_FORMAT: Final = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+TEXT_DATE_FORMAT: Final = "%Y-%m-%d %H:%M:%S %z"
 
 #: The events logged by default: every change of membership, drain or health, and requests
 #: that found no backend. ``retried`` is left out: it is one line per failed try.
@@ -63,6 +86,8 @@ class EventLogger:
         self._no_backend_quiet = 0  # no_backend events not logged since
 
     def __call__(self, event: Event) -> None:
+        if event.kind == events.HEALTH and event.detail.startswith("down: passive:"):
+            return  # the `ejected` event right after it says the same, with the reason
         level = _level(event)
         extra = ""
         if event.kind == events.NO_BACKEND:
@@ -143,7 +168,7 @@ def _text(event: Event) -> str:
         verdict, _, reason = detail.partition(": ")
         return f"backend {url} is {verdict}" + (f": {reason}" if reason else "")
     if kind == events.EJECTED:
-        return f"backend {url} ejected: {detail}"
+        return f"backend {url} is down: {detail.removeprefix('passive: ')}"
     if kind == events.RETRIED:
         return f"request retried on another backend after {url} failed: {detail}"
     if kind == events.NO_BACKEND:
@@ -156,3 +181,104 @@ def _text(event: Event) -> str:
 def _iso(seconds: float) -> str:
     moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def failure_text(error: BaseException, backend: str | None = None) -> str:
+    """Why a try on ``backend`` failed, in words and without the backend's URL (the log line
+    names it once): ``"connection refused"``, ``"the connection closed before an answer"``."""
+    text = str(error)
+    url = backend if backend is not None else getattr(error, "backend", None)
+    if url:
+        text = text.replace(f"connection to {url} failed: ", "")
+        for joined in (f": {url}", f" from {url}", f" to {url}", f" {url}"):
+            text = text.replace(joined, "")
+    return {"closed before answering": "the connection closed before an answer"}.get(text, text)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: an event record's own JSON message as it is, any other record
+    as ``{"time", "level", "logger", "message"}``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if getattr(record, "softlb_event", None) is not None and message.startswith("{"):
+            return message
+        document: dict[str, object] = {
+            "time": _iso(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": message,
+        }
+        if record.exc_info:
+            document["error"] = self.formatException(record.exc_info)
+        return json_module.dumps(document)
+
+
+def configure_logging(log_format: str | None = None) -> bool:
+    """Send ``softlb.*`` lines at INFO and above to stderr, unless logging is already set up.
+
+    Does nothing (and returns ``False``) when the ``softlb`` logger or the root logger already
+    has a handler: then the program decides. Otherwise adds one handler to ``softlb`` and
+    returns ``True``. ``log_format`` is ``"text"`` (gunicorn's line format, :data:`TEXT_FORMAT`)
+    or ``"json"`` (:class:`JsonFormatter`); by default ``SOFTLB_LOG_FORMAT``, else text. Without
+    this, Python prints softlb's warnings bare (no time, no level) and drops its INFO lines.
+    """
+    logger = logging.getLogger("softlb")
+    if logger.handlers or logging.getLogger().handlers:
+        return False
+    handler = logging.StreamHandler(sys.stderr)
+    if (log_format or os.environ.get("SOFTLB_LOG_FORMAT") or "text") == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT, datefmt=TEXT_DATE_FORMAT))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    return True
+
+
+#: Modules whose presence means gunicorn's workers run many requests at once although
+#: ``wsgi.multithread`` is false: green threads (gevent, eventlet) and softlb's event loop.
+_CONCURRENT: Final = ("gevent", "eventlet", "softlb.aio")
+
+_serial_checked = False  # whether warn_if_serial() has looked at a request in this process
+
+
+def warn_if_serial(environ: Mapping[str, Any], logger: logging.Logger | None = None) -> bool:
+    """Warn once per process when gunicorn runs one request at a time here; return whether it
+    does (decided on the first request a process sees; later calls return ``False`` at once).
+
+    The signal is the WSGI spec's own, from gunicorn (``SERVER_SOFTWARE`` ``gunicorn/...``):
+    ``wsgi.multithread`` false, which gunicorn sets when ``--threads`` is 1 — its default
+    ``sync`` worker, and ``gthread`` with one thread — unless the worker is concurrent without
+    threads (gevent, eventlet, softlb's event loop). A proxy spends its time waiting for
+    backends, so there one slow backend holds up every other request of that worker, the
+    admin API and the status page included. Other WSGI servers are not judged.
+    """
+    global _serial_checked
+    if _serial_checked:
+        return False
+    _serial_checked = True
+    software = str(environ.get("SERVER_SOFTWARE") or "")
+    serial = (
+        software.startswith("gunicorn")
+        and environ.get("wsgi.multithread") is False
+        and not environ.get("wsgi.run_once")
+        and not any(name in sys.modules for name in _CONCURRENT)
+    )
+    if serial:
+        (logger or logging.getLogger("softlb.server")).warning(
+            "gunicorn runs one request at a time in worker %d (sync worker, or one thread): "
+            "one slow backend holds up every other request, the admin API included; run "
+            "gunicorn with -k gthread --threads 16, or use softlb serve",
+            os.getpid(),
+        )
+    return serial
+
+
+def _reset_after_fork() -> None:
+    global _serial_checked
+    _serial_checked = False
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

@@ -13,7 +13,7 @@ from typing import Final
 
 from softlb.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 
-__all__ = ["IDEMPOTENT_METHODS", "failure_kind", "may_resend", "may_retry"]
+__all__ = ["IDEMPOTENT_METHODS", "failure_kind", "failure_reason", "may_resend", "may_retry"]
 
 #: Methods a request may be sent again with after it reached a backend (RFC 9110 §9.2.2).
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -43,3 +43,17 @@ def failure_kind(error: UpstreamError) -> str:
     if isinstance(error, UpstreamTimeout):
         return "timeout"
     return "broken"
+
+
+#: What each failure kind of :func:`failure_kind` means, in words (for log lines).
+_KIND_WORDS: Final = {
+    "connect": "could not connect",
+    "timeout": "no answer in time",
+    "broken": "the connection failed after the request was sent",
+    "error": "an error in the proxy",
+}
+
+
+def failure_reason(kind: str) -> str:
+    """A failure kind a lease records (``"connect"``, ``"timeout"``, ``"broken"``) in words."""
+    return _KIND_WORDS.get(kind, kind)

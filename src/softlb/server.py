@@ -231,8 +231,9 @@ def default_state(config: Config, options: ServeOptions) -> tuple[str, list[str]
         return from_environment, []
     if options.workers <= 1:
         return _STATE_MEMORY, []
-    from softlb.state.sync import runtime_dir
+    from softlb.state.sync import remove_stale_runs, runtime_dir
 
+    remove_stale_runs()  # files of earlier runs that did not end cleanly
     path = os.path.join(runtime_dir(), f"{config.cluster}-{os.getpid()}.db")
     files = [path, path + "-wal", path + "-shm", f"{path}.{config.cluster}.slots"]
     return f"sqlite:///{path}", files
@@ -375,19 +376,11 @@ def gunicorn_settings(config: Config, options: ServeOptions) -> dict[str, Any]:
 
 
 def _configure_logging() -> None:
-    """Send softlb's own log lines to stderr in gunicorn's format, unless logging is set up."""
-    logger = logging.getLogger("softlb")
-    if logger.handlers or logging.getLogger().handlers:
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(
-            "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
-            datefmt="%Y-%m-%d %H:%M:%S %z",
-        )
-    )
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    """Send softlb's own log lines to stderr in gunicorn's format (JSON with
+    ``SOFTLB_LOG_FORMAT=json``), unless logging is set up."""
+    from softlb.logs import configure_logging
+
+    configure_logging()
 
 
 def serve(

@@ -39,6 +39,7 @@ from softlb.http.headers import (
 )
 from softlb.http.upstream import CHUNK_SIZE, SMALL_BODY, Upstream, UpstreamResponse
 from softlb.http.wire import ProxyUpstream, WireResponse
+from softlb.logs import failure_text, warn_if_serial
 from softlb.pool import Lease, Pool
 from softlb.retry import IDEMPOTENT_METHODS, failure_kind, may_resend, may_retry
 from softlb.stats import ProxyStats
@@ -216,7 +217,8 @@ class _StreamedAnswer:
             yield from self._resp.chunks()
         except UpstreamError as exc:
             self._failure = failure_kind(exc)
-            log.warning("answer from %s cut short: %s", self._lease.backend.url, exc)
+            url = self._lease.backend.url
+            log.warning("backend %s: answer cut short: %s", url, failure_text(exc, url))
             raise
         self._complete = True
 
@@ -367,7 +369,13 @@ class LoadBalancer:
                 lease.release(failure_kind(exc))
                 tried.append(backend)
                 error = exc
-                log.warning("%s %s via %s failed: %s", method, request.target, backend.url, exc)
+                log.warning(
+                    "backend %s failed %s %s: %s",
+                    backend.url,
+                    method,
+                    request.target,
+                    failure_text(exc, backend.url),
+                )
                 if may_retry(
                     exc,
                     resend=resend,
@@ -376,7 +384,11 @@ class LoadBalancer:
                     limit=self.retries,
                 ):
                     self.stats.retried()
-                    self.pool.publish(RETRIED, backend, f"{method} {request.target}: {exc}")
+                    self.pool.publish(
+                        RETRIED,
+                        backend,
+                        f"{method} {request.target}: {failure_text(exc, backend.url)}",
+                    )
                     continue
                 break
             except ClientBodyError:
@@ -537,9 +549,16 @@ class Application:
             stats=self.proxy.stats,
             checker=self.checker,
             on_remove=self.proxy.upstream.forget,
+            allow=getattr(config.admin, "allow", ()),
         )
+        #: The port of ``admin.listen``: the admin API is served there only (SPEC §2).
+        self.admin_port: int | None = None
+        admin_listen = getattr(config.admin, "listen", None)
+        if admin_listen is not None:
+            self.admin_port = int(admin_listen.rpartition(":")[2])
         self.state: SharedState | None = None
         self._pid: int | None = None  # the process whose threads are running
+        self._server_checked = False  # whether this process's WSGI server was looked at
         self._start_lock = threading.Lock()
         _FORK_WATCH.add(self)
         if start:
@@ -605,6 +624,7 @@ class Application:
         if self.checker is not None:
             self.checker._after_fork()
         self._pid = None
+        self._server_checked = False
         if was_running:
             self.start()
 
@@ -619,6 +639,14 @@ class Application:
         self._pid = None
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if not self._server_checked:  # once: a warning if gunicorn serves one request at a time
+            self._server_checked = True
+            warn_if_serial(environ)
+        if self.admin_port is not None:
+            # admin.listen: the admin API on its own address, the proxy everywhere else.
+            if _local_port(environ) == self.admin_port:
+                return self.admin(environ, start_response)
+            return self.proxy(environ, start_response)
         if self.admin.matches(environ.get("PATH_INFO") or "/"):
             return self.admin(environ, start_response)
         return self.proxy(environ, start_response)
@@ -627,6 +655,22 @@ class Application:
         return (
             f"<Application {self.pool!r} state={self.state_url} admin={self.config.admin.prefix}>"
         )
+
+
+def _local_port(environ: Environ) -> int | None:
+    """The local port the request arrived on: from the connection itself where the server
+    gives it (gunicorn's ``gunicorn.socket``), else ``SERVER_PORT`` (which a Host header can
+    set, so only where nothing better is known)."""
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        try:
+            return int(sock.getsockname()[1])
+        except (OSError, IndexError, TypeError, ValueError):
+            return None
+    try:
+        return int(environ.get("SERVER_PORT") or 0)
+    except ValueError:
+        return None
 
 
 #: Every live Application, so that a forked child can make each one usable again.
@@ -646,8 +690,16 @@ def create_app(config: str | os.PathLike[str] | Config | None = None) -> Applica
 
     With no argument the path comes from the ``SOFTLB_CONFIG`` environment variable. A bad
     config raises :class:`~softlb.errors.ConfigError` listing every problem.
+
+    Unless the program has set up logging, softlb's lines go to stderr with time and level
+    (:func:`softlb.logs.configure_logging`). The app logs that the WSGI server's bind, not the
+    config's ``listen``, decides where it listens, and warns on its first request if gunicorn
+    serves one request at a time (:func:`softlb.logs.warn_if_serial`).
     """
     from softlb.config import Config, load_config
+    from softlb.logs import configure_logging
+
+    configure_logging()
 
     if config is None:
         path = os.environ.get("SOFTLB_CONFIG")
@@ -658,4 +710,13 @@ def create_app(config: str | os.PathLike[str] | Config | None = None) -> Applica
         config = path
     if not isinstance(config, Config):
         config = load_config(config)
-    return Application(config)
+    app = Application(config)
+    logging.getLogger("softlb.server").info(
+        "balancer ready (%s, %d backends, config %s); the WSGI server's bind decides where it "
+        "listens, not the config's listen (%s)",
+        config.algorithm,
+        len(config.servers),
+        config.source,
+        config.listen,
+    )
+    return app

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -433,6 +434,46 @@ def test_flask_example(write_config: Callable[..., Path], backends: list[TestBac
     finally:
         parts["checker"].stop()
         parts["proxy"].close()
+
+
+def test_flask_example_first_run_has_backends(write_config: Callable[..., Path]) -> None:
+    """examples/flask_app.py's first run starts demo backends on its config's free ports, so
+    it answers instead of 503; a port that is taken is left to what listens there (#14)."""
+    free, taken = free_port(), TestBackend()
+    config = write_config(
+        {"servers": [f"http://localhost:{free}", taken.url], "algorithm": "round_robin", **PROBES}
+    )
+    module = load_example("flask_app")
+    started = module.start_demo_backends(config)
+    app = module.create_app(config)
+    parts = app.extensions["softlb"]
+    try:
+        assert [b.port for b in started] == [free]
+        client = app.test_client()
+        answers = {client.get("/").data.decode() for _ in range(2)}
+        assert answers == {
+            f"Hello from demo backend 1 (port {free}): GET /\n",
+            f"ok from {taken.port}",
+        }
+    finally:
+        parts["checker"].stop()
+        parts["proxy"].close()
+        for backend in started:
+            backend.stop()
+        taken.stop()
+
+
+def test_flask_example_without_flask() -> None:
+    """Without Flask, examples/flask_app.py says what it needs in one line, no traceback."""
+    code = (
+        "import runpy, sys; sys.modules['flask'] = None; "
+        f"runpy.run_path({str(EXAMPLES / 'flask_app.py')!r}, run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 1
+    assert done.stderr == "examples/flask_app.py needs Flask: python -m pip install flask\n"
 
 
 def test_examples_config_is_the_seed_shape() -> None:

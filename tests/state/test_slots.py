@@ -401,3 +401,51 @@ def test_owner_liveness_rules() -> None:
     assert not alive(-5, 0, ns, now, my_ns=ns, now=now)  # never os.kill() a group
     assert alive(pid, start, ns + 1, now, my_ns=ns, now=now)  # other namespace: heartbeat
     assert not alive(pid, start, ns + 1, stale, my_ns=ns, now=now)
+
+
+# -- files of runs that did not end cleanly -------------------------------------------------------
+
+
+def test_remove_stale_runs(tmp_path: Path) -> None:
+    """Files of `softlb serve --workers N` runs whose process is gone are deleted; live runs'
+    files, fresh files and other files are kept (issue #14, item 8)."""
+    import subprocess
+    import sys
+
+    from softlb.state.sync import remove_stale_runs
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead = int(gone.stdout)
+    old = time.time() - 3600
+    stale = [
+        f"softlb-{dead}.db",
+        f"softlb-{dead}.db-wal",
+        f"softlb-{dead}.db-shm",
+        f"softlb-{dead}.db.softlb.slots",
+    ]
+    live = f"softlb-{os.getpid()}.db.softlb.slots"
+    reused = f"my-cluster-{os.getpid()}.db"  # our pid, but written before this process started
+    fresh = f"softlb-{dead}-fresh-{dead}.db"  # a dead pid, written a moment ago
+    other = "softlb-node1-0123456789.slots"  # a Redis store's table: not a run's file
+    for name in [*stale, live, reused, fresh, other]:
+        (tmp_path / name).write_bytes(b"x")
+    for name in [*stale, reused, other]:
+        os.utime(tmp_path / name, (old, old))
+    started = Path(f"/proc/{os.getpid()}/stat").exists()
+    removed = remove_stale_runs(str(tmp_path))
+    expected = {*stale, reused} if started else set(stale)
+    assert {Path(p).name for p in removed} == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        {*stale, live, reused, fresh, other} - expected
+    )
+    # Without the margin the fresh file of a dead run goes too; the live run's file stays.
+    assert [Path(p).name for p in remove_stale_runs(str(tmp_path), min_age=0)] == [fresh]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        {live, other} | ({reused} - expected)
+    )
+    assert remove_stale_runs(str(tmp_path / "missing")) == []

@@ -65,6 +65,7 @@ _REPLACED: Final = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"expect", b"content-length"}
 )
 _UNREMOVABLE: Final = frozenset({b"host", b"content-length"})
+_DROPPED: Final = _HOP | _REPLACED
 _METHODS_WITH_BODY: Final = frozenset({"POST", "PUT", "PATCH"})
 
 _REASONS: Final = {
@@ -225,7 +226,6 @@ class ClientConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self._deadline = 0.0
         self._deadline_kind = ""
-        self._timer: asyncio.TimerHandle | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._lost: asyncio.Future[None] | None = None
 
@@ -519,38 +519,25 @@ class ClientConnection(asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()
 
-    # -- one timer per connection -------------------------------------------------------
+    # -- deadlines, checked by the engine's sweep -----------------------------------------
 
     def _set_deadline(self, kind: str, seconds: float) -> None:
-        """Arm the connection's one timer for ``kind``: ``header`` (408), ``body`` (408),
-        ``idle`` (close quietly), ``tunnel`` (close) or ``""`` (none: an answer is being made,
-        the backend's read timeout applies). A later deadline only moves a number; the timer
-        re-arms itself when it fires early."""
+        """Set the connection's one deadline: ``header`` (408), ``body`` (408), ``idle``
+        (close quietly), ``tunnel`` (close) or ``""`` (none: an answer is being made, the
+        backend's read timeout applies). Only two numbers change: the engine's sweep
+        (:meth:`Engine._sweep`) looks at every connection a few times per shortest timeout,
+        so a request costs no timer of its own."""
         self._deadline_kind = kind
-        if not kind:
-            return
-        deadline = self.loop.time() + seconds
-        self._deadline = deadline
-        timer = self._timer
-        if timer is None:
-            self._timer = self.loop.call_at(deadline, self._on_timer)
-        elif timer.when() > deadline:
-            timer.cancel()
-            self._timer = self.loop.call_at(deadline, self._on_timer)
+        if kind:
+            self._deadline = self.loop.time() + seconds
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline_kind = ""
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def on_deadline(self, now: float) -> None:
+        """The sweep found the deadline passed."""
         kind = self._deadline_kind
-        if self.closed or not kind:
-            return
-        now = self.loop.time()
-        if now < self._deadline:
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+        if self.closed or not kind or now < self._deadline:
             return
         if kind == "header":
             if self.busy:
@@ -621,6 +608,26 @@ class Engine:
         self._executor = ThreadPoolExecutor(admin_threads, thread_name_prefix="softlb-admin")
         self._idle_waiter: asyncio.Future[None] | None = None
         self._forget_hook()
+        limits = self.limits
+        shortest = min(
+            limits.client_header, limits.keepalive, limits.client_body, limits.tunnel,
+            config.timeouts.read or 60.0,
+        )  # fmt: skip
+        #: Seconds between two sweeps: a deadline is met within this much of its time.
+        self.sweep_interval = min(max(shortest / 5, 0.02), 1.0)
+        self._sweep_handle = loop.call_later(self.sweep_interval, self._sweep)
+
+    def _sweep(self) -> None:
+        """Enforce every connection's deadline and every backend exchange's read timeout:
+        one timer for the whole worker instead of one per request."""
+        now = self.loop.time()
+        for conn in list(self.connections):
+            if conn._deadline_kind and now >= conn._deadline:
+                conn.on_deadline(now)
+        for upstream in list(self.upstreams.busy):
+            upstream.check_timeout(now)
+        if not self.loop.is_closed():
+            self._sweep_handle = self.loop.call_later(self.sweep_interval, self._sweep)
 
     def _forget_hook(self) -> None:
         """Backends removed by the admin API or the shared state close their idle connections
@@ -752,6 +759,7 @@ class Engine:
         self.upstreams.close()
 
     def close(self) -> None:
+        self._sweep_handle.cancel()
         self.upstreams.close()
         self._executor.shutdown(wait=False)
 
@@ -938,7 +946,8 @@ class Engine:
         """
         fresh = False
         while True:
-            upstream = await self.upstreams.connection(url, fresh=fresh)
+            found = None if fresh else self.upstreams.take_idle(url)
+            upstream = found if found is not None else await self.upstreams.connect(url)
             address = upstream.address
             body = request.take_body() if request.complete else b""
             if request.complete:
@@ -1175,23 +1184,28 @@ class Engine:
     def _fields(self, conn: ClientConnection, request: _Request) -> bytes:
         """The request's header block for the backend: hop-by-hop fields (and the ones the
         Connection header names) dropped, ``X-Forwarded-*`` set (SPEC §3)."""
-        skip = _HOP | _REPLACED
-        connection = [v.decode("latin-1") for n, v in request.headers if n.lower() == b"connection"]
-        if connection:
-            named = {t.encode() for t in connection_tokens(connection)} - _UNREMOVABLE
-            skip = skip | named
-        out: list[bytes] = []
+        lines: list[tuple[bytes, bytes]] = []
         forwarded_for: list[bytes] = []
+        connection: list[str] = []
         host = b""
         for name, value in request.headers:
             lname = name.lower()
-            if lname in skip:
-                if lname == b"x-forwarded-for" and lname not in (skip - _REPLACED - _HOP):
+            if lname in _DROPPED:
+                if lname == b"x-forwarded-for":
                     forwarded_for.append(value)
+                elif lname == b"connection":
+                    connection.append(value.decode("latin-1"))
                 continue
             if lname == b"host":
                 host = value
-            out += (name, b": ", value, b"\r\n")
+            lines.append((lname, b"%b: %b\r\n" % (name, value)))
+        if connection:
+            named = {t.encode() for t in connection_tokens(connection)} - _UNREMOVABLE
+            if named:
+                lines = [line for line in lines if line[0] not in named]
+                if b"x-forwarded-for" in named:
+                    forwarded_for = []  # the client asked for it to go no further
+        out = [line for _, line in lines]
         peer = conn.peer[0].encode()
         if peer:
             forwarded_for.append(peer)

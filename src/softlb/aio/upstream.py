@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import time
 import typing
 from collections import deque
 from collections.abc import Callable
@@ -120,8 +119,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_request = False
         self._want_upgrade = False
         self._got_bytes = False
-        self._last_read = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._active = False  # an exchange is under way (bytes are expected)
+        self._last_read = 0.0  # loop time of the last read, for the engine's timeout sweep
         self._read_timeout = pool.read_timeout
         self._lost: asyncio.Future[None] | None = None
         self.paused = False
@@ -141,18 +140,18 @@ class UpstreamConnection(asyncio.Protocol):
                 sink(data)
             return
         parser = self._parser
-        if parser is None:  # bytes on an idle connection: nobody asked; it is unusable
+        if not self._active or parser is None:  # bytes nobody asked for: it is unusable
             self._drop()
             return
         self._got_bytes = True
-        self._last_read = time.monotonic()
+        self._last_read = self.loop.time()
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             if self._answer is not None and self._answer.status == 101 and self._want_upgrade:
                 self.upgraded = True
                 self.upgrade_tail = data[int(exc.args[0]) :]
-                self._stop_timer()
+                self.pool.busy.discard(self)
                 self._parser = None
                 return
             self._fail(UpstreamBroken(f"{self.address.url} switched protocols unasked"))
@@ -166,7 +165,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._stop_timer()
+        self.pool.busy.discard(self)
         self.pool._forget_idle(self)
         if self.upgraded:
             done = self.on_done
@@ -175,7 +174,7 @@ class UpstreamConnection(asyncio.Protocol):
                 done(None)
             return
         answer = self._answer
-        if self._parser is not None and not self.complete:
+        if self._active and not self.complete:
             if answer is not None and answer.until_close and self._head_done:
                 self._finish()  # a body delimited by the end of the connection ended
             else:
@@ -247,7 +246,7 @@ class UpstreamConnection(asyncio.Protocol):
             head.set_result(answer)
         if self._head_request:  # llhttp would wait for a body the answer to HEAD never has
             self._finish()
-            self._parser = None  # any byte that still comes makes the connection unusable
+            self._parser = None  # the next exchange needs a parser in its first state
 
     def on_body(self, body: bytes) -> None:
         sink = self.sink
@@ -280,9 +279,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._want_upgrade = upgrade
         self.sink = None
         self.on_done = None
-        self._parser = httptools.HttpResponseParser(self)
-        self._last_read = time.monotonic()
-        self._arm_timer()
+        if self._parser is None:
+            self._parser = httptools.HttpResponseParser(self)
+        self._active = True
+        self._last_read = self.loop.time()
+        self.pool.busy.add(self)
         assert self.transport is not None
         self.transport.write(data)
 
@@ -318,12 +319,13 @@ class UpstreamConnection(asyncio.Protocol):
     def resume(self) -> None:
         if self.paused and self.transport is not None and not self.closed:
             self.paused = False
-            self._last_read = time.monotonic()  # the wait was the client's, not the backend's
+            self._last_read = self.loop.time()  # the wait was the client's, not the backend's
             self.transport.resume_reading()
 
     def release(self, reusable: bool) -> None:
         """The exchange is over: back to the idle pool when ``reusable``, else closed."""
-        self._stop_timer()
+        self._active = False
+        self.pool.busy.discard(self)
         self.sink = None
         self.on_done = None
         self.on_drain = self.on_full = None
@@ -335,7 +337,6 @@ class UpstreamConnection(asyncio.Protocol):
             and self._answer is not None
             and self._answer.keep_alive
         ):
-            self._parser = None
             self.reused = True
             if self.paused:
                 self.resume()
@@ -355,14 +356,16 @@ class UpstreamConnection(asyncio.Protocol):
         if self.complete:
             return
         self.complete = True
-        self._stop_timer()
+        self._active = False  # a byte after the answer makes the connection unusable
+        self.pool.busy.discard(self)
         done = self.on_done
         if done is not None:
             self.on_done = None
             done(None)
 
     def _fail(self, error: UpstreamError) -> None:
-        self._stop_timer()
+        self._active = False
+        self.pool.busy.discard(self)
         head = self.head
         if head is not None and not head.done():
             head.set_exception(error)
@@ -375,35 +378,21 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _drop(self) -> None:
         self._parser = None
+        self._active = False
+        self.pool.busy.discard(self)
         self.pool._forget_idle(self)
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.abort()
 
-    def _arm_timer(self) -> None:
-        if self._timer is None and self._read_timeout is not None:
-            self._timer = self.loop.call_at(
-                self.loop.time() + self._read_timeout, self._check_timeout
-            )
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _check_timeout(self) -> None:
-        """One timer per exchange, moved forward when reads happened (no re-arm per read)."""
-        self._timer = None
-        if self.complete or self.closed or self._read_timeout is None:
+    def check_timeout(self, now: float) -> None:
+        """Called by the engine's sweep: fail the exchange when the backend has sent nothing
+        for ``read_timeout`` seconds (time the client made it wait, paused, does not count)."""
+        timeout = self._read_timeout
+        if timeout is None or self.paused or not self._active:
             return
-        idle = time.monotonic() - self._last_read
-        if self.paused or idle < self._read_timeout:
-            wait = self._read_timeout - (0.0 if self.paused else idle)
-            self._timer = self.loop.call_at(
-                self.loop.time() + max(wait, 0.001), self._check_timeout
-            )
-            return
-        self._fail(UpstreamTimeout(f"backend did not answer in time: {self.address.url}"))
+        if now - self._last_read >= timeout:
+            self._fail(UpstreamTimeout(f"backend did not answer in time: {self.address.url}"))
 
 
 class _HeadTooLarge(Exception):
@@ -438,6 +427,8 @@ class UpstreamPool:
         self.max_idle = max_idle
         self._ssl = ssl_context
         self._idle: dict[str, deque[UpstreamConnection]] = {}
+        #: Connections with an exchange under way, for the engine's read-timeout sweep.
+        self.busy: set[UpstreamConnection] = set()
         self._addresses: dict[str, BackendAddress] = {}
         self.closed = False
 
@@ -454,14 +445,25 @@ class UpstreamPool:
             self._ssl = ssl.create_default_context()
         return self._ssl
 
+    def take_idle(self, url: str) -> UpstreamConnection | None:
+        """The most recently used idle connection to ``url``, if there is one."""
+        idle = self._idle.get(url)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
     async def connection(self, url: str, *, fresh: bool = False) -> UpstreamConnection:
         """An idle connection to ``url`` (the most recently used), or a new one."""
         if not fresh:
-            idle = self._idle.get(url)
-            while idle:
-                conn = idle.pop()
-                if not conn.closed:
-                    return conn
+            conn = self.take_idle(url)
+            if conn is not None:
+                return conn
+        return await self.connect(url)
+
+    async def connect(self, url: str) -> UpstreamConnection:
+        """A new connection to ``url``."""
         address = self.address(url)
         try:
             connecting = self.loop.create_connection(

@@ -93,6 +93,27 @@ def translate(exc: BaseException, backend: str, *, sent: bool) -> UpstreamError:
     return UpstreamBroken(f"connection to {backend} failed: {_short(exc)}", backend=backend)
 
 
+def _in_words(exc: BaseException) -> str:
+    """Why a probe failed, in words: the operating system's reason when there is one
+    (``"connection refused"``, ``"name or service not known"``), never urllib3's reprs."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for cause in chain:  # the innermost system error says it best
+        if isinstance(cause, OSError) and cause.strerror and not isinstance(cause, TimeoutError):
+            return cause.strerror[:1].lower() + cause.strerror[1:]
+    for cause in chain:
+        if isinstance(cause, NewConnectionError):  # a ConnectTimeoutError only by ancestry
+            continue
+        if isinstance(cause, (TimeoutError, ReadTimeoutError, ConnectTimeoutError)):
+            return "no answer in time"
+        if isinstance(cause, http.client.RemoteDisconnected):
+            return "the connection closed before an answer"
+    return _short(exc)
+
+
 def _short(exc: BaseException) -> str:
     """A one-line description of a urllib3 error without its nested reprs."""
     inner = exc.args[1] if isinstance(exc, ProtocolError) and len(exc.args) > 1 else exc
@@ -575,7 +596,7 @@ class HttpProbe:
                 UpstreamConnectError: "connect failed",
                 UpstreamTimeout: "timeout",
             }.get(type(err), "connection broken")
-            return ProbeResult(False, f"{kind} ({_short(exc)})")
+            return ProbeResult(False, f"{kind} ({_in_words(exc)})")
         status = resp.status
         ok = any(low <= status <= high for low, high in self.expected_status)
         return ProbeResult(ok, f"HTTP {status}")

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -54,6 +55,7 @@ __all__ = [
     "WRITE_BACK_GAP",
     "SharedState",
     "node_name",
+    "remove_stale_runs",
     "runtime_dir",
     "slot_path",
     "sqlite_path",
@@ -106,6 +108,77 @@ def runtime_dir() -> str:
         path = os.path.join(tempfile.gettempdir(), f"softlb-{os.getuid()}")
     os.makedirs(path, mode=0o700, exist_ok=True)
     return path
+
+
+#: The files ``softlb serve --workers N`` makes for one run in :func:`runtime_dir`, named after
+#: the run's process: ``CLUSTER-PID.db``, its ``-wal`` and ``-shm``, and its in-flight table
+#: ``CLUSTER-PID.db.CLUSTER.slots`` (1.6 MB).
+_RUN_FILE: Final = re.compile(r".+-(?P<pid>[0-9]+)\.db(?:-wal|-shm|\..+\.slots)?")
+
+
+def remove_stale_runs(directory: str | None = None, *, min_age: float = 60.0) -> list[str]:
+    """Delete the files of earlier runs whose process is gone; return the paths deleted.
+
+    A run deletes its own files when it ends; one that was killed (``SIGKILL``, a crash, a
+    power cut) leaves them in ``directory`` (default :func:`runtime_dir`). A file is stale when
+    the process named in it no longer exists, or exists but started after the file was last
+    written (its pid was reused), and the file was not written in the last ``min_age``
+    seconds (a margin for a run in another pid namespace sharing the directory). Files of live
+    runs, and files not named like a run's, are left alone; one that cannot be deleted is
+    skipped. ``softlb serve --workers N`` calls it before it makes its own files.
+    """
+    directory = directory or runtime_dir()
+    now = time.time()
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    verdicts: dict[int, bool] = {}  # pid -> alive
+    for name in names:
+        match = _RUN_FILE.fullmatch(name)
+        if match is None:
+            continue
+        pid = int(match["pid"])
+        path = os.path.join(directory, name)
+        try:
+            written = os.stat(path).st_mtime
+        except OSError:
+            continue
+        if now - written < min_age:
+            continue
+        if pid not in verdicts:
+            verdicts[pid] = _process_started(pid) is not None
+        started = _process_started(pid) if verdicts[pid] else None
+        if verdicts[pid] and (started is None or started <= written + 1.0):
+            continue  # its run is alive (or cannot be told apart from it)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            removed.append(path)
+    return removed
+
+
+def _process_started(pid: int) -> float | None:
+    """``None`` if ``pid`` is not a live process; else when it started (``time.time()``
+    scale), or ``0.0`` when that cannot be told (no ``/proc``)."""
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except OSError:  # PermissionError: it exists, as another user
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        if fields[0] == b"Z":
+            return None  # a zombie: its run is over
+        with open("/proc/stat", "rb") as boot:
+            btime = next(int(line.split()[1]) for line in boot if line.startswith(b"btime"))
+        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return 0.0
 
 
 def sqlite_path(state_url: str) -> str:
