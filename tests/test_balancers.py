@@ -35,7 +35,7 @@ from softlb.balancers import (
 )
 from softlb.balancers.ewma import DEFAULT_RTT, peak_ewma_cost
 from softlb.balancers.hashing import key_position
-from softlb.balancers.least import load_of
+from softlb.balancers.least import least_load
 from softlb.balancers.rotation import SMOOTH_EXACT_LIMIT
 from softlb.errors import NoBackendAvailable
 from softlb.pool import Pool
@@ -482,14 +482,51 @@ def test_least_connections_picks_the_least_loaded() -> None:
 
 
 def test_least_connections_prefers_weight() -> None:
-    """Idle, the weight-3 backend wins; with leases held, load divides as 3 to 1."""
+    """Idle, one request at a time splits 3 to 1 by weight; with leases held, load divides
+    as 3 to 1 too."""
     pool = Pool([Backend("http://a:1", weight=3), "http://b:1"], balancer="least_connections")
-    for _ in range(5):
+    seen = []
+    for _ in range(12):
         with pool.lease() as backend:
-            assert backend.url == "http://a:1"
+            seen.append(backend.url)
+    assert seen.count("http://a:1") == 9
     held = [pool.lease() for _ in range(8)]
-    assert "".join(lease.backend.url[7] for lease in held) == "aabaaaba"
-    assert load_of(pool.get("http://a:1")) == pytest.approx(7 / 3)
+    assert sorted(lease.backend.url[7] for lease in held) == list("aaaaaabb")
+    assert least_load(pool.get("http://a:1")) == pytest.approx(6 / 3)
+    assert least_load(pool.get("http://b:1")) == pytest.approx(2 / 1)
+
+
+def test_least_connections_sequential_traffic_splits_by_weight() -> None:
+    """Regression (hardening issue): with weights 1 and 2 and one request at a time, the
+    weight-1 backend got nothing; now it gets a third, interleaved as nginx's smooth rotation
+    (b a b, b a b, ...)."""
+    pool = Pool(
+        [Backend("http://a:1", weight=1), Backend("http://b:1", weight=2)],
+        balancer="least_connections",
+    )
+    order = ""
+    for _ in range(30):
+        with pool.lease() as backend:
+            order += backend.url[7]
+    assert order == "bab" * 10
+
+
+def test_least_connections_busy_backend_gets_no_catch_up_burst() -> None:
+    """A backend that was busy while the others took turns rejoins the rotation where it
+    stands, not with a run of picks owed to it."""
+    pool = Pool(["http://a:1", "http://b:1", "http://c:1"], balancer="least_connections")
+    stuck = pool.lease()  # one backend busy while 30 requests go to the others
+    busy = stuck.backend.url
+    for _ in range(30):
+        with pool.lease() as backend:
+            assert backend.url != busy
+    stuck.release()
+    order = []
+    for _ in range(9):
+        with pool.lease() as backend:
+            order.append(backend.url)
+    assert order.count(busy) == 3
+    assert all(order[i] != order[i + 1] for i in range(8))
 
 
 def test_least_connections_follows_slow_start_weight() -> None:

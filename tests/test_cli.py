@@ -16,7 +16,7 @@ import pytest
 
 import softlb
 from softlb import cli, server
-from softlb.config import Config, ServerSpec, TimeoutsConfig
+from softlb.config import AdminConfig, Config, ServerSpec, TimeoutsConfig
 from softlb.server import ServeOptions
 
 SEED = {
@@ -527,3 +527,24 @@ def test_softlb_state_environment_variable_chooses_the_store(
 def test_store_passwords_are_not_printed(url: str, shown: str) -> None:
     """The startup line names the store without its password."""
     assert server._redact_password(url) == shown
+
+
+def test_check_and_serve_warn_about_an_open_admin_api(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No token and admin.allow wider than loopback: both commands say who can change the
+    backends; loopback alone, or a token, is quiet."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"admin": {"allow": ["127.0.0.1", "10.0.0.0/8"]}}))
+    status, out, err = run(capsys, "check", "--config", str(path))
+    assert status == 0
+    assert "OK" in out
+    assert "admin.allow lets 10.0.0.0/8 call the admin API without a token" in err
+    config = Config(admin=AdminConfig(allow=("10.0.0.0/8",)))
+    assert any("10.0.0.0/8" in w for w in server.startup_warnings(config, ServeOptions()))
+    quiet = [
+        Config(admin=AdminConfig(allow=("127.0.0.0/8", "::1/128"))),
+        Config(admin=AdminConfig(allow=("10.0.0.0/8",), token="s3cret")),
+    ]
+    for config in quiet:
+        assert server.startup_warnings(config, ServeOptions()) == []

@@ -17,8 +17,11 @@ from softlb.config import (
     AdminConfig,
     Config,
     HealthCheckConfig,
+    LimitsConfig,
     ServerSpec,
+    StickyConfig,
     TimeoutsConfig,
+    TlsConfig,
     load_config,
     parse_config,
     parse_listen,
@@ -370,8 +373,9 @@ def test_servers_rejects(servers: object, start: str, fragment: str) -> None:
 def test_servers_object_unknown_key() -> None:
     """A typo inside a server object is reported with its full path."""
     message = only_problem({"servers": [{"url": "http://a", "wieght": 2}]})
-    assert (
-        message == 'servers[0].wieght: unknown key (did you mean "weight"?); allowed: url, weight'
+    assert message == (
+        'servers[0].wieght: unknown key (did you mean "weight"?); allowed: url, weight, '
+        "max_connections, resolve"
     )
 
 
@@ -1094,8 +1098,8 @@ def test_load_config_duplicate_keys_reported_once() -> None:
     assert problems(data) == [
         "retries: is given more than once; write each key once",
         "x: unknown key; allowed: listen, algorithm, servers, health_check, hash_key, retries, "
-        "slow_start, timeouts, admin, state, cluster, access_log (and the aliases listenPort, "
-        "port, healthCheckInterval)",
+        "slow_start, timeouts, admin, state, cluster, access_log, access_log_format, tls, "
+        "limits, sticky (and the aliases listenPort, port, healthCheckInterval)",
     ]
 
 
@@ -1146,3 +1150,91 @@ def test_bad_access_log_is_an_error(value: object) -> None:
         parse_config({"access_log": value})
     assert len(caught.value.problems) == 1
     assert caught.value.problems[0].startswith("access_log: ")
+
+
+# --------------------------------------------------------------------------- SPEC §2, new keys
+
+
+def test_new_keys_have_spec_defaults() -> None:
+    """tls off, limits 10000 / 65536, the client-side timeouts, sticky off, csv log lines."""
+    config = parse_config({})
+    assert config.tls is None
+    assert config.limits == LimitsConfig(max_connections=10_000, max_header_bytes=65_536)
+    assert config.sticky is None
+    assert config.access_log_format == "csv"
+    timeouts = config.timeouts
+    assert (timeouts.client_header, timeouts.keepalive, timeouts.tunnel) == (10.0, 5.0, 3600.0)
+    assert (timeouts.client_body, timeouts.queue) == (30.0, 5.0)
+    assert config.admin.allow == ()
+    assert config.admin.listen is None
+
+
+def test_new_keys_are_read(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    key = tmp_path / "key.pem"
+    cert.write_text("x")
+    key.write_text("y")
+    config = parse_config(
+        {
+            "listen": "127.0.0.1:8080",
+            "servers": [
+                {"url": "http://web.internal:8000", "resolve": True, "max_connections": 5},
+                "http://10.0.0.2:8000",
+            ],
+            "tls": {"certfile": str(cert), "keyfile": str(key)},
+            "limits": {"max_connections": 200, "max_header_bytes": 8192},
+            "timeouts": {"client_header": "2s", "keepalive": "1s", "tunnel": "10m", "queue": 0},
+            "sticky": {"cookie": "SERVERID"},
+            "access_log": "-",
+            "access_log_format": "json",
+            "admin": {"allow": ["10.0.0.0/8", "192.168.1.5", "::1"], "listen": "127.0.0.1:9901"},
+        }
+    )
+    assert config.servers[0].resolve is True
+    assert config.servers[0].max_connections == 5
+    assert config.servers[1].max_connections is None
+    assert config.tls == TlsConfig(certfile=str(cert), keyfile=str(key))
+    assert config.limits == LimitsConfig(max_connections=200, max_header_bytes=8192)
+    assert config.timeouts.tunnel == 600.0
+    assert config.timeouts.queue == 0.0
+    assert config.sticky == StickyConfig(cookie="SERVERID")
+    assert (config.access_log, config.access_log_format) == ("-", "json")
+    assert config.admin.allow == ("10.0.0.0/8", "192.168.1.5/32", "::1/128")
+    assert config.admin.listen == "127.0.0.1:9901"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"tls": {"certfile": "/no/such.pem", "keyfile": "/no/key.pem"}}, "tls.certfile: "),
+        ({"tls": {"certfile": "/no/such.pem"}}, "tls.keyfile: is missing"),
+        ({"tls": "yes"}, "tls: must be an object"),
+        ({"limits": {"max_connections": 0}}, "limits.max_connections: "),
+        ({"limits": {"max_header_bytes": 100}}, "limits.max_header_bytes: "),
+        (
+            {"limits": {"max_conections": 5}},
+            'limits.max_conections: unknown key (did you mean "max_connections"?)',
+        ),
+        ({"timeouts": {"client_header": 0}}, "timeouts.client_header: "),
+        ({"timeouts": {"keepalive": "5 s"}}, "timeouts.keepalive: "),
+        ({"sticky": {}}, "sticky.cookie: is missing"),
+        ({"sticky": {"cookie": "a b"}}, "sticky.cookie: must be a cookie name"),
+        ({"access_log_format": "apache"}, "access_log_format: "),
+        ({"admin": {"allow": "10.0.0.0/8"}}, "admin.allow: must be a list"),
+        ({"admin": {"allow": ["10.0.0.0/8", "nope"]}}, "admin.allow[1]: "),
+        (
+            {"admin": {"listen": "127.0.0.1:8080"}},
+            "admin.listen: is the proxy's own listen address",
+        ),
+        ({"admin": {"listen": "nowhere"}}, "admin.listen: "),
+        ({"servers": [{"url": "http://10.0.0.1:80", "resolve": True}]}, "servers[0].resolve: "),
+        ({"servers": [{"url": "http://a:80", "resolve": "yes"}]}, "servers[0].resolve: "),
+        (
+            {"servers": [{"url": "http://a:80", "max_connections": 0}]},
+            "servers[0].max_connections: ",
+        ),
+    ],
+)
+def test_new_keys_refuse_bad_values(data: dict[str, object], expected: str) -> None:
+    found = problems(data)
+    assert any(line.startswith(expected) for line in found), found

@@ -15,10 +15,6 @@ from softlb.errors import ConfigError
         (5, 5.0),
         (0.25, 0.25),
         (1.5, 1.5),
-        ("5", 5.0),
-        ("0.5", 0.5),
-        (".5", 0.5),
-        ("5.", 5.0),
         ("250ms", 0.25),
         ("1.5ms", 0.0015),
         ("5s", 5.0),
@@ -30,8 +26,6 @@ from softlb.errors import ConfigError
         ("1s500ms", 1.5),
         ("0s", 0.0),
         ("  5s  ", 5.0),
-        ("5 s", 5.0),
-        ("1m 30s", 90.0),
         ("\t250ms\n", 0.25),
         ("24h", MAX_DURATION),
     ],
@@ -51,6 +45,11 @@ def test_parse_duration_returns_float() -> None:
     "value",
     [
         "5 sec",
+        "5 s",
+        "1m 30s",
+        "5",
+        "1.5",
+        ".5",
         "5sec",
         "5S",
         "5M",
@@ -77,11 +76,11 @@ def test_parse_duration_returns_float() -> None:
 )
 def test_parse_duration_rejects_non_durations(value: object) -> None:
     """Anything that is not a number of seconds or a number with a known unit is refused."""
-    with pytest.raises(ConfigError, match="is not a duration"):
+    with pytest.raises(ConfigError, match=r"is not a duration|has no unit"):
         parse_duration(value)
 
 
-@pytest.mark.parametrize("value", [-1, -0.5, "-5s", "-5", "- 1m"])
+@pytest.mark.parametrize("value", [-1, -0.5, "-5s", "-1m"])
 def test_parse_duration_rejects_negative(value: object) -> None:
     """A negative duration is refused with a message saying so."""
     with pytest.raises(ConfigError, match="is negative"):
@@ -95,7 +94,7 @@ def test_parse_duration_rejects_non_finite(value: float) -> None:
         parse_duration(value)
 
 
-@pytest.mark.parametrize("value", [86_401, 1e12, 10**400, "25h", "1" * 400, "9999999h"])
+@pytest.mark.parametrize("value", [86_401, 1e12, 10**400, "25h", "1" * 400 + "s", "9999999h"])
 def test_parse_duration_rejects_too_long(value: object) -> None:
     """Values beyond a day, however large, are refused without overflowing."""
     with pytest.raises(ConfigError, match="is too long; use at most 24h"):
@@ -109,7 +108,7 @@ def test_parse_duration_custom_maximum() -> None:
         parse_duration("2m", maximum=60.0)
 
 
-@pytest.mark.parametrize("value", [0, 0.0, "0", "0s", "0ms", "0m0s", "-0"])
+@pytest.mark.parametrize("value", [0, 0.0, "0s", "0ms", "0m0s", "-0s"])
 def test_parse_duration_zero_refused_when_not_allowed(value: object) -> None:
     """With allow_zero=False any spelling of zero is refused."""
     assert parse_duration(value) == 0.0

@@ -190,11 +190,11 @@ def test_smooth_weighted_round_robin_scores() -> None:
 
 
 def test_least_connections_scores_are_loads() -> None:
-    """Least connections: the score is (in flight + 1) / effective weight, lowest first."""
+    """Least connections: the score is in flight / effective weight, lowest first."""
     pool = Pool([Backend(A, 1), Backend(B, 2), Backend(C, 1)])
     leases = [pool.lease() for _ in range(3)]
     explanation = pool.explain()
-    loads = {c.url: (c.in_flight + 1) / c.effective_weight for c in explanation.candidates}
+    loads = {c.url: c.in_flight / c.effective_weight for c in explanation.candidates}
     assert {c.url: c.score for c in explanation.candidates} == loads
     scores = [c.score for c in explanation.candidates]
     assert scores == sorted(scores)  # type: ignore[type-var]
@@ -329,7 +329,7 @@ def test_in_flight_counts_other_processes() -> None:
     pool.refresh()
     by_url = {c.url: c for c in pool.explain().candidates}
     assert by_url[lease.backend.url].in_flight == 4
-    assert by_url[lease.backend.url].score == 5.0  # (4 + 1) / 1
+    assert by_url[lease.backend.url].score == 4.0  # 4 / 1
     lease.release()
 
 
@@ -585,7 +585,7 @@ def test_status_page_shows_the_next_pick(pool: Pool) -> None:
     start = page.index('<section id="explain">')
     section = page[start : page.index("</section>", start)]
     assert '<span class="pill next">next</span></td><td class="url">http://a:1</td>' in section
-    assert "(0 in flight + 1) / effective weight 1 = 1; the only backend in rotation" in section
+    assert "0 in flight / effective weight 1 = 0; the only backend in rotation" in section
     assert f"{B} (draining)" in section
     assert f"{C} (unhealthy: HTTP 500)" in section
     assert "least_connections: the lowest" in section

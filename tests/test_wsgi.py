@@ -14,11 +14,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from gunicorn.http.errors import InvalidChunkSize
 from werkzeug.test import Client
 
 from softlb import Backend, Pool
 from softlb.errors import ProxyError
+from softlb.http.upstream import SMALL_BODY
 from softlb.wsgi import LoadBalancer, UpstreamRequest
+from tests.helpers.raw_backend import RawBackend
 from tests.helpers.servers import (
     COOKIES,
     GZIP_PLAIN,
@@ -541,3 +544,184 @@ def test_access_log_rows_replay_in_the_simulator(
     assert all(float(r[2]) >= 0 for r in rows)
     report = simulate("recorded", csv_path=str(path), strategies=["round_robin"], seed=1)
     assert report.result("round_robin").answered == 7
+
+
+# -- hardening: the client's bad requests, broken and early answers -------------------------------
+
+RAW_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.fixture
+def raw() -> Iterator[RawBackend]:
+    """A scripted raw-socket backend answering 200 "ok" to everything."""
+    with RawBackend([RAW_OK]) as backend:
+        yield backend
+
+
+def test_bad_chunk_from_the_client_is_400_and_no_backend_failure(raw: RawBackend) -> None:
+    """Regression (hardening issue): gunicorn's InvalidChunkSize is neither OSError nor
+    ValueError, so a client sending ``-5`` as a chunk size got a 500 and the backend a
+    failure: any client could eject every backend. Now: 400, backend never contacted."""
+    lb, client = make([raw.url])
+    response = client.post(
+        "/",
+        headers={"Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input": _FailingInput(b"", InvalidChunkSize(b"-5"))},
+    )
+    assert response.status_code == 400
+    assert raw.requests == []
+    member = lb.pool.get(raw.url)
+    assert (member.failures, member.requests, member.healthy) == (0, 0, True)
+
+
+@pytest.mark.parametrize(
+    "length",
+    ["18446744073709551621", "9223372036854775808", "+5", "5, 6", "0x10", "\u0665", "-1", "1 0"],
+)
+def test_bad_content_length_is_400_before_any_backend(raw: RawBackend, length: str) -> None:
+    """A Content-Length that is not a plain decimal below 2^63 never reaches a backend."""
+    lb, client = make([raw.url])
+    response = client.post(
+        "/", input_stream=io.BytesIO(b"hello"), environ_overrides={"CONTENT_LENGTH": length}
+    )
+    assert response.status_code == 400
+    assert response.get_data(as_text=True).startswith("400 Bad Request")
+    assert raw.requests == []
+    assert lb.pool.get(raw.url).failures == 0
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "identity", "chunked, chunked", "br"])
+def test_unsupported_transfer_coding_is_501(raw: RawBackend, coding: str) -> None:
+    """Anything but ``chunked`` alone: 501 Not Implemented, nothing forwarded."""
+    _, client = make([raw.url])
+    response = client.post(
+        "/",
+        input_stream=io.BytesIO(b"5\r\nhello\r\n0\r\n\r\n"),
+        headers={"Transfer-Encoding": coding},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+    assert response.status_code == 501
+    assert raw.requests == []
+
+
+def test_http11_request_without_host_is_400(raw: RawBackend) -> None:
+    """HTTP/1.1 requires Host; HTTP/1.0 does not."""
+    lb, _ = make([raw.url])
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/",
+        "SERVER_NAME": "lb",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(b""),
+    }
+    statuses: list[str] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        statuses.append(status)
+
+    b"".join(lb(environ, start_response))
+    assert statuses == ["400 Bad Request"]
+    assert raw.requests == []
+    b"".join(lb({**environ, "SERVER_PROTOCOL": "HTTP/1.0"}, start_response))
+    assert statuses[-1] == "200 OK"
+    assert len(raw.requests) == 1
+
+
+def test_small_chunked_body_goes_with_a_length_and_can_be_retried() -> None:
+    """A chunked upload that ends within SMALL_BODY is read ahead and sent with a
+    Content-Length (as nginx buffers it), so a PUT is replayed on a second backend."""
+    with RawBackend(["close"]) as dropping, RawBackend([RAW_OK]) as good:
+        lb, client = make([dropping.url, good.url])
+        response = client.put(
+            "/",
+            input_stream=io.BytesIO(b"payload"),
+            headers={"Transfer-Encoding": "chunked"},
+            environ_overrides={"wsgi.input_terminated": True},
+        )
+        assert (response.status_code, response.get_data()) == (200, b"ok")
+        assert [r.body for r in dropping.requests + good.requests] == [b"payload"] * 2
+        assert b"Content-Length: 7\r\n" in good.requests[0].head
+        assert b"transfer-encoding" not in good.requests[0].head.lower()
+        lb.close()
+
+
+def test_large_chunked_body_streams_whole_after_the_read_ahead(raw: RawBackend) -> None:
+    """Beyond SMALL_BODY the body is streamed chunked, the part read ahead first."""
+    _, client = make([raw.url])
+    body = bytes(range(256)) * (SMALL_BODY // 256 * 3 + 1)
+    response = client.post(
+        "/",
+        input_stream=io.BytesIO(body),
+        headers={"Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+    assert response.status_code == 200
+    assert raw.requests[0].body == body
+    assert b"transfer-encoding: chunked" in raw.requests[0].head.lower()
+
+
+def stall_after_chunked_head(sock: Any) -> None:
+    sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+
+def close_before_the_body(sock: Any) -> None:
+    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n")
+    sock.close()
+
+
+@pytest.mark.parametrize(
+    ("step", "status"),
+    [
+        (stall_after_chunked_head, 504),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n", 502),
+        (close_before_the_body, 502),
+    ],
+    ids=["stall", "bad-first-chunk", "closed-before-length"],
+)
+def test_answer_broken_before_its_first_byte_is_502_or_504(step: Any, status: int) -> None:
+    """Regression (hardening issue): an answer whose body fails before its first byte went
+    out became the WSGI server's own HTML 500 page; now the proxy's 502/504, and a failure."""
+    with RawBackend([step]) as backend:
+        lb, client = make([backend.url], read_timeout=0.3, retries=0)
+        response = client.get("/")
+        assert response.status_code == status
+        assert response.get_data(as_text=True).startswith(str(status))
+        assert lb.pool.get(backend.url).failures == 1
+        assert lb.pool.get(backend.url).active == 0
+        lb.close()
+
+
+def test_early_answer_to_a_large_upload_is_passed_on() -> None:
+    """A backend that answers 401 before reading a large streamed upload: the client gets
+    that 401 (as with nginx), not a 502, and the backend no failure."""
+
+    def deny(sock: Any) -> None:
+        sock.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 7\r\n\r\ndenied\n")
+        sock.close()
+
+    with RawBackend([deny], read_body=False) as backend:
+        lb, client = make([backend.url])
+        size = 8 * 1024 * 1024
+        response = client.put("/", input_stream=io.BytesIO(b"u" * size),
+                              environ_overrides={"CONTENT_LENGTH": str(size)})  # fmt: skip
+        assert (response.status_code, response.get_data()) == (401, b"denied\n")
+        member = lb.pool.get(backend.url)
+        assert (member.failures, member.active) == (0, 0)
+        lb.close()
+
+
+def test_failover_from_https_to_http_sends_no_skip_marker(raw: RawBackend) -> None:
+    """Regression (hardening issue): the urllib3 client added ``User-Agent:
+    @@@SKIP_HEADER@@@`` to the request's own headers, and the http backend tried next sent
+    it on the wire. Clients now leave their inputs alone."""
+    dead_tls = f"https://127.0.0.1:{RefusingURL().port}"
+    lb, client = make([dead_tls, raw.url])
+    response = client.get("/", headers={"X-Client": "1"})
+    assert response.status_code == 200
+    assert lb.pool.get(dead_tls).failures == 1
+    head = raw.requests[0].head.lower()
+    assert b"skip_header" not in head
+    assert b"user-agent" not in head and b"accept-encoding" not in head
+    lb.close()

@@ -10,7 +10,13 @@ from urllib.parse import urlsplit
 
 from softlb.errors import InvalidBackend
 
-__all__ = ["MAX_URL_LENGTH", "Backend", "normalize_url", "validate_weight"]
+__all__ = [
+    "MAX_URL_LENGTH",
+    "Backend",
+    "normalize_url",
+    "validate_max_connections",
+    "validate_weight",
+]
 
 #: Largest weight accepted. HAProxy caps weights at 256 and nginx leaves them unbounded; a cap
 #: keeps the weighted strategies' tables small and catches typos such as 10000000.
@@ -228,6 +234,15 @@ def validate_weight(weight: object) -> int:
     return weight
 
 
+def validate_max_connections(limit: object) -> int | None:
+    """Return ``limit`` if it is ``None`` (no limit) or an integer of at least 1, else raise."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InvalidBackend(f"max_connections must be an integer >= 1, got {limit!r}")
+    return limit
+
+
 class Backend:
     """One upstream server and its live statistics.
 
@@ -251,6 +266,8 @@ class Backend:
         "eff_weight",
         "failures",
         "healthy",
+        "max_connections",
+        "origin",
         "requests",
         "shared_active",
         "url",
@@ -271,15 +288,33 @@ class Backend:
     healthy: bool
     #: Taken out of rotation by an operator; in-flight requests finish.
     draining: bool
+    #: At most this many requests in flight to this backend from this host (``None``: no
+    #: limit). A pick skips a backend at its limit; when every eligible backend is at its
+    #: limit the request waits in the pool's queue (see :meth:`Pool.lease
+    #: <softlb.pool.Pool.lease>`). Give it before the backend joins a pool; change it
+    #: later with :meth:`Pool.set_max_connections <softlb.pool.Pool.set_max_connections>`.
+    max_connections: int | None
     #: Weight after slow start; equal to ``weight`` outside a ramp.
     eff_weight: float
     #: Requests in flight on this backend from the *other* processes sharing the pool's state
     #: (other workers of the host, other hosts); refreshed a few times a second, 0 alone.
     shared_active: int
+    #: The configured URL this backend was discovered from (a ``"resolve": true`` server,
+    #: see :mod:`softlb.discovery`), or ``None`` for a backend configured or added as is.
+    origin: str | None
 
-    def __init__(self, url: str, weight: int = 1) -> None:
+    def __init__(
+        self,
+        url: str,
+        weight: int = 1,
+        *,
+        origin: str | None = None,
+        max_connections: int | None = None,
+    ) -> None:
         self.url = normalize_url(url)
         self.weight = validate_weight(weight)
+        self.origin = origin
+        self.max_connections = validate_max_connections(max_connections)
         self.eff_weight = float(self.weight)
         self.active = 0
         self.shared_active = 0
@@ -320,8 +355,9 @@ class Backend:
         self._ewma_at = now
 
     def as_dict(self) -> dict[str, object]:
-        """The figures the admin API reports for this backend."""
-        return {
+        """The figures the admin API reports for this backend (``"from"``: its
+        :attr:`origin`, only for a discovered backend)."""
+        figures: dict[str, object] = {
             "url": self.url,
             "weight": self.weight,
             "healthy": self.healthy,
@@ -330,6 +366,9 @@ class Backend:
             "requests": self.requests,
             "failures": self.failures,
         }
+        if self.origin is not None:
+            figures["from"] = self.origin
+        return figures
 
     def __repr__(self) -> str:
         state = "draining" if self.draining else ("healthy" if self.healthy else "down")

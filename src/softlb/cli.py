@@ -30,6 +30,7 @@ from softlb.server import (
     GRACEFUL_TIMEOUT,
     BindError,
     ServeOptions,
+    admin_exposure_warning,
     check_bindable,
     serve,
 )
@@ -159,6 +160,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(line)
         return EXIT_USAGE
     print(f"{path}: OK ({_summary(config)}, listen {config.listen})")
+    warning = admin_exposure_warning(config)
+    if warning is not None:
+        print(warning, file=sys.stderr)
     return EXIT_OK
 
 

@@ -17,6 +17,7 @@ winning would hide a mistake.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import ipaddress
 import json
@@ -36,10 +37,14 @@ __all__ = [
     "ALGORITHMS",
     "AdminConfig",
     "Config",
+    "ACCESS_LOG_FORMATS",
     "HealthCheckConfig",
+    "LimitsConfig",
     "MAX_RETRIES",
     "ServerSpec",
+    "StickyConfig",
     "TimeoutsConfig",
+    "TlsConfig",
     "load_config",
     "parse_config",
     "parse_listen",
@@ -84,12 +89,16 @@ _TOP_KEYS: Final = (
     "state",
     "cluster",
     "access_log",
+    "access_log_format",
+    "tls",
+    "limits",
+    "sticky",
 )
 #: Alternative names the seed project used, mapped to the setting they stand for.
 _LISTEN_NAMES: Final = ("listen", "listenPort", "port")
 _INTERVAL_ALIAS: Final = "healthCheckInterval"
 _TOP_ALIASES: Final = ("listenPort", "port", _INTERVAL_ALIAS)
-_SERVER_KEYS: Final = ("url", "weight")
+_SERVER_KEYS: Final = ("url", "weight", "max_connections", "resolve")
 _HEALTH_KEYS: Final = (
     "path",
     "interval",
@@ -100,8 +109,29 @@ _HEALTH_KEYS: Final = (
     "initial_state",
     "enabled",
 )
-_TIMEOUT_KEYS: Final = ("connect", "read")
-_ADMIN_KEYS: Final = ("token", "prefix", "seed_routes")
+_TIMEOUT_KEYS: Final = (
+    "connect",
+    "read",
+    "client_header",
+    "keepalive",
+    "tunnel",
+    "client_body",
+    "queue",
+)
+_ADMIN_KEYS: Final = ("token", "prefix", "seed_routes", "allow", "listen")
+_TLS_KEYS: Final = ("certfile", "keyfile")
+_LIMIT_KEYS: Final = ("max_connections", "max_header_bytes")
+_STICKY_KEYS: Final = ("cookie",)
+
+#: The access log's line formats (SPEC §2).
+ACCESS_LOG_FORMATS: Final = ("csv", "combined", "json")
+
+#: Bounds of ``limits.*``: a worker holds at most this many client connections, and a request
+#: head may be this large (nginx's large_client_header_buffers tops out around these sizes).
+_MAX_CONNECTIONS_RANGE: Final = (1, 1_000_000)
+_MAX_HEADER_BYTES_RANGE: Final = (1024, 1_048_576)
+#: Most requests in flight one server's ``max_connections`` may allow.
+_MAX_BACKEND_CONNECTIONS: Final = 100_000
 
 # RFC 9110 §5.6.2 token: what a header name (and an RFC 6265 cookie name) may be made of.
 _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -143,10 +173,16 @@ _MISSING: Final = _Missing()
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """One backend listed in the config: its URL (already normalized) and weight."""
+    """One backend listed in the config: its URL (already normalized) and weight.
+
+    ``max_connections`` caps the requests in flight to it from one host (``None``: no cap);
+    ``resolve`` makes every address its host name resolves to a backend of its own (SPEC §2).
+    """
 
     url: str
     weight: int = 1
+    max_connections: int | None = None
+    resolve: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,19 +209,55 @@ class HealthCheckConfig:
 
 @dataclass(frozen=True)
 class TimeoutsConfig:
-    """Seconds allowed to connect to a backend, and to wait for each read of its answer."""
+    """Seconds allowed to connect to a backend, and to wait for each read of its answer;
+    and, for the event-loop engine, the client side's: the whole request head
+    (``client_header``), an idle keep-alive connection (``keepalive``), an idle upgraded
+    connection (``tunnel``), a pause in a request body (``client_body``), and the wait for a
+    backend at its ``max_connections`` (``queue``; 0 means do not wait)."""
 
     connect: float = 2.0
     read: float = 30.0
+    client_header: float = 10.0
+    keepalive: float = 5.0
+    tunnel: float = 3600.0
+    client_body: float = 30.0
+    queue: float = 5.0
 
 
 @dataclass(frozen=True)
 class AdminConfig:
-    """The admin API: bearer ``token`` (``None`` = no auth), URL ``prefix``, seed routes on/off."""
+    """The admin API: bearer ``token`` (``None`` = no auth), URL ``prefix``, seed routes on/off,
+    the addresses that may call it without a token besides loopback (``allow``, normalized
+    networks like ``"10.0.0.0/8"``), and its own ``listen`` address (``HOST:PORT``) if any."""
 
     token: str | None = None
     prefix: str = "/_softlb"
     seed_routes: bool = True
+    allow: tuple[str, ...] = ()
+    listen: str | None = None
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The listener's certificate chain and private key, PEM files (SPEC §2 ``tls``)."""
+
+    certfile: str
+    keyfile: str
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Client connections per worker, and the largest request head in bytes."""
+
+    max_connections: int = 10_000
+    max_header_bytes: int = 65_536
+
+
+@dataclass(frozen=True)
+class StickyConfig:
+    """Sticky sessions: the cookie that names the backend a client sticks to."""
+
+    cookie: str
 
 
 @dataclass(frozen=True)
@@ -209,8 +281,13 @@ class Config:
     admin: AdminConfig = AdminConfig()
     state: str | None = None
     cluster: str = "softlb"
-    #: CSV file the proxy appends a row to per answered request (``softlb simulate --csv``).
+    #: File (or ``"-"``, stdout) the proxy writes a line to per answered request.
     access_log: str | None = None
+    #: ``csv`` (what ``softlb simulate --csv`` replays), ``combined`` or ``json``.
+    access_log_format: str = "csv"
+    tls: TlsConfig | None = None
+    limits: LimitsConfig = LimitsConfig()
+    sticky: StickyConfig | None = None
     source: str | None = None
 
     @property
@@ -694,6 +771,7 @@ def _servers(c: _Checker, value: object) -> tuple[ServerSpec, ...] | _Missing:
         url_path = path
         raw_url: object
         weight: int | _Missing = 1
+        extra: dict[str, object] = {}
         if isinstance(item, str):
             raw_url = item
         elif isinstance(item, Mapping):
@@ -709,6 +787,14 @@ def _servers(c: _Checker, value: object) -> tuple[ServerSpec, ...] | _Missing:
             raw_url = fields["url"]
             if "weight" in fields:
                 weight = c.field(f"{path}.weight", fields["weight"], _weight)
+            if "max_connections" in fields:
+                extra["max_connections"] = c.field(
+                    f"{path}.max_connections",
+                    fields["max_connections"],
+                    lambda v: _integer(v, 1, _MAX_BACKEND_CONNECTIONS),
+                )
+            if "resolve" in fields:
+                extra["resolve"] = c.field(f"{path}.resolve", fields["resolve"], _boolean)
         else:
             c.add(
                 path,
@@ -717,7 +803,19 @@ def _servers(c: _Checker, value: object) -> tuple[ServerSpec, ...] | _Missing:
             ok = False
             continue
         url = c.field(url_path, raw_url, _url)
-        if isinstance(url, _Missing) or isinstance(weight, _Missing):
+        if (
+            isinstance(url, _Missing)
+            or isinstance(weight, _Missing)
+            or any(isinstance(v, _Missing) for v in extra.values())
+        ):
+            ok = False
+            continue
+        if extra.get("resolve") and _is_ip_literal(url):
+            c.add(
+                f"{path}.resolve",
+                f"{_show(url)} names an IP address; resolve needs a host name to look up, "
+                'like "http://web.internal:8000"',
+            )
             ok = False
             continue
         if url in first_index:
@@ -729,11 +827,21 @@ def _servers(c: _Checker, value: object) -> tuple[ServerSpec, ...] | _Missing:
             ok = False
             continue
         first_index[url] = index
-        specs.append(ServerSpec(url=url, weight=weight))
+        specs.append(ServerSpec(url=url, weight=weight, **extra))  # type: ignore[arg-type]
     if len(specs) > MAX_SLOTS:
         c.add("servers", f"lists {len(specs)} backends; a pool holds at most {MAX_SLOTS}")
         ok = False
     return tuple(specs) if ok else _MISSING
+
+
+def _is_ip_literal(url: str) -> bool:
+    """Whether the host of a normalized backend URL is an IP address."""
+    host = urlsplit(url).hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _url(value: object) -> str:
@@ -797,13 +905,14 @@ def _health_check(
 
 
 def _timeouts(c: _Checker, value: object) -> TimeoutsConfig | _Missing:
-    """The ``timeouts`` object: ``connect`` and ``read``, both durations above zero."""
+    """The ``timeouts`` object: durations above zero (``queue`` may be zero: no waiting)."""
     fields = c.mapping("timeouts", value, _TIMEOUT_KEYS, example='{"connect": "2s", "read": "30s"}')
     if fields is None:
         return _MISSING
     before = len(c.problems)
     values = {
-        name: c.duration(f"timeouts.{name}", raw, allow_zero=False) for name, raw in fields.items()
+        name: c.duration(f"timeouts.{name}", raw, allow_zero=name == "queue")
+        for name, raw in fields.items()
     }
     if len(c.problems) != before:
         return _MISSING
@@ -821,12 +930,125 @@ def _admin(c: _Checker, value: object) -> AdminConfig | _Missing:
         "token": _token,
         "prefix": _prefix,
         "seed_routes": _boolean,
+        "listen": lambda v: _join_listen(parse_listen(v, key="admin.listen")),
     }
     before = len(c.problems)
-    values = {name: c.field(f"admin.{name}", raw, checks[name]) for name, raw in fields.items()}
+    values: dict[str, object] = {}
+    for name, raw in fields.items():
+        if name == "allow":
+            values[name] = _allow(c, raw)
+        else:
+            values[name] = c.field(f"admin.{name}", raw, checks[name])
     if len(c.problems) != before:
         return _MISSING
     return AdminConfig(**values)  # type: ignore[arg-type]  # each value checked above
+
+
+def _join_listen(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _allow(c: _Checker, value: object) -> tuple[str, ...] | _Missing:
+    """``admin.allow``: a list of IP addresses or CIDR blocks, normalized as networks."""
+    example = '["10.0.0.0/8", "192.168.1.5"]'
+    if not isinstance(value, (list, tuple)):
+        c.add(
+            "admin.allow",
+            f"must be a list of addresses or CIDR blocks like {example}, {_got(value)}",
+        )
+        return _MISSING
+    networks: list[str] = []
+    ok = True
+    for index, item in enumerate(value):
+        path = f"admin.allow[{index}]"
+        if not isinstance(item, str):
+            c.add(path, f"must be an address or CIDR block as a string, {_got(item)}")
+            ok = False
+            continue
+        try:
+            network = ipaddress.ip_network(item.strip(), strict=False)
+        except ValueError:
+            c.add(path, f"{_show(item)} is not an IP address or CIDR block; use one like {example}")
+            ok = False
+            continue
+        networks.append(str(network))
+    return tuple(networks) if ok else _MISSING
+
+
+def _tls(c: _Checker, value: object) -> TlsConfig | _Missing:
+    """``tls``: ``certfile`` and ``keyfile``, both PEM files that exist and can be read."""
+    example = '{"certfile": "cert.pem", "keyfile": "key.pem"}'
+    fields = c.mapping("tls", value, _TLS_KEYS, example=example)
+    if fields is None:
+        return _MISSING
+    before = len(c.problems)
+    for name in _TLS_KEYS:
+        if name not in fields:
+            c.add(f"tls.{name}", f"is missing; tls needs both, like {example}")
+    values = {name: c.field(f"tls.{name}", raw, _readable_file) for name, raw in fields.items()}
+    if len(c.problems) != before:
+        return _MISSING
+    return TlsConfig(**values)  # type: ignore[arg-type]  # each value checked above
+
+
+def _readable_file(value: object) -> str:
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise _Invalid(f"must be a file path (a non-empty string), {_got(value)}")
+    if not os.path.isfile(value):
+        raise _Invalid(f"{_show(value)}: no such file")
+    if not os.access(value, os.R_OK):
+        raise _Invalid(f"{_show(value)}: cannot read it (permission denied)")
+    return value
+
+
+def _limits(c: _Checker, value: object) -> LimitsConfig | _Missing:
+    """``limits``: ``max_connections`` per worker and ``max_header_bytes``, integers."""
+    fields = c.mapping(
+        "limits",
+        value,
+        _LIMIT_KEYS,
+        example='{"max_connections": 10000, "max_header_bytes": 65536}',
+    )
+    if fields is None:
+        return _MISSING
+    ranges = {
+        "max_connections": _MAX_CONNECTIONS_RANGE,
+        "max_header_bytes": _MAX_HEADER_BYTES_RANGE,
+    }
+    before = len(c.problems)
+    values: dict[str, object] = {}
+    for name, raw in fields.items():
+        low, high = ranges[name]
+        values[name] = c.field(
+            f"limits.{name}", raw, functools.partial(_integer, low=low, high=high)
+        )
+    if len(c.problems) != before:
+        return _MISSING
+    return LimitsConfig(**values)  # type: ignore[arg-type]  # each value checked above
+
+
+def _sticky(c: _Checker, value: object) -> StickyConfig | _Missing:
+    """``sticky``: the ``cookie`` that names a client's backend."""
+    example = '{"cookie": "SERVERID"}'
+    fields = c.mapping("sticky", value, _STICKY_KEYS, example=example)
+    if fields is None:
+        return _MISSING
+    if "cookie" not in fields:
+        c.add("sticky.cookie", f"is missing; sticky sessions need a cookie name, like {example}")
+        return _MISSING
+    cookie = c.field("sticky.cookie", fields["cookie"], _cookie_name)
+    if isinstance(cookie, _Missing):
+        return _MISSING
+    return StickyConfig(cookie=cookie)
+
+
+def _cookie_name(value: object) -> str:
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value) or len(value) > 128:
+        raise _Invalid(
+            f"must be a cookie name (letters, digits and !#$%&'*+.^_`|~-), {_got(value)}"
+        )
+    return value
 
 
 def parse_config(data: object, *, source: str | None = None) -> Config:
@@ -864,6 +1086,7 @@ def parse_config(data: object, *, source: str | None = None) -> Config:
         "state": _state,
         "cluster": _cluster,
         "access_log": _access_log,
+        "access_log_format": lambda v: _choice(v, ACCESS_LOG_FORMATS, "access log format"),
     }
     for name, check in simple.items():
         if name in top:
@@ -878,6 +1101,19 @@ def parse_config(data: object, *, source: str | None = None) -> Config:
         values["timeouts"] = _timeouts(c, top["timeouts"])
     if "admin" in top:
         values["admin"] = _admin(c, top["admin"])
+    if "tls" in top:
+        values["tls"] = _tls(c, top["tls"])
+    if "limits" in top:
+        values["limits"] = _limits(c, top["limits"])
+    if "sticky" in top:
+        values["sticky"] = _sticky(c, top["sticky"])
+    admin = values.get("admin")
+    if isinstance(admin, AdminConfig) and admin.listen is not None:
+        main = _join_listen(
+            (values.get("listen_host", "127.0.0.1"), values.get("listen_port", 8080))  # type: ignore[arg-type]
+        )
+        if admin.listen == main:
+            c.add("admin.listen", f"is the proxy's own listen address {main}; give it another")
 
     if c.problems:
         raise ConfigError(c.problems)

@@ -32,8 +32,8 @@ _UNITS: Final = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 # A decimal number: "5", "1.5", ".5", "5." (ASCII digits only; ``\d`` would take any script's).
 _NUMBER: Final = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
 _BARE: Final = re.compile(rf"(-?)\s*({_NUMBER})")
-_COMPOUND: Final = re.compile(rf"(-?)((?:\s*{_NUMBER}\s*(?:ms|h|m|s))+)")
-_PART: Final = re.compile(rf"({_NUMBER})\s*(ms|h|m|s)")
+_COMPOUND: Final = re.compile(rf"(-?)((?:{_NUMBER}(?:ms|h|m|s))+)")
+_PART: Final = re.compile(rf"({_NUMBER})(ms|h|m|s)")
 
 _ALLOWED: Final = 'use a number of seconds or a string like "250ms", "5s", "1m"'
 
@@ -77,10 +77,14 @@ def parse_duration(
         raise ConfigError(f"{key}: {shown} is not a duration; {_ALLOWED}")
     if isinstance(value, str):
         text = value.strip()
-        if bare := _BARE.fullmatch(text):
-            sign, number = bare.groups()
-            seconds = float(number)
-        elif compound := _COMPOUND.fullmatch(text):
+        if _BARE.fullmatch(text):
+            # A number in a string is most likely a unit forgotten: "5" could be meant as
+            # minutes. Numbers of seconds are written as JSON numbers (SPEC §2).
+            raise ConfigError(
+                f"{key}: {shown} has no unit; write a number of seconds without quotes, or a "
+                'string with a unit like "250ms", "5s", "1m"'
+            )
+        if compound := _COMPOUND.fullmatch(text):
             sign, parts = compound.groups()
             seconds = sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(parts))
         else:

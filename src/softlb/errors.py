@@ -9,6 +9,7 @@
     ├── UnknownBackend (KeyError)           remove()/get() of a URL that is not a member
     └── ProxyError                          a request could not be proxied; .status is the answer
         ├── NoBackendAvailable      503     nothing is in rotation
+        │   └── QueueTimeout        503     every backend stayed at its max_connections too long
         └── UpstreamError           502     the backend could not be used
             ├── UpstreamConnectError 502    nothing was sent (refused, unreachable, connect timeout)
             ├── UpstreamTimeout      504    the backend did not answer within the read timeout
@@ -26,6 +27,7 @@ __all__ = [
     "InvalidBackend",
     "NoBackendAvailable",
     "ProxyError",
+    "QueueTimeout",
     "SoftLBError",
     "UnknownBackend",
     "UpstreamBroken",
@@ -86,6 +88,15 @@ class NoBackendAvailable(ProxyError):
 
     status = 503
     reason = "Service Unavailable"
+
+
+class QueueTimeout(NoBackendAvailable):
+    """Every backend in rotation was at its ``max_connections`` for the whole queue timeout.
+
+    A request that finds every eligible backend full waits in the pool's queue, in order of
+    arrival (HAProxy's ``timeout queue``); this is raised when its wait ran out first. It is a
+    :class:`NoBackendAvailable`, so whatever answers that one with a 503 answers this too.
+    """
 
 
 class UpstreamError(ProxyError):

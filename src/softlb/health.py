@@ -215,6 +215,9 @@ class HealthChecker:
         #: Called after every active probe with the backend, its verdict (healthy or not, after
         #: rise/fall) and the probe's detail; shared state publishes verdicts through it.
         self.on_verdict = on_verdict
+        #: Called after every active probe with the backend and the probe's own result
+        #: (before rise/fall); :meth:`softlb.stats.ProxyStats.watch` counts results through it.
+        self.on_probe: Callable[[Backend, ProbeResult], None] | None = None
         #: Whether the checker logs each verdict change itself (to ``softlb.health``). The
         #: whole application turns it off: its event log (:mod:`softlb.logs`) says the same.
         self.log_changes = log_changes
@@ -351,6 +354,12 @@ class HealthChecker:
             log.exception("health probe of %s raised", backend.url)
             result = ProbeResult(False, f"probe error: {type(exc).__name__}")
         self._record(backend, result.ok, result.detail)
+        on_probe = self.on_probe
+        if on_probe is not None:
+            try:
+                on_probe(backend, result)
+            except Exception:  # counting must never stop the checks
+                log.exception("on_probe hook failed for %s", backend.url)
         on_verdict = self.on_verdict
         if on_verdict is not None:
             state = self.state_of(backend)

@@ -22,8 +22,28 @@ name                                   type       what
 ``softlb_retries_total``               counter    requests tried again on another backend
 ``softlb_proxy_errors_total``          counter    error answers made by the proxy, by status
 ``softlb_request_duration_seconds``    histogram  time until the backend's answer started
+``softlb_backend_responses_total``     counter    answers from the backend, by status class
+                                                  (``code``: ``"1xx"`` ... ``"5xx"``)
+``softlb_backend_response_seconds``    histogram  time from the backend's pick to its answer's
+                                                  head (``phase="first_byte"``) and end
+                                                  (``phase="last_byte"``)
+``softlb_health_checks_total``         counter    active probes, by ``result`` (pass, fail)
+``softlb_backend_transitions_total``   counter    health changes, by new state (``to``: up,
+                                                  down)
 ``softlb_info``                        gauge      always 1; ``version`` and ``algorithm``
+``process_*``                                     prometheus_client's process collector:
+                                                  ``process_resident_memory_bytes``,
+                                                  ``process_cpu_seconds_total``,
+                                                  ``process_open_fds``... (Linux)
 =====================================  =========  =========================================
+
+Requests, failures and in-flight counts, the retries, the proxy's errors and the request
+duration histogram are summed over every worker process of the host (through the shared
+state's slot table). The four families from ``softlb_backend_responses_total`` to
+``softlb_backend_transitions_total`` (answers by class, the first/last byte histograms,
+probes and transitions; kept by :class:`~softlb.stats.ProxyStats`) and the
+``process_*`` series are those of the worker that answers the scrape. Probe results count in
+the process that runs the probes (with shared state: the elected prober).
 """
 
 from __future__ import annotations
@@ -31,7 +51,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Final, cast
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -40,8 +60,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 
+from softlb.backend import Backend
 from softlb.pool import Pool
-from softlb.stats import DURATION_BUCKETS, ProxyStats
+from softlb.stats import DURATION_BUCKETS, STATUS_CLASSES, BackendFigures, ProxyStats
 
 __all__ = ["CONTENT_TYPE", "Metrics", "SoftLBCollector", "cumulative_buckets", "render_metrics"]
 
@@ -155,6 +176,7 @@ class SoftLBCollector:
             buckets=cumulative_buckets(cast(list[int], snap["bucket_counts"])),
             sum_value=cast(float, snap["duration_sum"]),
         )
+        yield from self._backend_families(backends)
         info = GaugeMetricFamily(
             "softlb_info",
             "Always 1; the labels describe this balancer.",
@@ -162,6 +184,49 @@ class SoftLBCollector:
         )
         info.add_metric([self.version, self.pool.balancer.name], 1)
         yield info
+
+    def _backend_families(self, backends: Sequence[Backend]) -> Iterator[Metric]:
+        """The per-backend figures of :meth:`ProxyStats.backend_snapshot`, for the pool's
+        current members (every status class from 2xx to 5xx always, 1xx once seen)."""
+        figures = self.stats.backend_snapshot()
+        responses = CounterMetricFamily(
+            "softlb_backend_responses_total",
+            "Answers from the backend, by status class (this worker's).",
+            labels=["backend", "code"],
+        )
+        seconds = HistogramMetricFamily(
+            "softlb_backend_response_seconds",
+            "Time from the backend's pick to its answer's first byte (head) and last byte "
+            "(end), by phase (this worker's).",
+            labels=["backend", "phase"],
+        )
+        checks = CounterMetricFamily(
+            "softlb_health_checks_total",
+            "Active health probes of the backend, by result (pass, fail).",
+            labels=["backend", "result"],
+        )
+        transitions = CounterMetricFamily(
+            "softlb_backend_transitions_total",
+            "Health changes of the backend, by the state it went to (up, down).",
+            labels=["backend", "to"],
+        )
+        for backend in backends:
+            url = backend.url
+            mine = figures.get(url) or BackendFigures()
+            for kind, count in zip(STATUS_CLASSES, mine.responses, strict=True):
+                if count or kind != "1xx":
+                    responses.add_metric([url, kind], count)
+            seconds.add_metric(
+                [url, "first_byte"], cumulative_buckets(mine.first_byte), mine.first_byte_sum
+            )
+            seconds.add_metric(
+                [url, "last_byte"], cumulative_buckets(mine.last_byte), mine.last_byte_sum
+            )
+            for result in ("pass", "fail"):
+                checks.add_metric([url, result], mine.checks.get(result, 0))
+            for state in ("up", "down"):
+                transitions.add_metric([url, state], mine.transitions.get(state, 0))
+        yield from (responses, seconds, checks, transitions)
 
 
 def cumulative_buckets(counts: Sequence[int]) -> list[tuple[str, float]]:
@@ -202,6 +267,9 @@ class Metrics:
             pool, stats, version=version, figures=figures, stale=stale, snapshot=snapshot
         )
         self.registry.register(self.collector)
+        #: process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds... of
+        #: the process that answers the scrape (nothing on systems without /proc).
+        self.process = ProcessCollector(registry=self.registry)
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """Return the exposition and its content type.

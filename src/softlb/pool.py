@@ -12,11 +12,12 @@ from types import TracebackType
 from typing import Final
 
 from softlb import events
-from softlb.backend import Backend, normalize_url, validate_weight
+from softlb.backend import Backend, normalize_url, validate_max_connections, validate_weight
 from softlb.balancers.base import Balancer, Candidate, balancer_by_name, candidate
 from softlb.balancers.least import LeastConnections, load_of
 from softlb.errors import BackendExists, InvalidBackend, NoBackendAvailable, UnknownBackend
 from softlb.events import Dispatcher, Event, Hook
+from softlb.queueing import QueueStats, Resolved, Ticket, WaitQueue, queue_timeout
 
 __all__ = [
     "SLOW_START_FLOOR",
@@ -129,6 +130,10 @@ class Pool:
         with pool.lease() as backend:   # picks, and counts the request in flight
             call(backend.url)           # an exception here records a failure
 
+    Backends with a ``max_connections`` are skipped while full; when every eligible one is,
+    ``lease(wait=seconds)`` waits in the pool's FIFO queue (:mod:`softlb.queueing`; also
+    :meth:`try_lease`, :meth:`enqueue` and :func:`~softlb.queueing.lease_async`).
+
     Observing::
 
         pool.explain()                  # what the next pick would be, and why (an Explanation)
@@ -176,6 +181,13 @@ class Pool:
         #: Called under the lock with a backend whose counts just changed (a lease taken or
         #: released); shared state points it at the host's in-flight table.
         self.count_sink: Callable[[Backend], None] | None = None
+        #: Requests the *other* processes of this host have in flight on a backend, counted
+        #: against its ``max_connections`` (``None``: this process alone); shared state points
+        #: it at the host's in-flight table. Called under the lock, only for limited backends.
+        self.others_in_flight: Callable[[Backend], int] | None = None
+        self._queue = WaitQueue()  # requests waiting for a backend below its limit
+        self._waiting = self._queue.tickets  # tested on every lease and release
+        self._limited = False  # whether a backend in rotation has a max_connections
         for server in servers:
             backend = self._coerce(server)
             if backend.url in self._members:
@@ -307,6 +319,17 @@ class Pool:
             self._rebuild(self.clock())
         return backend
 
+    def set_max_connections(self, url: str | Backend, limit: int | None) -> Backend:
+        """Set a member's ``max_connections`` (``None``: no limit) and return it; requests
+        waiting in the queue get the room a higher limit makes. Raises
+        :class:`~softlb.errors.InvalidBackend` for a limit that is not an integer >= 1."""
+        limit = validate_max_connections(limit)
+        with self._lock:
+            backend = self.get(url.url if isinstance(url, Backend) else url)
+            backend.max_connections = limit
+            self._rebuild(self.clock())
+        return backend
+
     def set_healthy(
         self, url: str | Backend, healthy: bool, reason: str = "", *, passive: bool = False
     ) -> bool:
@@ -369,37 +392,60 @@ class Pool:
                 eligible.append(backend)
         self._ramp_next = ramp_next
         self._eligible = tuple(eligible)
+        self._limited = any(b.max_connections is not None for b in eligible)
         self.balancer.rebuild(self._eligible, now)
+        if self._waiting:  # room may have appeared, or a waiter's last candidate gone
+            self._serve(now, rebuilt=True)
 
     def refresh(self) -> None:
         """Hand the balancer a fresh snapshot, after loads changed outside the pool's view
         (another process's in-flight counts). Only a strategy that indexes loads needs it;
         the others read loads at pick time (rebuilding a hash ring every 100 ms would not)."""
         if not self.balancer.indexes_load:
+            if self._waiting:  # another process's requests finished: maybe room for a waiter
+                with self._lock:
+                    self._serve(self.clock())
             return
         with self._lock:
             self._rebuild(self.clock())
 
     # -- leases --------------------------------------------------------------------------
 
-    def lease(self, key: str | None = None, *, exclude: Collection[Backend] = ()) -> Lease:
+    def lease(
+        self,
+        key: str | None = None,
+        *,
+        exclude: Collection[Backend] = (),
+        prefer: Backend | None = None,
+        wait: float = 0.0,
+    ) -> Lease:
         """Pick a backend and count one request in flight on it until the lease is released.
 
         Use it as a context manager: the block gets the :class:`Backend`; leaving the block
         releases the lease and records success, or failure if the block raised. ``key`` feeds
         the hashing strategies (a client address, a path, a header value). ``exclude`` lists
         backends already tried by this request, so a retry goes elsewhere when it can.
+        ``prefer`` (a sticky session's backend) is leased when it is in rotation, not
+        excluded and not full; otherwise the strategy picks as usual.
 
-        Raises :class:`~softlb.errors.NoBackendAvailable` when nothing is in rotation (or
-        everything in rotation is excluded).
+        A backend at its ``max_connections`` is skipped. When every eligible backend is
+        full, the call waits in the pool's queue, behind the requests that came first, up to
+        ``wait`` seconds, then raises :class:`~softlb.errors.QueueTimeout` (at once when
+        ``wait`` is 0). Raises :class:`~softlb.errors.NoBackendAvailable` when nothing is in
+        rotation (or everything in rotation is excluded), also while waiting.
         """
         with self._lock:
             now = self.clock()
             if self._ramp_next is not None and now >= self._ramp_next:
                 self._rebuild(now)
-            backend = self.balancer.pick(key, now)
-            if exclude and backend is not None and backend in exclude:
-                backend = self._pick_excluding(key, now, exclude)
+            if prefer is None and not self._limited:  # the common case, kept short
+                backend = self.balancer.pick(key, now)
+                if exclude and backend is not None and backend in exclude:
+                    backend = self._pick_excluding(key, now, exclude)
+            else:
+                if self._waiting:
+                    self._serve(now)  # room goes to the requests that came first
+                backend = self._choose(key, now, exclude, prefer)
             if backend is not None:
                 backend.active += 1
                 self.balancer.acquired(backend)
@@ -408,7 +454,179 @@ class Pool:
                 return Lease(self, backend, now)
             members = len(self._members)
             nothing_eligible = not self._eligible
-        raise self._unavailable(members, nothing_eligible, bool(exclude))
+            if not self._has_candidates(exclude):
+                ready = None
+            elif wait <= 0:
+                raise queue_timeout(0)
+            else:
+                ready = threading.Event()
+                ticket = Ticket(
+                    self,
+                    key,
+                    exclude=exclude,
+                    prefer=prefer,
+                    callback=_setter(ready),
+                    queued_at=now,
+                )
+                self._queue.push(ticket)
+        if ready is None:  # raised here, not under the lock: hooks may hear of it
+            raise self._unavailable(members, nothing_eligible, bool(exclude))
+        ready.wait(wait)
+        if ticket.cancel(timed_out=True):
+            raise queue_timeout(wait)
+        return ticket.result()
+
+    def try_lease(
+        self,
+        key: str | None = None,
+        *,
+        exclude: Collection[Backend] = (),
+        prefer: Backend | None = None,
+    ) -> Lease | None:
+        """:meth:`lease` that never waits: ``None`` when every eligible backend is full.
+        Requests already waiting in the queue are served first. Raises
+        :class:`~softlb.errors.NoBackendAvailable` when nothing is in rotation."""
+        with self._lock:
+            return self._try(key, exclude, prefer, self.clock())
+
+    def enqueue(
+        self,
+        callback: Resolved,
+        key: str | None = None,
+        *,
+        exclude: Collection[Backend] = (),
+        prefer: Backend | None = None,
+    ) -> Ticket:
+        """Ask for a lease without blocking, for an engine with its own event loop.
+
+        Returns a :class:`~softlb.queueing.Ticket`. When a backend has room the lease is taken
+        at once: the ticket is ``done`` and ``callback`` is not called. Otherwise the ticket
+        waits its turn and ``callback(ticket)`` is called once it is resolved (leased, or
+        failed because nothing it may use is in rotation any more), on the thread that made
+        room, *with the pool's lock held*: it must only hand the ticket on (set an event,
+        ``loop.call_soon_threadsafe``), never call the pool. ``ticket.cancel()`` gives up (a
+        timeout); see :func:`~softlb.queueing.lease_async`. Raises
+        :class:`~softlb.errors.NoBackendAvailable` when nothing is in rotation.
+        """
+        with self._lock:
+            now = self.clock()
+            lease = self._try(key, exclude, prefer, now)
+            ticket = Ticket(
+                self, key, exclude=exclude, prefer=prefer, callback=callback, queued_at=now
+            )
+            if lease is not None:
+                ticket.done, ticket.lease = True, lease
+            else:
+                self._queue.push(ticket)
+            return ticket
+
+    def _try(
+        self, key: str | None, exclude: Collection[Backend], prefer: Backend | None, now: float
+    ) -> Lease | None:
+        """The lease if a backend has room, else ``None``; the caller holds the lock."""
+        if self._ramp_next is not None and now >= self._ramp_next:
+            self._rebuild(now)
+        if self._waiting:
+            self._serve(now)  # room goes to the requests that came first
+        backend = self._choose(key, now, exclude, prefer)
+        if backend is not None:
+            return self._take(backend, now)
+        if not self._has_candidates(exclude):
+            raise self._unavailable(len(self._members), not self._eligible, bool(exclude))
+        return None
+
+    @property
+    def queue_length(self) -> int:
+        """Requests waiting now for a backend below its ``max_connections``."""
+        return len(self._queue)
+
+    def queue_stats(self) -> QueueStats:
+        """The queue's figures: waiting now, the oldest wait, and counters (see
+        :class:`~softlb.queueing.QueueStats`)."""
+        with self._lock:
+            return self._queue.stats(self.clock())
+
+    # The queue and the limits; every method below is called with the lock held.
+
+    def _full(self, backend: Backend) -> bool:
+        """Whether ``backend`` is at its ``max_connections`` (counting this host's other
+        processes when :attr:`others_in_flight` is set)."""
+        limit = backend.max_connections
+        if limit is None:
+            return False
+        used = backend.active
+        if used < limit and self.others_in_flight is not None:
+            used += self.others_in_flight(backend)
+        return used >= limit
+
+    def _has_candidates(self, exclude: Collection[Backend]) -> bool:
+        """Whether a backend in rotation and not excluded exists (full, when no pick found it)."""
+        return any(b not in exclude for b in self._eligible)
+
+    def _choose(
+        self,
+        key: str | None,
+        now: float,
+        exclude: Collection[Backend],
+        prefer: Backend | None,
+    ) -> Backend | None:
+        """``prefer`` if it may take the request, else the strategy's pick among the backends
+        not excluded and not full; ``None`` when there is none."""
+        if (
+            prefer is not None
+            and prefer.healthy
+            and not prefer.draining
+            and prefer._pool_id == id(self)
+            and prefer not in exclude
+            and not self._full(prefer)
+        ):
+            return prefer
+        backend = self.balancer.pick(key, now)
+        if backend is not None and (
+            (exclude and backend in exclude)
+            or (backend.max_connections is not None and self._full(backend))
+        ):
+            return self._pick_free(key, now, exclude)
+        return backend
+
+    def _pick_free(
+        self, key: str | None, now: float, exclude: Collection[Backend]
+    ) -> Backend | None:
+        """The strategy's pick among the backends neither excluded nor full."""
+        skip = {b for b in self._eligible if b in exclude or self._full(b)}
+        if len(skip) >= len(self._eligible):
+            return None
+        return self._pick_excluding(key, now, skip)
+
+    def _take(self, backend: Backend, now: float) -> Lease:
+        backend.active += 1
+        self.balancer.acquired(backend)
+        if self.count_sink is not None:
+            self.count_sink(backend)
+        return Lease(self, backend, now)
+
+    def _serve(self, now: float, *, rebuilt: bool = False) -> None:
+        """Lease the backends with room to the waiting tickets, oldest first; after a rebuild
+        also fail the tickets left with no backend in rotation."""
+        room = any(not self._full(b) for b in self._eligible)
+        if not room and not rebuilt:
+            return
+        for ticket in self._queue.waiting():
+            if not room and not rebuilt:
+                break
+            backend = self._choose(ticket.key, now, ticket.exclude, ticket.prefer) if room else None
+            if backend is not None:
+                self._queue.remove(ticket, now)
+                ticket._resolve(self._take(backend, now), None)
+                room = any(not self._full(b) for b in self._eligible)
+            elif rebuilt and not self._has_candidates(ticket.exclude):
+                self._queue.remove(ticket, now)
+                error = self._unavailable(len(self._members), not self._eligible, True)
+                ticket._resolve(None, error)
+
+    def _cancel(self, ticket: Ticket, timed_out: bool) -> bool:
+        with self._lock:
+            return self._queue.remove(ticket, self.clock(), timed_out=timed_out)
 
     def _unavailable(
         self, members: int, nothing_eligible: bool, excluded: bool
@@ -445,22 +663,25 @@ class Pool:
         rest = [b for b in self._eligible if b not in exclude]
         return min(rest, key=load_of) if rest else None
 
-    def _release(self, lease: Lease, failure: str | None) -> None:
+    def _release(self, lease: Lease, failure: str | None, used: bool = True) -> None:
         backend = lease.backend
         with self._lock:
             now = self.clock()
             backend.active -= 1
-            backend.requests += 1
-            if failure is None:
-                backend.consecutive_failures = 0
-                backend.observe_latency(now - lease.started, now)
-            else:
-                backend.failures += 1
-                backend.consecutive_failures += 1
+            if used:  # not a lease given up before its request went out
+                backend.requests += 1
+                if failure is None:
+                    backend.consecutive_failures = 0
+                    backend.observe_latency(now - lease.started, now)
+                else:
+                    backend.failures += 1
+                    backend.consecutive_failures += 1
             if backend._pool_id == id(self):  # not if it was removed (and maybe joined another)
                 self.balancer.released(backend)
             if self.count_sink is not None:
                 self.count_sink(backend)
+            if self._waiting:
+                self._serve(now)
         if failure is not None and self._listeners:
             self._emit(PoolEvent("failure", backend, failure))
 
@@ -476,6 +697,8 @@ class Pool:
         ever; the child gets a fresh one (the logging module does the same for its handlers).
         """
         self._lock = threading.Lock()
+        self._queue = WaitQueue()  # the parent's waiters are not this process's
+        self._waiting = self._queue.tickets
         if self._dispatcher is not None:
             self._dispatcher._after_fork()
 
@@ -678,6 +901,11 @@ def _in_flight_text(count: int) -> str:
     return f"{count} requests in flight finish"
 
 
+def _setter(event: threading.Event) -> Callable[[Ticket], None]:
+    """A ticket callback that wakes the thread waiting on ``event``."""
+    return lambda _ticket: event.set()
+
+
 def _normalized(url: str) -> str:
     try:
         return normalize_url(url)
@@ -713,6 +941,14 @@ class Lease:
             return
         self._released = True
         self._pool._release(self, failure if failure is not None else self._failure)
+
+    def abandon(self) -> None:
+        """End the lease without recording a request: for a lease granted to a request that
+        went away before using it (a queued client that disconnected)."""
+        if self._released:
+            return
+        self._released = True
+        self._pool._release(self, None, used=False)
 
     @property
     def released(self) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import ipaddress
 import logging
 import math
 import os
@@ -180,7 +181,7 @@ def banner(config: Config, options: ServeOptions, *, version: str) -> str:
     """The one line ``softlb serve`` prints before gunicorn's logs."""
     bind = options.bind or config.listen
     host, port = _split_bind(bind)
-    scheme = "https" if options.certfile or getattr(config, "tls", None) else "http"
+    scheme = "https" if options.certfile or config.tls else "http"
     local = f"{scheme}://{_url_host(_local_host(host))}:{port}"
     where = f"{scheme}://{_url_host(host)}:{port}"
     if local != where:
@@ -194,9 +195,26 @@ def banner(config: Config, options: ServeOptions, *, version: str) -> str:
     return f"softlb {version} serving on {where} ({shape}); admin at {local}{prefix}/"
 
 
+def admin_exposure_warning(config: Config) -> str | None:
+    """A warning when clients beyond loopback may change the backends without a password:
+    no ``admin.token`` and an ``admin.allow`` wider than loopback (SPEC §5)."""
+    if config.admin.token is not None:
+        return None
+    wide = [net for net in config.admin.allow if not ipaddress.ip_network(net).is_loopback]
+    if not wide:
+        return None
+    return (
+        f"softlb: warning: admin.allow lets {', '.join(wide)} call the admin API without a "
+        "token: those clients can add, drain and remove backends; set admin.token"
+    )
+
+
 def startup_warnings(config: Config, options: ServeOptions) -> list[str]:
     """One line for each setting that likely does not do what the user wants."""
     warnings = []
+    exposure = admin_exposure_warning(config)
+    if exposure is not None:
+        warnings.append(exposure)
     if options.workers > 1 and config.state == _STATE_MEMORY:
         warnings.append(
             f'softlb: warning: --workers {options.workers} with state "memory": each worker '
@@ -342,11 +360,11 @@ def _flush() -> None:
 def gunicorn_settings(config: Config, options: ServeOptions) -> dict[str, Any]:
     """The gunicorn settings :func:`serve` runs with."""
     worker_timeout = max(WORKER_TIMEOUT_MIN, math.ceil(config.timeouts.read) + WORKER_TIMEOUT_SLACK)
-    tls = getattr(config, "tls", None)
+    tls = config.tls
     certfile = options.certfile or (tls.certfile if tls is not None else None)
     keyfile = options.keyfile or (tls.keyfile if tls is not None else None)
     binds = [options.bind or config.listen]
-    admin_listen = getattr(config.admin, "listen", None)
+    admin_listen = config.admin.listen
     if admin_listen is not None:
         binds.append(admin_listen)
     return {
@@ -359,7 +377,7 @@ def gunicorn_settings(config: Config, options: ServeOptions) -> dict[str, Any]:
         "preload_app": False,  # the app is built in each worker, after the fork
         "graceful_timeout": math.ceil(options.graceful_timeout),
         "timeout": worker_timeout,
-        "keepalive": math.ceil(getattr(config.timeouts, "keepalive", KEEPALIVE)),
+        "keepalive": math.ceil(config.timeouts.keepalive),
         "limit_request_field_size": 0,  # softlb's limits.max_header_bytes is the rule
         "certfile": certfile,
         "keyfile": keyfile,

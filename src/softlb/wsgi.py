@@ -32,13 +32,15 @@ from softlb.errors import (
 )
 from softlb.events import ACCESS, RETRIED
 from softlb.http.headers import (
+    BadFraming,
+    check_request_framing,
     downstream_response_headers,
-    is_chunked_request,
     request_target,
     upstream_request_headers,
 )
-from softlb.http.upstream import CHUNK_SIZE, SMALL_BODY, Upstream, UpstreamResponse
-from softlb.http.wire import ProxyUpstream, WireResponse
+from softlb.http.transport import Transport, TransportResponse
+from softlb.http.upstream import CHUNK_SIZE, SMALL_BODY
+from softlb.http.wire import ProxyUpstream
 from softlb.logs import failure_text, warn_if_serial
 from softlb.pool import Lease, Pool
 from softlb.retry import IDEMPOTENT_METHODS, failure_kind, may_resend, may_retry
@@ -46,6 +48,7 @@ from softlb.stats import ProxyStats
 
 if TYPE_CHECKING:
     from softlb.config import Config
+    from softlb.discovery import Resolver
     from softlb.health import HealthChecker
     from softlb.state.sync import SharedState
 
@@ -114,39 +117,70 @@ def default_error_page(
 class _Body:
     """The client's request body as the upstream call wants it, and whether it can be resent.
 
-    Bodies up to :data:`SMALL_BODY` with a Content-Length are read at once and can be sent
-    again on a retry. Larger ones, and chunked ones, are streamed straight from the client;
-    once streaming has started they cannot be sent again.
+    Bodies up to :data:`SMALL_BODY` are read before a backend is picked, as nginx's
+    ``proxy_request_buffering`` does: with a Content-Length they are read at once; a chunked
+    one is read ahead up to that size, and if it ends there it goes out with a Content-Length.
+    Either way it can be sent again on a retry, and a client's bad chunk or short body is a
+    400 before any backend is contacted. Larger ones are streamed straight from the client
+    (a chunked one after the part read ahead); once streaming has started they cannot be
+    sent again. :class:`~softlb.http.headers.BadFraming` is raised for framing the proxy
+    refuses (:func:`~softlb.http.headers.check_request_framing`).
     """
 
-    __slots__ = ("_input", "_remaining", "chunked", "data", "started")
+    __slots__ = ("_ahead", "_input", "_remaining", "chunked", "data", "started")
 
     def __init__(self, environ: Environ) -> None:
         self.data: bytes | None = None
         self.chunked = False
         self.started = False
         self._remaining = 0
+        self._ahead = b""  # the start of a large chunked body, read ahead
         self._input = environ.get("wsgi.input")
-        length_text = environ.get("CONTENT_LENGTH") or ""
-        if is_chunked_request(environ):
-            self.chunked = True
-            self._remaining = -1  # read to the end of the (de-chunked) input
-            return
-        if not length_text:
-            return
-        try:
-            length = int(length_text)
-        except ValueError:
-            raise ClientBodyError(f"bad Content-Length {length_text!r}") from None
-        if length < 0:
-            raise ClientBodyError(f"bad Content-Length {length_text!r}")
-        if length <= SMALL_BODY:
-            data = self._input.read(length) if length and self._input is not None else b""
+        length = check_request_framing(environ)
+        if length is None:
+            ahead = self._read_ahead()
+            if len(ahead) <= SMALL_BODY:
+                self.data = ahead  # the whole body: sent with a Content-Length
+            else:
+                self.chunked = True
+                self._remaining = -1  # read to the end of the (de-chunked) input
+                self._ahead = ahead
+        elif length <= SMALL_BODY:
+            data = self._read_exactly(length) if length else b""
             if len(data) != length:
                 raise ClientBodyError("request body shorter than its Content-Length")
             self.data = data
         else:
             self._remaining = length
+
+    def _read_ahead(self) -> bytes:
+        """Up to :data:`SMALL_BODY` + 1 bytes of a chunked body (fewer: that is all of it)."""
+        parts: list[bytes] = []
+        size = 0
+        for _ in range(SMALL_BODY + 2):  # bounded: each read returns at least one byte
+            piece = self._read(SMALL_BODY + 1 - size)
+            if not piece:
+                break
+            parts.append(piece)
+            size += len(piece)
+            if size > SMALL_BODY:
+                break
+        return b"".join(parts)
+
+    def _read_exactly(self, length: int) -> bytes:
+        """``length`` bytes of a Content-Length body, fewer only if the client stopped."""
+        data = self._read(length)
+        if len(data) >= length or not data:
+            return data
+        parts = [data]
+        size = len(data)
+        while size < length:  # a server whose read() returns what it has (not PEP 3333's)
+            piece = self._read(length - size)
+            if not piece:
+                break
+            parts.append(piece)
+            size += len(piece)
+        return b"".join(parts)
 
     @property
     def replayable(self) -> bool:
@@ -166,8 +200,8 @@ class _Body:
             return b""
         try:
             data: bytes = source.read(size)
-        except (OSError, ValueError) as exc:  # a timeout, a reset, a malformed chunk
-            raise ClientBodyError(f"reading the request body failed: {exc}") from exc
+        except Exception as exc:  # a timeout, a reset, a bad chunk (gunicorn's ParseException)
+            raise ClientBodyError(f"reading the request body failed: {exc!r}") from exc
         return data
 
     def _stream(self) -> Iterator[bytes]:
@@ -177,6 +211,8 @@ class _Body:
         read = self._read
         remaining = self._remaining
         if remaining < 0:
+            if self._ahead:
+                yield self._ahead
             while True:
                 chunk = read(CHUNK_SIZE)
                 if not chunk:
@@ -198,23 +234,37 @@ class _StreamedAnswer:
     a second status.
     """
 
-    __slots__ = ("_complete", "_done", "_failure", "_lease", "_resp")
+    __slots__ = ("_complete", "_done", "_failure", "_first", "_lease", "_resp", "_rest", "sent")
 
     def __init__(
         self,
-        resp: WireResponse | UpstreamResponse,
+        resp: TransportResponse,
         lease: Lease,
-        done: Callable[[Lease], None] | None = None,
+        done: Callable[[Lease, int, bool], None] | None = None,
+        *,
+        first: bytes = b"",
+        rest: Iterator[bytes] | None = None,
     ) -> None:
         self._resp = resp
         self._lease = lease
         self._complete = False
         self._failure: str | None = None
-        self._done = done  # told of the released lease (the access log)
+        self._done = done  # told of the released lease, bytes sent, complete (log, metrics)
+        self.sent = 0
+        # The first piece, read before the status went out (see LoadBalancer._proxy), and
+        # the iterator it came from.
+        self._first = first
+        self._rest = rest
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            yield from self._resp.chunks()
+            if self._first:
+                first, self._first = self._first, b""
+                self.sent += len(first)
+                yield first
+            for piece in self._rest if self._rest is not None else self._resp.chunks():
+                self.sent += len(piece)
+                yield piece
         except UpstreamError as exc:
             self._failure = failure_kind(exc)
             url = self._lease.backend.url
@@ -226,7 +276,7 @@ class _StreamedAnswer:
         self._resp.close(self._complete)
         self._lease.release(self._failure)
         if self._done is not None:
-            self._done(self._lease)
+            self._done(self._lease, self.sent, self._complete)
 
 
 class LoadBalancer:
@@ -250,6 +300,11 @@ class LoadBalancer:
     ``path``, ``header:NAME`` or ``cookie:NAME``.
     ``max_connections`` is how many idle connections are kept per backend: the server's
     thread count is right.
+
+    A client's bad request (malformed framing, a body cut short, no ``Host`` in HTTP/1.1) is
+    answered 400, an unsupported ``Transfer-Encoding`` 501, and the connection closed, before
+    any byte reaches a backend and without counting against one (SPEC §3). A backend that
+    answers before reading the whole body (an early 413 or 401) has that answer passed on.
     """
 
     def __init__(
@@ -263,7 +318,7 @@ class LoadBalancer:
         max_connections: int = 10,
         rewrite: Rewrite | None = None,
         error_handler: ErrorHandler | None = None,
-        upstream: ProxyUpstream | Upstream | None = None,
+        upstream: Transport | None = None,
         stats: ProxyStats | None = None,
         access_log: AccessLog | None = None,
     ) -> None:
@@ -276,7 +331,9 @@ class LoadBalancer:
         self.hash_kind, self.hash_name = parse_hash_key(hash_key)
         self.rewrite = rewrite
         self.error_handler = error_handler or default_error_page
-        self.upstream = upstream or ProxyUpstream(
+        #: The upstream client: any :class:`~softlb.http.transport.Transport`; by default a
+        #: :class:`~softlb.http.wire.ProxyUpstream` with these timeouts.
+        self.upstream: Transport = upstream or ProxyUpstream(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             maxsize=max_connections,
@@ -316,8 +373,10 @@ class LoadBalancer:
         started = time.perf_counter()
         try:
             return self._proxy(environ, start_response, started)
+        except BadFraming as exc:
+            return self._client_error(start_response, exc.status, str(exc))
         except ClientBodyError as exc:
-            return self._plain(start_response, 400, f"400 Bad Request: {exc}\n")
+            return self._client_error(start_response, 400, str(exc))
         except Exception:  # never a traceback to the client
             log.exception("internal error while proxying %s", environ.get("PATH_INFO"))
             return self._plain(start_response, 500, "500 Internal Server Error\n")
@@ -348,6 +407,9 @@ class LoadBalancer:
                 error = error or exc
                 break
             backend = lease.backend
+            resp: TransportResponse | None = None
+            first = b""
+            rest: Iterator[bytes] | None = None
             try:
                 resp = self.upstream.request(
                     backend.url,
@@ -364,8 +426,18 @@ class LoadBalancer:
                     data = resp.read_small()
                     resp.close(complete=True)
                 else:
+                    # The first piece before the status goes out: a backend that stalls or
+                    # breaks here still gets a 502/504 (or a retry), not a truncated answer
+                    # or the WSGI server's own error page.
+                    rest = iter(resp.chunks())
+                    first = next(rest, b"")
                     data = None
+                    if not first:  # the body ended at once
+                        data = b""
+                        resp.close(complete=True)
             except UpstreamError as exc:
+                if resp is not None:
+                    resp.close(complete=False)
                 lease.release(failure_kind(exc))
                 tried.append(backend)
                 error = exc
@@ -398,26 +470,33 @@ class LoadBalancer:
                 lease.release("error")
                 raise
             self.stats.observe(time.perf_counter() - started)
+            first_byte = self.pool.clock() - lease.started
             headers = downstream_response_headers(resp.headers)
             status_line = f"{resp.status} {resp.reason}"
-            if access_log is None and not self.pool.wants(ACCESS):
-                done = None
-            else:
+            status = resp.status
 
-                def done(
-                    lease: Lease,
-                    key: str | None = key,
-                    line: str = f"{method} {target} {resp.status}",
-                ) -> None:
-                    self._log_access(lease, key, line)
+            def done(
+                lease: Lease,
+                sent: int,
+                complete: bool,
+                status: int = status,
+                first_byte: float = first_byte,
+            ) -> None:
+                self.answered(
+                    lease, key, status=status, first_byte=first_byte, complete=complete,
+                    method=method, target=target, bytes_sent=sent,
+                    client=environ.get("REMOTE_ADDR") or "",
+                    protocol=environ.get("SERVER_PROTOCOL") or "HTTP/1.1",
+                    referer=environ.get("HTTP_REFERER"),
+                    user_agent=environ.get("HTTP_USER_AGENT"),
+                )  # fmt: skip
 
             if data is not None:
                 lease.release()
-                if done is not None:
-                    done(lease)
+                done(lease, len(data), True)
                 start_response(status_line, headers)
                 return (data,) if data else ()
-            answer = _StreamedAnswer(resp, lease, done)
+            answer = _StreamedAnswer(resp, lease, done, first=first, rest=rest)
             try:
                 start_response(status_line, headers)
             except BaseException:
@@ -426,14 +505,45 @@ class LoadBalancer:
             return answer
         return self._error(environ, start_response, error)
 
-    def _log_access(self, lease: Lease, key: str | None, line: str) -> None:
-        """One answered request, to the CSV access log and to the pool's ``access`` hooks."""
+    def answered(
+        self,
+        lease: Lease,
+        key: str | None,
+        *,
+        status: int,
+        first_byte: float,
+        complete: bool,
+        method: str,
+        target: str,
+        bytes_sent: int,
+        client: str = "",
+        protocol: str = "HTTP/1.1",
+        referer: str | None = None,
+        user_agent: str | None = None,
+    ) -> None:
+        """One request a backend answered, once its lease is released: the per-backend
+        response metrics, the access log line and the pool's ``access`` hooks. Both engines
+        call it, with plain values.
+
+        ``first_byte`` is the seconds from the pick to the answer's head; ``complete`` says
+        the whole body went out (else the time to the last byte is not counted).
+        """
         now = self.pool.clock()
-        latency = max(now - lease.started, 0.0)
+        total = max(now - lease.started, 0.0)
+        url = lease.backend.url
+        self.stats.response(url, status, first_byte, total if complete else None)
         access_log = self.access_log
         if access_log is not None:
-            access_log.record(wall_clock_of(lease.started, now), key, latency, lease.backend.url)
-        self.pool.publish(ACCESS, lease.backend, f"{line} {latency * 1000:.1f} ms")
+            access_log.record(
+                wall_clock_of(lease.started, now), key, total, url,
+                client=client, method=method, target=target, protocol=protocol,
+                status=status, bytes_sent=bytes_sent, referer=referer,
+                user_agent=user_agent, duration=total,
+            )  # fmt: skip
+        if self.pool.wants(ACCESS):
+            self.pool.publish(
+                ACCESS, lease.backend, f"{method} {target} {status} {total * 1000:.1f} ms"
+            )
 
     def _error(
         self, environ: Environ, start_response: StartResponse, error: ProxyError
@@ -442,6 +552,20 @@ class LoadBalancer:
         status, headers, body = self.error_handler(environ, error)
         start_response(f"{status} {_REASONS.get(status, error.reason)}", headers)
         return (body,)
+
+    def _client_error(
+        self, start_response: StartResponse, status: int, why: str
+    ) -> Iterable[bytes]:
+        """The answer to a client's bad request (400, 501), which closes the connection: the
+        rest of what the client sent cannot be trusted to be the next request. Nothing is
+        counted against a backend."""
+        # gunicorn ignores a Connection header from the app (PEP 3333 forbids hop-by-hop
+        # headers there) but its Response, the object start_response is bound to, has
+        # force_close().
+        force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
+        if callable(force_close):
+            force_close()
+        return self._plain(start_response, status, f"{status} {_REASONS[status]}: {why}\n")
 
     @staticmethod
     def _plain(start_response: StartResponse, status: int, text: str) -> Iterable[bytes]:
@@ -464,6 +588,7 @@ class LoadBalancer:
 
 _REASONS: Final = {
     400: "Bad Request",
+    501: "Not Implemented",
     500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
@@ -513,10 +638,14 @@ class Application:
         self.log_format = log_format
         self._event_log: Callable[[], None] | None = None  # uninstalls the event log
         self.pool = Pool(
-            [Backend(s.url, s.weight) for s in config.servers],
+            [Backend(s.url, s.weight) for s in config.servers if not s.resolve],
             balancer=balancer_by_name(config.algorithm),
             slow_start=config.slow_start,
         )
+        #: Servers with ``resolve``: one backend per address, found in each process.
+        self.resolved = [s for s in config.servers if s.resolve]
+        self.resolver: Resolver | None = None
+        self._unwatch: Callable[[], None] | None = None
         hc = config.health_check
         self.checker: HealthChecker | None = None
         if hc.enabled:
@@ -539,7 +668,11 @@ class Application:
             read_timeout=config.timeouts.read,
             hash_key=config.hash_key,
             max_connections=self.threads,
-            access_log=AccessLog(config.access_log) if config.access_log else None,
+            access_log=(
+                AccessLog(config.access_log, config.access_log_format)
+                if config.access_log
+                else None
+            ),
         )
         self.admin = AdminApi(
             self.pool,
@@ -549,13 +682,12 @@ class Application:
             stats=self.proxy.stats,
             checker=self.checker,
             on_remove=self.proxy.upstream.forget,
-            allow=getattr(config.admin, "allow", ()),
+            allow=config.admin.allow,
         )
         #: The port of ``admin.listen``: the admin API is served there only (SPEC §2).
         self.admin_port: int | None = None
-        admin_listen = getattr(config.admin, "listen", None)
-        if admin_listen is not None:
-            self.admin_port = int(admin_listen.rpartition(":")[2])
+        if config.admin.listen is not None:
+            self.admin_port = int(config.admin.listen.rpartition(":")[2])
         self.state: SharedState | None = None
         self._pid: int | None = None  # the process whose threads are running
         self._server_checked = False  # whether this process's WSGI server was looked at
@@ -606,6 +738,17 @@ class Application:
                     self.checker.set_active(False)  # until this process wins the prober lease
                 self.checker.start()
             self.state.start()
+            self._unwatch = self.proxy.stats.watch(self.pool, self.checker)
+            if self.resolved:
+                from softlb.discovery import Resolver
+
+                self.resolver = Resolver(
+                    self.pool,
+                    self.resolved,
+                    self.config.health_check.interval,
+                    on_remove=self.proxy.upstream.forget,
+                )
+                self.resolver.start()
 
     def _after_fork(self) -> None:
         """In a child made by ``fork()``: fresh locks, connections and shared state, and the
@@ -621,6 +764,8 @@ class Application:
         self.admin.on_remove = self.proxy.upstream.forget
         self.pool.count_sink = None
         self.state = self.admin.state = None  # the parent's; a new one is opened on start
+        self.resolver = None  # its thread did not come along; start() makes a new one
+        self._unwatch = None
         if self.checker is not None:
             self.checker._after_fork()
         self._pid = None
@@ -630,6 +775,11 @@ class Application:
 
     def stop(self) -> None:
         """Stop the threads, give shared resources back and close backend connections."""
+        if self.resolver is not None:
+            self.resolver.stop()
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         if self.state is not None:
             self.state.stop()
         if self.checker is not None:

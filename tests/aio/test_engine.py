@@ -375,7 +375,10 @@ def test_slow_head_gets_408_and_idle_keepalive_is_closed(
         assert data.startswith(b"HTTP/1.1 408")
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert b"200" in sock.recv(1000)
+        answer = b""
+        while b"ok from" not in answer:
+            answer += sock.recv(1000)
+        assert answer.startswith(b"HTTP/1.1 200")
         started = time.monotonic()
         assert sock.recv(1000) == b""  # closed by the engine after the keep-alive timeout
         assert 0.2 < time.monotonic() - started < 3
@@ -515,3 +518,102 @@ def test_silent_backend_with_post_is_504_once(serve: Served) -> None:
         _, port = serve(servers=[raw_backend.url], timeouts={"read": "200ms"})
         assert get(port, "/x", method="POST", body=b"x")[0] == 504
         assert len(raw_backend.requests) == 1
+
+
+# -- TLS ----------------------------------------------------------------------------------------
+
+
+def test_tls_listener_and_https_backend(make_app: Callable[..., Application]) -> None:
+    """HTTPS on the listener (a trustme certificate) and an https:// backend whose
+    certificate is checked against a private CA."""
+    import ssl
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import trustme
+
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("localhost", "127.0.0.1")
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            body = f"tls ok {self.headers.get('X-Forwarded-Proto')}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    backend_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_cert.configure_cert(backend_ctx)
+    backend.socket = backend_ctx.wrap_socket(backend.socket, server_side=True)
+    thread = threading.Thread(target=backend.serve_forever, daemon=True)
+    thread.start()
+    try:
+        app = make_app(servers=[f"https://127.0.0.1:{backend.server_port}"], retries=0)
+        listener_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_cert.configure_cert(listener_ctx)
+        trusting = ssl.create_default_context()
+        ca.configure_trust(trusting)
+        with running(app, ssl_context=listener_ctx, upstream_ssl=trusting) as (_, port):
+            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=trusting)
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            assert (resp.status, resp.read()) == (200, b"tls ok https")
+            conn.close()
+        strict = ssl.create_default_context()  # does not know the private CA
+        with running(app, upstream_ssl=strict) as (_, port):
+            assert get(port, "/")[0] == 502
+    finally:
+        backend.shutdown()
+        backend.server_close()
+
+
+def test_answer_broken_before_a_byte_went_out_is_a_502(serve: Served) -> None:
+    """A bad first chunk right behind the head: nothing reached the client yet, so it gets a
+    clean 502 (and the backend is charged), never a cut answer."""
+    bad = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+    with RawBackend([bad], close_after_answer=True) as raw_backend:
+        _, port = serve(servers=[raw_backend.url], retries=0)
+        assert get(port, "/x")[0] == 502
+        assert servers_json(port)[0]["failures"] == 1
+
+
+@pytest.mark.parametrize("log_format", ["json", "combined", "csv"])
+def test_access_log_and_response_metrics(
+    serve: Served, backend: TestBackend, tmp_path: Any, log_format: str
+) -> None:
+    """Each answered request is one access-log line naming the backend, and counted in
+    softlb_backend_responses_total by status class."""
+    path = tmp_path / "access.log"
+    _, port = serve(servers=[backend.url], access_log=str(path), access_log_format=log_format)
+    assert get(port, "/x", headers={"User-Agent": "probe/1", "Referer": "http://r/"})[0] == 200
+    assert get(port, "/status/503")[0] == 503
+    _, _, metrics = get(port, "/_softlb/metrics")
+    text = metrics.decode()
+    assert f'softlb_backend_responses_total{{backend="{backend.url}",code="2xx"}} 1.0' in text
+    assert f'softlb_backend_responses_total{{backend="{backend.url}",code="5xx"}} 1.0' in text
+    deadline = time.monotonic() + 5
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        lines = [
+            line
+            for line in path.read_text().splitlines()
+            if backend.url.split("//")[1] in line or backend.url in line
+        ]
+        if len(lines) >= 2:
+            break
+        time.sleep(0.05)
+    assert len(lines) == 2, path.read_text()
+    if log_format == "json":
+        entry = json.loads(lines[0])
+        assert (entry["method"], entry["target"], entry["status"]) == ("GET", "/x", 200)
+        assert entry["backend"] == backend.url
+        assert entry["user_agent"] == "probe/1"
+    elif log_format == "combined":
+        assert '"GET /x HTTP/1.1" 200' in lines[0]
+        assert '"probe/1"' in lines[0]

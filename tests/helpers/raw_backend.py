@@ -6,12 +6,17 @@ It is a real TCP server on 127.0.0.1 with a thread per connection. Each request 
 next item of the script: bytes to send, :data:`CLOSE` to close the connection without an
 answer, :data:`SILENT` to send nothing and keep the connection open, or a callable
 ``(sock) -> None`` that does what it likes with the socket.
+
+With ``tls`` (a server-side :class:`ssl.SSLContext`, e.g. from a ``trustme`` CA) it speaks
+HTTPS and its :attr:`~RawBackend.url` says so; with ``read_body=False`` it answers right after
+the request head, leaving the body unread (an early 413 or 401).
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +57,8 @@ class RawBackend:
 
     script: list[Step]
     close_after_answer: bool = False
+    tls: ssl.SSLContext | None = None
+    read_body: bool = True
     requests: list[RawRequest] = field(default_factory=list)
     connections: int = 0
 
@@ -59,7 +66,8 @@ class RawBackend:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
         self.port = self._listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "http" if self.tls is None else "https"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
@@ -88,6 +96,10 @@ class RawBackend:
         sock.settimeout(10)
         buf = b""
         try:
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_side=True)
+                with self._lock:
+                    self._socks.append(sock)
             while not self._stop.is_set():
                 while b"\r\n\r\n" not in buf:
                     data = sock.recv(65536)
@@ -96,7 +108,9 @@ class RawBackend:
                     buf += data
                 head, buf = buf.split(b"\r\n\r\n", 1)
                 head += b"\r\n\r\n"
-                body, buf = _read_body(sock, head, buf)
+                body = b""
+                if self.read_body:
+                    body, buf = _read_body(sock, head, buf)
                 with self._lock:
                     self.requests.append(RawRequest(head, body, number))
                 step = self._next_step()
@@ -110,13 +124,15 @@ class RawBackend:
                     sock.sendall(step)
                 if self.close_after_answer:
                     return
-        except OSError:
+        except (OSError, ValueError):  # ValueError: an ssl socket the test closed meanwhile
             return
         finally:
             sock.close()
 
     def close(self) -> None:
         self._stop.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() at once (Linux)
         self._listener.close()
         with self._lock:
             socks = list(self._socks)

@@ -49,7 +49,10 @@ def names(result: dict[str, str]) -> set[str]:
 def test_all_is_pinned() -> None:
     """The public names the proxy imports stay exported."""
     assert sorted(headers.__all__) == [
+        "BadFraming",
         "HOP_BY_HOP",
+        "MAX_CONTENT_LENGTH",
+        "check_request_framing",
         "connection_tokens",
         "downstream_response_headers",
         "is_chunked_request",

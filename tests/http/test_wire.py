@@ -607,3 +607,88 @@ def test_python_socket_timeouts_where_the_kernel_ones_are_not_used(
         with pytest.raises(UpstreamTimeout):
             up.request(backend.url, "GET", "/", {}, None)
     up.close()
+
+
+# -- hardening: head reading cost, early answers ----------------------------------------------
+
+
+def test_a_head_arriving_a_byte_at_a_time_costs_linear_time(
+    upstream: ProxyUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (hardening issue): the head was kept in bytes grown by ``+=`` and searched
+    from its start after every read, so a ~60 KiB head read a byte at a time cost seconds of
+    CPU; now one pass over it."""
+    from softlb.http import wire
+
+    monkeypatch.setattr(wire, "_RECV", 1)  # every recv() hands over one byte
+    filler = b"".join(b"X-F%d: %s\r\n" % (i, b"v" * 50) for i in range(1000))
+    answer = b"HTTP/1.1 200 OK\r\n" + filler + b"Content-Length: 2\r\n\r\nok"
+    assert 55_000 < len(answer) < MAX_HEAD
+    with RawBackend([answer]) as backend:
+        started = time.process_time()
+        resp = upstream.request(backend.url, "GET", "/", {}, None)
+        elapsed = time.process_time() - started
+        assert resp.status == 200 and len(resp.headers) == 1001
+        assert resp.read_small() == b"ok"
+        resp.close(complete=True)
+    assert elapsed < 0.6  # about 0.1 s here; the quadratic version took over 3 s
+
+
+EARLY = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n"
+
+
+def answer_and_reset(sock: socket.socket) -> None:
+    """Answer early, then close with the body unread: the kernel sends a reset."""
+    sock.sendall(EARLY)
+    sock.close()
+
+
+def answer_and_wait(sock: socket.socket) -> None:
+    """Answer early and keep the connection open without reading anything more."""
+    sock.sendall(EARLY)
+    time.sleep(1.5)
+
+
+def upload(total: int) -> Iterator[bytes]:
+    for _ in range(total // 65536):
+        yield b"u" * 65536
+
+
+@pytest.mark.parametrize("step", [answer_and_reset, answer_and_wait], ids=["reset", "open"])
+def test_early_answer_before_the_body_is_read_is_returned(step: Any) -> None:
+    """A backend that answers 413 without reading a large upload, then resets the connection
+    or leaves it open unread: the 413 is the answer (not a 502, not a read timeout), and the
+    connection is not pooled again."""
+    up = ProxyUpstream(read_timeout=5.0)
+    with RawBackend([step], read_body=False) as backend:
+        started = time.monotonic()
+        total = 32 * 1024 * 1024
+        resp = up.request(backend.url, "PUT", "/", {"Content-Length": str(total)}, upload(total))
+        assert (resp.status, resp.read_small()) == (413, b"too big\n")
+        assert time.monotonic() - started < 1.5
+        resp.close(complete=True)
+        assert not up._backend(backend.url).idle
+    up.close()
+
+
+def test_interim_answer_while_sending_does_not_stop_the_body(upstream: ProxyUpstream) -> None:
+    """A 100 Continue that arrives while the body is going out is not an early answer: the
+    whole body is sent and the final answer read."""
+
+    def continue_then_read(sock: socket.socket) -> None:
+        sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        tail = b""
+        while not tail.endswith(b"END"):  # the body's last bytes (its start came with the head)
+            data = sock.recv(65536)
+            if not data:
+                return
+            tail = (tail + data)[-3:]
+        sock.sendall(OK)
+
+    with RawBackend([continue_then_read], read_body=False) as backend:
+        body = [b"b" * 100_000] * 9 + [b"b" * 99_997 + b"END"]
+        resp, data = fetch(
+            upstream, backend.url, "POST", headers={"Content-Length": "1000000"},
+            body=iter(body),
+        )  # fmt: skip
+        assert (resp.status, data) == (200, b"hello")

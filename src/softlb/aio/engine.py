@@ -39,18 +39,19 @@ import httptools
 from softlb.aio.upstream import (
     HIGH_WATER,
     LOW_WATER,
+    BackendAddress,
     UpstreamAnswer,
     UpstreamConnection,
     UpstreamPool,
-    _ConnectionGone,
 )
 from softlb.errors import NoBackendAvailable, ProxyError, UpstreamError
-from softlb.events import ACCESS, RETRIED
+from softlb.events import RETRIED
 from softlb.http.headers import HOP_BY_HOP, _origin_form, connection_tokens
 from softlb.http.upstream import SMALL_BODY
 from softlb.retry import failure_kind, may_resend, may_retry
 
 if TYPE_CHECKING:
+    from softlb.config import Config
     from softlb.pool import Lease
     from softlb.wsgi import Application
 
@@ -116,16 +117,16 @@ class Limits:
         self.max_header_bytes = max_header_bytes
 
     @classmethod
-    def from_config(cls, config: Any) -> Limits:
+    def from_config(cls, config: Config) -> Limits:
+        """The limits a config's ``timeouts`` and ``limits`` set."""
         timeouts = config.timeouts
-        limits = getattr(config, "limits", None)
         return cls(
-            client_header=getattr(timeouts, "client_header", 10.0),
-            keepalive=getattr(timeouts, "keepalive", 5.0),
-            client_body=getattr(timeouts, "client_body", 30.0),
-            tunnel=getattr(timeouts, "tunnel", 3600.0),
-            max_connections=getattr(limits, "max_connections", 10_000),
-            max_header_bytes=getattr(limits, "max_header_bytes", 65_536),
+            client_header=timeouts.client_header,
+            keepalive=timeouts.keepalive,
+            client_body=timeouts.client_body,
+            tunnel=timeouts.tunnel,
+            max_connections=config.limits.max_connections,
+            max_header_bytes=config.limits.max_header_bytes,
         )
 
 
@@ -575,6 +576,9 @@ class _Listener:
 class Engine:
     """One worker's data plane over an :class:`~softlb.wsgi.Application`.
 
+    ``upstream_ssl`` verifies ``https://`` backends (default: the system's CAs, which honour
+    ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``).
+
     :meth:`listen` serves a listening socket (its own accept loop, so that at
     ``limits.max_connections`` it stops accepting and later clients wait in the kernel's
     backlog); :meth:`stop_accepting` and :meth:`drain` make the graceful stop of SPEC §1.
@@ -587,6 +591,7 @@ class Engine:
         *,
         limits: Limits | None = None,
         admin_threads: int = 4,
+        upstream_ssl: ssl.SSLContext | None = None,
     ) -> None:
         self.app = app
         self.loop = loop
@@ -599,33 +604,29 @@ class Engine:
             connect_timeout=config.timeouts.connect,
             read_timeout=config.timeouts.read,
             max_idle=64,
+            ssl_context=upstream_ssl,
         )
         self.connections: set[ClientConnection] = set()
         self.listeners: list[_Listener] = []
         self.accepting = False
         self.stopping = False
-        self.admin_listen = getattr(config.admin, "listen", None)
+        self.admin_listen = config.admin.listen
         self._executor = ThreadPoolExecutor(admin_threads, thread_name_prefix="softlb-admin")
         self._idle_waiter: asyncio.Future[None] | None = None
         self._forget_hook()
         limits = self.limits
-        shortest = min(
-            limits.client_header, limits.keepalive, limits.client_body, limits.tunnel,
-            config.timeouts.read or 60.0,
-        )  # fmt: skip
+        shortest = min(limits.client_header, limits.keepalive, limits.client_body, limits.tunnel)
         #: Seconds between two sweeps: a deadline is met within this much of its time.
         self.sweep_interval = min(max(shortest / 5, 0.02), 1.0)
         self._sweep_handle = loop.call_later(self.sweep_interval, self._sweep)
 
     def _sweep(self) -> None:
-        """Enforce every connection's deadline and every backend exchange's read timeout:
-        one timer for the whole worker instead of one per request."""
+        """Enforce every client connection's deadline: one timer for the whole worker instead
+        of one per request (the upstream pool sweeps its read timeouts the same way)."""
         now = self.loop.time()
         for conn in list(self.connections):
             if conn._deadline_kind and now >= conn._deadline:
                 conn.on_deadline(now)
-        for upstream in list(self.upstreams.busy):
-            upstream.check_timeout(now)
         if not self.loop.is_closed():
             self._sweep_handle = self.loop.call_later(self.sweep_interval, self._sweep)
 
@@ -648,6 +649,10 @@ class Engine:
         if state is not None:
             before = state.on_remove
             state.on_remove = lambda url: forget(url, before)
+        resolver = self.app.resolver
+        if resolver is not None:
+            earlier = resolver.on_remove
+            resolver.on_remove = lambda url: forget(url, earlier)
 
     # -- listening ------------------------------------------------------------------------
 
@@ -889,6 +894,11 @@ class Engine:
                 upstream = await self._exchange(
                     backend.url, request, target, head_fields, resend=resend
                 )
+                if upstream.failed is not None and not upstream.upgraded:
+                    # The answer broke before a byte of it went to the client (a bad first
+                    # chunk, a close right after the head): a 502, or another backend.
+                    upstream.abort()
+                    raise upstream.failed
             except UpstreamError as exc:
                 lease.release(failure_kind(exc))
                 tried.append(backend)
@@ -938,60 +948,54 @@ class Engine:
         *,
         resend: bool,
     ) -> UpstreamConnection:
-        """Send the request to ``url`` and wait for the head of its answer.
-
-        A reused connection that the backend closed while idle fails before any byte of the
-        answer: the request goes once more on a fresh connection when it may be sent again
-        (Go's Transport rule), and the backend is not blamed.
-        """
-        fresh = False
-        while True:
-            found = None if fresh else self.upstreams.take_idle(url)
-            upstream = found if found is not None else await self.upstreams.connect(url)
-            address = upstream.address
-            body = request.take_body() if request.complete else b""
-            if request.complete:
-                if body or request.method in _METHODS_WITH_BODY:
-                    framing = b"Content-Length: %d\r\n" % len(body)
-                else:
-                    framing = b""
-            elif request.chunked:
+        """Send the request to ``url`` and wait for the head of its answer (the transport's
+        :meth:`~softlb.aio.upstream.UpstreamPool.exchange`: a stale pooled connection is
+        retried there, unblamed). A body read ahead whole goes with the head, and is kept for
+        a retry on another backend; a longer one is streamed."""
+        method = request.method.encode("ascii")
+        if request.complete:
+            body = request.take_body()
+            request.body = [body] if body else []  # kept for a retry
+            if body or request.method in _METHODS_WITH_BODY:
+                framing = b"Content-Length: %d\r\n" % len(body)
+            else:
+                framing = b""
+        else:
+            body = b""
+            if request.chunked:
                 framing = b"Transfer-Encoding: chunked\r\n"
             else:
                 framing = b"Content-Length: %d\r\n" % (request.length or 0)
-            upgrade = b""
-            if request.upgrade:
-                value = request.header(b"upgrade") or b""
-                upgrade = b"Upgrade: " + value + b"\r\nConnection: upgrade\r\n"
-            head = b"".join(
-                (
-                    request.method.encode("ascii"), b" ", address.base, target, b" HTTP/1.1\r\n",
-                    fields, framing, upgrade, b"\r\n",
-                )
-            )  # fmt: skip
-            if request.complete and not request.upgrade:
-                upstream.start(head + body, head_request=request.method == "HEAD", upgrade=False)
-                if body:
-                    request.body = [body]  # kept for a retry
-            else:
-                upstream.start(head, head_request=request.method == "HEAD", upgrade=request.upgrade)
-                if request.upgrade:
-                    pass  # bytes after the head belong to the new protocol: sent after the 101
-                else:
-                    self._stream_body(request, upstream)
-            try:
-                assert upstream.head is not None
-                await upstream.head
-            except _ConnectionGone:
-                if upstream.reused and resend and not fresh and request.sink is None:
-                    fresh = True
-                    continue
-                raise
-            except UpstreamError:
-                if request.error is not None:
-                    raise _ClientBodyFailed from None
-                raise
-            return upstream
+        if request.upgrade:
+            value = request.header(b"upgrade") or b""
+            framing += b"Upgrade: " + value + b"\r\nConnection: upgrade\r\n"
+            body = b""  # bytes after an upgrade request's head belong to the new protocol
+
+        def head(address: BackendAddress) -> bytes:
+            return b"".join(
+                (method, b" ", address.base, target, b" HTTP/1.1\r\n", fields, framing, b"\r\n")
+            )
+
+        stream = None
+        if not request.complete and not request.upgrade:
+
+            def stream(upstream: UpstreamConnection) -> None:
+                self._stream_body(request, upstream)
+
+        try:
+            return await self.upstreams.exchange(
+                url,
+                head,
+                body,
+                head_request=request.method == "HEAD",
+                upgrade=request.upgrade,
+                resend=resend,
+                stream=stream,
+            )
+        except UpstreamError:
+            if request.error is not None:
+                raise _ClientBodyFailed from None
+            raise
 
     def _stream_body(self, request: _Request, upstream: UpstreamConnection) -> None:
         """Send what is buffered of the body, then every later piece as it arrives, with
@@ -1068,21 +1072,26 @@ class Engine:
             request.keep_alive = False
         head = _answer_head(answer, client_chunked=client_chunked, close=close)
         conn.upstream = upstream
+        first_byte = self.pool.clock() - lease.started
         if upstream.complete:  # the usual small answer: head and body leave in one write
             body = upstream.take_body()
+            sent = len(body)
             if client_chunked and body:
                 body = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
             elif client_chunked:
                 body = b"0\r\n\r\n"
             conn.write(head + body)
             self._finish(
-                conn, request, upstream, lease, key=key, target=target, status=status, error=None
-            )
+                conn, request, upstream, lease, key=key, target=target, status=status,
+                error=None, first_byte=first_byte, sent=sent,
+            )  # fmt: skip
             return
         conn.write(head)
         waiter: asyncio.Future[UpstreamError | None] = self.loop.create_future()
+        counted = [0]
 
         def sink(data: bytes) -> None:
+            counted[0] += len(data)
             if client_chunked:
                 conn.write(b"%x\r\n%b\r\n" % (len(data), data))
             else:
@@ -1102,8 +1111,9 @@ class Engine:
         if error is None and client_chunked:
             conn.write(b"0\r\n\r\n")
         self._finish(
-            conn, request, upstream, lease, key=key, target=target, status=status, error=error
-        )
+            conn, request, upstream, lease, key=key, target=target, status=status,
+            error=error, first_byte=first_byte, sent=counted[0],
+        )  # fmt: skip
 
     def _finish(
         self,
@@ -1116,25 +1126,34 @@ class Engine:
         target: bytes,
         status: int,
         error: UpstreamError | None,
+        first_byte: float,
+        sent: int,
     ) -> None:
+        """The answer ended (whole, cut by the backend, or left by the client): release the
+        lease and the backend connection, and count it (metrics, access log, hooks)."""
         conn.upstream = None
+        complete = False
         if error is not None:
             log.warning("answer from %s cut short: %s", lease.backend.url, error)
             lease.release(failure_kind(error))
             request.keep_alive = False
             if conn.transport is not None:
                 conn.transport.abort()  # the head went out: the client must see a cut answer
-            return
-        if conn.closed and not upstream.complete:
+        elif conn.closed and not upstream.complete:
             upstream.abort()
             lease.release()  # the client left: not the backend's failure
-            return
-        upstream.release(reusable=request.complete or request.sink is None)
-        lease.release()
-        proxy = self.proxy
-        if proxy.access_log is not None or self.pool.wants(ACCESS):
-            line = f"{request.method} {target.decode('latin-1')} {status}"
-            proxy._log_access(lease, key, line)
+        else:
+            upstream.release(reusable=request.complete or request.sink is None)
+            lease.release()
+            complete = True
+        logged = self.proxy.access_log is not None  # the only reader of referer and agent
+        self.proxy.answered(
+            lease, key, status=status, first_byte=first_byte, complete=complete,
+            method=request.method, target=target.decode("latin-1"), bytes_sent=sent,
+            client=conn.peer[0], protocol=f"HTTP/{request.version}",
+            referer=_text(request.header(b"referer")) if logged else None,
+            user_agent=_text(request.header(b"user-agent")) if logged else None,
+        )  # fmt: skip
 
     async def _tunnel(
         self,
@@ -1251,6 +1270,10 @@ async def _wait(request: _Request) -> None:
     loop = asyncio.get_running_loop()
     request.waiter = loop.create_future()
     await request.waiter
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
 
 
 def _target(request: _Request) -> bytes | None:

@@ -28,8 +28,12 @@ def running(
     ssl_context: ssl.SSLContext | None = None,
     limits: Limits | None = None,
     drain_timeout: float = 5.0,
+    upstream_ssl: ssl.SSLContext | None = None,
 ) -> Iterator[tuple[str, int]]:
     """Serve ``app`` with the event-loop engine on a new thread; yields ``(host, port)``.
+
+    ``ssl_context`` makes the listener speak TLS; ``upstream_ssl`` verifies ``https://``
+    backends (default: the system's CAs).
 
     Leaving the block stops accepting, drains for up to ``drain_timeout`` seconds and ends
     the thread (the app itself is not stopped: it is the caller's).
@@ -45,7 +49,7 @@ def running(
         asyncio.set_event_loop(loop)
 
         async def main() -> None:
-            engine = Engine(app, loop, limits=limits)
+            engine = Engine(app, loop, limits=limits, upstream_ssl=upstream_ssl)
             holder["engine"] = engine
             engine.listen(sock, ssl_context=ssl_context)
             ready.set()

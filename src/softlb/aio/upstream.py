@@ -19,16 +19,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import typing
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 from urllib.parse import urlsplit
 
 import httptools
 
 from softlb.errors import UpstreamBroken, UpstreamConnectError, UpstreamError, UpstreamTimeout
+from softlb.retry import may_resend
 
 __all__ = ["BackendAddress", "UpstreamConnection", "UpstreamPool", "UpstreamAnswer"]
 
@@ -46,8 +48,18 @@ MAX_HEAD: Final = 64 * 1024
 HIGH_WATER: Final = 256 * 1024
 LOW_WATER: Final = 64 * 1024
 
+#: What may not appear in a header name or value, a method or a target.
+_UNSAFE: Final = re.compile(r"[\r\n\x00]")
+
 #: Statuses whose answers never have a body (RFC 9110 §6.4.1), besides every answer to HEAD.
 _BODILESS: Final = frozenset({204, 304})
+
+
+class _Unset:
+    """Type of :data:`_UNSET`: "not given", where ``None`` means "no limit"."""
+
+
+_UNSET: Final = _Unset()
 
 
 class BackendAddress:
@@ -120,6 +132,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._want_upgrade = False
         self._got_bytes = False
         self._active = False  # an exchange is under way (bytes are expected)
+        #: Why the exchange failed, once it has (kept for a reader that comes later).
+        self.failed: UpstreamError | None = None
         self._last_read = 0.0  # loop time of the last read, for the engine's timeout sweep
         self._read_timeout = pool.read_timeout
         self._lost: asyncio.Future[None] | None = None
@@ -154,11 +168,23 @@ class UpstreamConnection(asyncio.Protocol):
                 self.pool.busy.discard(self)
                 self._parser = None
                 return
-            self._fail(UpstreamBroken(f"{self.address.url} switched protocols unasked"))
+            self._fail(
+                UpstreamBroken(
+                    f"{self.address.url} switched protocols unasked", backend=self.address.url
+                )
+            )
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamBroken(f"invalid answer from {self.address.url}: {exc}"))
+            self._fail(
+                UpstreamBroken(
+                    f"invalid answer from {self.address.url}: {exc}", backend=self.address.url
+                )
+            )
         except _HeadTooLarge:
-            self._fail(UpstreamBroken(f"answer head from {self.address.url} is too large"))
+            self._fail(
+                UpstreamBroken(
+                    f"answer head from {self.address.url} is too large", backend=self.address.url
+                )
+            )
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost follows
@@ -180,9 +206,17 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 why = f"{exc}" if exc else "closed the connection"
                 if not self._got_bytes:
-                    self._fail(_ConnectionGone(f"{self.address.url} {why} before answering"))
+                    self._fail(
+                        _ConnectionGone(
+                            f"{self.address.url} {why} before answering", backend=self.address.url
+                        )
+                    )
                 else:
-                    self._fail(UpstreamBroken(f"{self.address.url} {why} during the answer"))
+                    self._fail(
+                        UpstreamBroken(
+                            f"{self.address.url} {why} during the answer", backend=self.address.url
+                        )
+                    )
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
 
@@ -262,9 +296,20 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- driving an exchange ------------------------------------------------------------
 
-    def start(self, data: bytes, *, head_request: bool, upgrade: bool) -> None:
+    def start(
+        self,
+        data: bytes,
+        *,
+        head_request: bool,
+        upgrade: bool,
+        read_timeout: float | _Unset | None = _UNSET,
+    ) -> None:
         """Send ``data`` (the request head, with its body when it is in memory) and wait for
-        the answer; :attr:`head` resolves with its head."""
+        the answer; :attr:`head` resolves with its head. ``read_timeout`` overrides the
+        pool's for this exchange."""
+        self._read_timeout = (
+            self.pool.read_timeout if isinstance(read_timeout, _Unset) else read_timeout
+        )
         self.head = self.loop.create_future()
         self.complete = False
         self._answer = None
@@ -279,11 +324,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._want_upgrade = upgrade
         self.sink = None
         self.on_done = None
+        self.failed = None
         if self._parser is None:
             self._parser = httptools.HttpResponseParser(self)
         self._active = True
         self._last_read = self.loop.time()
         self.pool.busy.add(self)
+        self.pool._ensure_sweep()
         assert self.transport is not None
         self.transport.write(data)
 
@@ -306,7 +353,10 @@ class UpstreamConnection(asyncio.Protocol):
         """Hand every later piece of the body to ``sink``; ``on_done`` when the answer ends."""
         self.sink = sink
         self.on_done = on_done
-        if self.complete and not self.upgraded:
+        if self.failed is not None:
+            self.on_done = None
+            on_done(self.failed)
+        elif self.complete and not self.upgraded:
             self.on_done = None
             on_done(None)
 
@@ -364,6 +414,8 @@ class UpstreamConnection(asyncio.Protocol):
             done(None)
 
     def _fail(self, error: UpstreamError) -> None:
+        if self.failed is None:
+            self.failed = error
         self._active = False
         self.pool.busy.discard(self)
         head = self.head
@@ -392,7 +444,11 @@ class UpstreamConnection(asyncio.Protocol):
         if timeout is None or self.paused or not self._active:
             return
         if now - self._last_read >= timeout:
-            self._fail(UpstreamTimeout(f"backend did not answer in time: {self.address.url}"))
+            self._fail(
+                UpstreamTimeout(
+                    f"backend did not answer in time: {self.address.url}", backend=self.address.url
+                )
+            )
 
 
 class _HeadTooLarge(Exception):
@@ -427,8 +483,9 @@ class UpstreamPool:
         self.max_idle = max_idle
         self._ssl = ssl_context
         self._idle: dict[str, deque[UpstreamConnection]] = {}
-        #: Connections with an exchange under way, for the engine's read-timeout sweep.
+        #: Connections with an exchange under way, for the read-timeout sweep.
         self.busy: set[UpstreamConnection] = set()
+        self._sweep: asyncio.TimerHandle | None = None
         self._addresses: dict[str, BackendAddress] = {}
         self.closed = False
 
@@ -489,6 +546,168 @@ class UpstreamPool:
             ) from None
         return protocol
 
+    async def exchange(
+        self,
+        url: str,
+        head: Callable[[BackendAddress], bytes],
+        body: bytes = b"",
+        *,
+        head_request: bool = False,
+        upgrade: bool = False,
+        resend: bool = True,
+        stream: Callable[[UpstreamConnection], None] | None = None,
+        read_timeout: float | _Unset | None = _UNSET,
+    ) -> UpstreamConnection:
+        """Send a request to ``url`` and wait for the head of its answer; the connection it
+        went on comes back, its body still to be read (:meth:`UpstreamConnection.stream`,
+        :meth:`read_body`), to be given back with :meth:`UpstreamConnection.release`.
+
+        ``head(address)`` makes the request head for the backend's address; ``body`` (in
+        memory) leaves in the same write. ``stream(conn)``, if given, sends the rest of a body
+        that is not in memory. A *reused* connection that fails before any byte of the answer
+        was closed by the backend while idle: the request goes once more on a fresh
+        connection when it may be sent again (``resend``) and nothing was streamed (Go's
+        Transport rule), and that is not the backend's failure.
+        """
+        fresh = False
+        while True:
+            conn = None if fresh else self.take_idle(url)
+            if conn is None:
+                conn = await self.connect(url)
+            conn.start(
+                head(conn.address) + body,
+                head_request=head_request,
+                upgrade=upgrade,
+                read_timeout=read_timeout,
+            )
+            if stream is not None:
+                stream(conn)
+            try:
+                assert conn.head is not None
+                await conn.head
+            except _ConnectionGone as exc:
+                if conn.reused and resend and not fresh and stream is None:
+                    fresh = True
+                    continue
+                raise UpstreamBroken(str(exc), backend=url) from None
+            return conn
+
+    async def request(
+        self,
+        url: str,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        body: bytes | Iterable[bytes] | None = None,
+        *,
+        chunked: bool = False,
+        read_timeout: float | _Unset | None = _UNSET,
+    ) -> UpstreamConnection:
+        """:meth:`exchange` for a request given as plain values, as the threaded engine's
+        clients (:class:`~softlb.http.transport.Transport`) take it: ``headers`` are sent as
+        given, plus ``Host`` (the backend's address) when they have none and the framing of
+        ``body`` (``Content-Length`` for bytes, chunks when ``chunked``). Names and values
+        with CR, LF or NUL are refused with ``ValueError`` before anything is sent."""
+        fields = []
+        has_host = False
+        for name, value in headers.items():
+            if _UNSAFE.search(name) or _UNSAFE.search(value):
+                raise ValueError(f"header {name!r} holds CR, LF or NUL")
+            lname = name.lower()
+            if lname == "host":
+                has_host = True
+            elif lname in ("content-length", "transfer-encoding"):
+                continue  # framing is made here, for the body as given
+            fields.append(f"{name}: {value}\r\n")
+        if _UNSAFE.search(target) or " " in target or _UNSAFE.search(method):
+            raise ValueError("the method or target holds a space, CR, LF or NUL")
+        data = b""
+        pieces: Iterable[bytes] | None = None
+        if isinstance(body, (bytes, bytearray)):
+            data = bytes(body)
+            fields.append(f"Content-Length: {len(data)}\r\n")
+        elif body is not None:
+            pieces = body
+            if chunked:
+                fields.append("Transfer-Encoding: chunked\r\n")
+            else:
+                given = {k.lower(): v for k, v in headers.items()}.get("content-length")
+                if given is None:
+                    raise ValueError("a streamed body needs chunked=True or a Content-Length")
+                fields.append(f"Content-Length: {given}\r\n")
+        elif method in ("POST", "PUT", "PATCH"):
+            fields.append("Content-Length: 0\r\n")
+        text = "".join(fields)
+
+        def head(address: BackendAddress) -> bytes:
+            host = ""
+            if not has_host:
+                netloc = f"[{address.host}]" if ":" in address.host else address.host
+                default = 443 if address.tls else 80
+                port = "" if address.port == default else f":{address.port}"
+                host = f"Host: {netloc}{port}\r\n"
+            line = f"{method} {address.base.decode('latin-1')}{target} HTTP/1.1\r\n"
+            return (line + host + text + "\r\n").encode("latin-1")
+
+        def stream(conn: UpstreamConnection) -> None:
+            assert pieces is not None
+            for piece in pieces:
+                if piece:
+                    conn.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+            if chunked:
+                conn.write(b"0\r\n\r\n")
+
+        return await self.exchange(
+            url,
+            head,
+            data,
+            head_request=method == "HEAD",
+            resend=may_resend(method, any(k.lower() == "idempotency-key" for k in headers)),
+            stream=stream if pieces is not None else None,
+            read_timeout=read_timeout,
+        )
+
+    async def read_body(self, conn: UpstreamConnection) -> bytes:
+        """The whole body of the answer ``conn`` got (then ``conn`` is released: pooled when
+        it can be); an :class:`~softlb.errors.UpstreamError` if it breaks off."""
+        pieces = [conn.take_body()]
+        done: asyncio.Future[UpstreamError | None] = self.loop.create_future()
+
+        def finished(error: UpstreamError | None) -> None:
+            if not done.done():
+                done.set_result(error)
+
+        conn.stream(pieces.append, finished)
+        error = await done
+        if error is not None:
+            conn.abort()
+            raise error
+        conn.release(reusable=True)
+        return b"".join(pieces)
+
+    # -- the read-timeout sweep ---------------------------------------------------------------
+
+    def _ensure_sweep(self) -> None:
+        """One timer for every exchange of this pool, instead of one per request: each
+        looks at the busy connections a few times per read timeout."""
+        if self._sweep is None and not self.closed:
+            self._sweep = self.loop.call_later(self._interval(), self._run_sweep)
+
+    def _interval(self) -> float:
+        shortest = min(
+            [c._read_timeout for c in self.busy if c._read_timeout is not None]
+            + [self.read_timeout or 60.0]
+        )
+        return min(max(shortest / 5, 0.02), 1.0)
+
+    def _run_sweep(self) -> None:
+        self._sweep = None
+        now = self.loop.time()
+        for conn in list(self.busy):
+            conn.check_timeout(now)
+        if self.busy and not self.closed and not self.loop.is_closed():
+            self._sweep = self.loop.call_later(self._interval(), self._run_sweep)
+
     def _put_idle(self, conn: UpstreamConnection) -> None:
         if self.closed:
             conn._drop()
@@ -513,6 +732,9 @@ class UpstreamPool:
 
     def close(self) -> None:
         self.closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for idle in list(self._idle.values()):
             for conn in list(idle):
                 conn._drop()

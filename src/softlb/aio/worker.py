@@ -103,7 +103,7 @@ class Worker(_GunicornWorker):  # type: ignore[misc]  # gunicorn has no type hin
         certfile = getattr(self.cfg, "certfile", None)
         keyfile = getattr(self.cfg, "keyfile", None)
         if not certfile:
-            tls = getattr(getattr(self.wsgi, "config", None), "tls", None)
+            tls = self.wsgi.config.tls
             if tls is None:
                 return None
             certfile, keyfile = tls.certfile, tls.keyfile
@@ -131,7 +131,7 @@ class Worker(_GunicornWorker):  # type: ignore[misc]  # gunicorn has no type hin
         await asyncio.sleep(0)
         engine = self.engine = Engine(app, loop)
         tls = self._tls_context()
-        admin_listen = getattr(app.config.admin, "listen", None)
+        admin_listen = app.config.admin.listen
         for listener in self.sockets:
             sock: socket.socket = getattr(listener, "sock", listener)
             admin_only = admin_listen is not None and _same_address(sock, admin_listen)

@@ -1,114 +1,200 @@
-"""Least connections: the backend with the fewest requests in flight relative to its weight."""
+"""Least connections: the fewest requests in flight per unit of weight; ties in smooth
+weighted rotation (nginx's ``least_conn``)."""
 
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
+import itertools
 
 from softlb.backend import Backend
 from softlb.balancers.base import ONLY_ONE, Balancer, Candidate, candidate, register
 
-__all__ = ["LeastConnections", "load_of"]
+__all__ = ["LeastConnections", "least_load", "load_of"]
 
 
 def load_of(backend: Backend) -> float:
-    """The load least connections compares: ``(in flight + 1) / effective weight``.
+    """``(in flight + 1) / effective weight``: the load the two-choices strategies compare,
+    and the one a retry uses to choose among the backends not tried yet.
 
-    The ``+ 1`` makes weights count among idle backends: with nothing in flight, a weight-3
-    backend scores 1/3 and is preferred to a weight-1 backend scoring 1 (nginx's and
-    HAProxy's plain ``in flight / weight`` would score both 0 and alternate). In flight counts
-    this process's requests and, with shared state, the other processes' as last seen.
+    The ``+ 1`` makes weights count among idle backends. In flight counts this process's
+    requests and, with shared state, the other processes' as last seen.
     """
     return (backend.active + backend.shared_active + 1) / backend.eff_weight
 
 
+def least_load(backend: Backend) -> float:
+    """The load least connections compares: ``in flight / effective weight`` (SPEC §3).
+
+    Idle backends all score 0, whatever their weights; which of them goes first is the tie
+    rule's business (:class:`LeastConnections`), so that sequential traffic splits by weight.
+    """
+    return (backend.active + backend.shared_active) / backend.eff_weight
+
+
+#: ``(pass, arrival, backend)``: the arrival number is unique, so backends are never compared.
+_Entry = tuple[float, int, Backend]
+
+
+class _Bucket:
+    """The backends at one load: a min-heap of ``[pass, arrival, backend]`` entries.
+
+    An entry is live while it is its backend's current entry (``LeastConnections._entry``);
+    others are dropped when they reach the top, or all at once when they outnumber the live
+    ones (so a bucket never holds more than about twice its backends).
+    """
+
+    __slots__ = ("heap", "live")
+
+    def __init__(self) -> None:
+        self.heap: list[_Entry] = []
+        self.live = 0
+
+
 @register
 class LeastConnections(Balancer):
-    """Send each request to the eligible backend with the lowest :func:`load_of`.
+    """Send each request to the eligible backend with the lowest :func:`least_load`.
 
-    Equal loads are served in rotation, never by list order: backends with the same load sit
-    in a first-in first-out bucket, and a backend whose load changes moves to the end of its
-    new bucket, so equally idle backends take turns. Picks and updates cost O(log k), k being
-    the number of distinct loads (HAProxy keeps the same order in an elastic binary tree); no
-    pick scans the backends, which matters at thousands of them.
+    Backends at the same load take turns in smooth weighted rotation: among them, a weight-2
+    backend is chosen twice as often as a weight-1 one, interleaved (b, a, b, b, a, b, ...),
+    so one request at a time over idle backends splits by weight, as nginx's ``least_conn``
+    does. The rotation is stride scheduling (Waldspurger's): each backend has a *pass* that
+    moves forward by ``1 / effective weight`` each time it is chosen, and the lowest pass at
+    the lowest load wins, the earlier arrival on equal passes. A backend that joins a load
+    with its pass behind the last chosen one's starts from there, so a backend that was busy
+    for a while gets no burst of catch-up picks.
+
+    Backends are kept in buckets by load, a heap of loads over them and a heap of passes
+    inside each: picks and updates cost O(log n); no pick scans the backends, which matters
+    at thousands of them.
     """
 
     name = "least_connections"
     indexes_load = True
-    rule = "the lowest (in flight + 1) / effective weight wins; equal loads take turns"
+    rule = (
+        "the lowest in flight / effective weight wins; ties take turns in smooth weighted rotation"
+    )
 
     def __init__(self) -> None:
-        # load -> backends with that load, oldest arrival first (an ordered set).
-        self._buckets: dict[float, OrderedDict[Backend, None]] = {}
+        # load -> backends at that load
+        self._buckets: dict[float, _Bucket] = {}
         # min-heap of loads; may hold loads whose bucket has emptied (removed lazily).
         self._heap: list[float] = []
+        # each indexed backend's live entry, and every eligible backend's pass
+        self._entry: dict[Backend, _Entry] = {}
+        self._pass: dict[Backend, float] = {}
+        # the pass of the last backend chosen: where a newcomer's rotation starts
+        self._vtime = 0.0
+        self._arrivals = itertools.count()
 
     def rebuild(self, eligible: tuple[Backend, ...], now: float) -> None:
-        for bucket in self._buckets.values():
-            for backend in bucket:
-                backend._lc_key = None
+        for backend in self._entry:
+            backend._lc_key = None
         self._buckets = {}
         self._heap = []
+        self._entry = {}
+        passes = self._pass
+        self._pass = {}
+        vtime = self._vtime
         for backend in eligible:
-            self._insert(backend, load_of(backend))
+            self._pass[backend] = passes.get(backend, vtime + 1.0 / backend.eff_weight)
+            self._insert(backend, least_load(backend))
 
     def _insert(self, backend: Backend, load: float) -> None:
         bucket = self._buckets.get(load)
         if bucket is None:
-            bucket = self._buckets[load] = OrderedDict()
+            bucket = self._buckets[load] = _Bucket()
             heapq.heappush(self._heap, load)
             if len(self._heap) > 2 * len(self._buckets) + 64:
                 # Too many stale loads left behind by emptied buckets: start the heap afresh.
                 self._heap = list(self._buckets)
                 heapq.heapify(self._heap)
-        bucket[backend] = None
+        position = self._pass[backend]
+        if position < self._vtime:
+            position = self._pass[backend] = self._vtime
+        entry = (position, next(self._arrivals), backend)
+        heapq.heappush(bucket.heap, entry)
+        bucket.live += 1
+        self._entry[backend] = entry
         backend._lc_key = load
+
+    def _remove(self, backend: Backend, load: float) -> None:
+        """Take ``backend``'s live entry out of the bucket at ``load`` (lazily)."""
+        del self._entry[backend]
+        bucket = self._buckets[load]
+        bucket.live -= 1
+        if not bucket.live:
+            del self._buckets[load]
+        elif len(bucket.heap) > 2 * bucket.live + 16:
+            entries = self._entry
+            bucket.heap = [e for e in bucket.heap if entries.get(e[2]) is e]
+            heapq.heapify(bucket.heap)
 
     def _move(self, backend: Backend) -> None:
         old = backend._lc_key
         if old is None:  # not eligible: nothing indexed
             return
-        bucket = self._buckets[old]
-        del bucket[backend]
-        if not bucket:
-            del self._buckets[old]
-        self._insert(backend, load_of(backend))
+        self._remove(backend, old)
+        self._insert(backend, least_load(backend))
 
     acquired = _move
     released = _move
 
-    def pick(self, key: str | None, now: float) -> Backend | None:
+    def _top(self) -> tuple[_Bucket, _Entry] | None:
+        """The live entry that the next pick takes, dropping stale heads on the way."""
         heap = self._heap
         buckets = self._buckets
+        entries = self._entry
         while heap:
             bucket = buckets.get(heap[0])
-            if bucket:
-                return next(iter(bucket))
-            heapq.heappop(heap)
+            if bucket is None:
+                heapq.heappop(heap)
+                continue
+            passes = bucket.heap
+            while True:
+                entry = passes[0]
+                if entries.get(entry[2]) is entry:
+                    return bucket, entry
+                heapq.heappop(passes)
         return None
 
+    def pick(self, key: str | None, now: float) -> Backend | None:
+        top = self._top()
+        if top is None:
+            return None
+        bucket, (position, _, backend) = top
+        self._vtime = position
+        # Its turn is taken: it queues again behind the others at this load, one stride on.
+        position += 1.0 / backend.eff_weight
+        self._pass[backend] = position
+        entry = self._entry[backend] = (position, next(self._arrivals), backend)
+        heapq.heapreplace(bucket.heap, entry)  # the old entry is the heap's head
+        return backend
+
     def explain(self, key: str | None, now: float, limit: int | None = None) -> list[Candidate]:
-        """Score: the load the backend is indexed under, :func:`load_of` as of its last change.
-        Backends are listed as picks would take them: lowest load first, and within one load
-        in the order of their bucket (the first is next)."""
-        buckets = self._buckets
-        alone = sum(len(bucket) for bucket in buckets.values()) == 1
+        """Score: the load the backend is indexed under, :func:`least_load` as of its last
+        change.
+        Backends are listed as picks would take them if no load changed: lowest load first,
+        and within one load in rotation order (the first is next)."""
+        entries = self._entry
+        alone = len(entries) == 1
         out: list[Candidate] = []
-        for load in sorted(k for k, bucket in buckets.items() if bucket):
-            for place, backend in enumerate(buckets[load]):
+        for load in sorted(self._buckets):
+            live = sorted(e for e in self._buckets[load].heap if entries.get(e[2]) is e)
+            for place, entry in enumerate(live):
                 if limit is not None and len(out) >= limit:
                     return out
+                backend = entry[2]
                 in_flight = backend.active + backend.shared_active
                 why = (
-                    f"({in_flight} in flight + 1) / effective weight {backend.eff_weight:.4g} "
+                    f"{in_flight} in flight / effective weight {backend.eff_weight:.4g} "
                     f"= {load:.4g}"
                 )
                 chosen = not out
                 if alone:
                     why += f"; {ONLY_ONE}"
                 elif chosen:
-                    why += "; the lowest load, first in line"
+                    why += "; the lowest load, next in rotation"
                 elif place:
-                    why += f"; {place} ahead of it at this load"
+                    why += f"; {place} ahead of it in rotation at this load"
                 out.append(candidate(backend, load, why, chosen))
         return out

@@ -9,6 +9,7 @@ leaves this module as one of :class:`~softlb.errors.UpstreamConnectError` (nothi
 
 from __future__ import annotations
 
+import errno
 import http.client
 import importlib.metadata
 import inspect
@@ -168,18 +169,29 @@ class UpstreamResponse:
 
 
 class Upstream:
-    """Keep-alive connection pools to backends and the calls that use them.
+    """Keep-alive connection pools to backends and the calls that use them: a
+    :class:`~softlb.http.transport.Transport`.
 
     ``maxsize`` is how many idle connections each backend's pool keeps (set it to the
     server's thread count); more are opened when needed and dropped afterwards, never
     waited for. urllib3's own retries and redirects are off: the proxy decides.
+    ``ca_certs`` is a PEM file of the authorities that ``https://`` backends' certificates
+    are checked against (default: the system's).
     """
 
     def __init__(
-        self, *, connect_timeout: float = 2.0, read_timeout: float = 30.0, maxsize: int = 10
+        self,
+        *,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 30.0,
+        maxsize: int = 10,
+        ca_certs: str | None = None,
     ) -> None:
         self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
         self.maxsize = maxsize
+        #: PEM file of the certificate authorities that ``https://`` backends' certificates
+        #: are checked against; ``None``: the system's (urllib3's default).
+        self.ca_certs = ca_certs
         self._lock = threading.Lock()
         # protected by _lock (writes; reads are a plain dict lookup):
         self._pools: dict[str, tuple[urllib3.HTTPConnectionPool, str]] = {}
@@ -190,12 +202,16 @@ class Upstream:
             with self._lock:
                 entry = self._pools.get(backend_url)
                 if entry is None:
+                    tls: dict[str, Any] = {}
+                    if self.ca_certs is not None and backend_url.startswith("https://"):
+                        tls["ca_certs"] = self.ca_certs
                     pool = urllib3.connection_from_url(
                         backend_url,
                         maxsize=self.maxsize,
                         block=False,
                         retries=False,
                         timeout=self.timeout,
+                        **tls,
                     )
                     base = urllib3.util.parse_url(backend_url).path or ""
                     entry = self._pools[backend_url] = (pool, base.rstrip("/"))
@@ -229,11 +245,16 @@ class Upstream:
         timeout_obj = self.timeout if timeout is None else _as_timeout(timeout)
         pool, base = self._pool_for(backend_url)
         # urllib3 and http.client add User-Agent and Accept-Encoding when a request has none;
-        # a proxy must not invent headers the client did not send.
-        if "User-Agent" not in headers:
-            headers["User-Agent"] = SKIP_HEADER
-        if "Accept-Encoding" not in headers:
-            headers["Accept-Encoding"] = SKIP_HEADER
+        # a proxy must not invent headers the client did not send. On a copy: the caller's
+        # dict goes on to the next backend of a failover, which may be an http:// one that
+        # would send the marker itself as a header.
+        names = {name.lower() for name in headers}
+        if "user-agent" not in names or "accept-encoding" not in names:
+            headers = dict(headers)
+            if "user-agent" not in names:
+                headers["User-Agent"] = SKIP_HEADER
+            if "accept-encoding" not in names:
+                headers["Accept-Encoding"] = SKIP_HEADER
         if base:
             target = base + target if target.startswith("/") else f"{base}/{target}"
         # Not pool.urlopen(): it re-encodes the target (upper-cases %2f, turns a stray "%" into
@@ -243,6 +264,8 @@ class Upstream:
             conn = pool._get_conn()
         except (HTTPError, OSError) as exc:
             raise translate(exc, backend_url, sent=False) from exc
+        if isinstance(conn, urllib3.connection.HTTPSConnection) and "send" not in vars(conn):
+            setattr(conn, "send", _early_answer_send(conn.send))  # noqa: B010 - a method
         try:
             resp = pool._make_request(
                 conn,
@@ -274,6 +297,24 @@ class Upstream:
 
     def __repr__(self) -> str:
         return f"<Upstream [{len(self._pools)} backends] maxsize={self.maxsize}>"
+
+
+def _early_answer_send(send: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``send`` of a TLS connection, with the peer's close reported as ``BrokenPipeError``.
+
+    A backend may answer before it has read the whole request body (an early 413 or 401)
+    and close. urllib3 then reads that answer if sending failed with ``EPIPE`` or
+    ``ECONNRESET``, as over plain TCP; over TLS the same close shows as ``SSLEOFError`` or
+    ``SSLZeroReturnError``, which it would report as a failure instead.
+    """
+
+    def send_or_broken_pipe(data: Any) -> None:
+        try:
+            send(data)
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+            raise BrokenPipeError(errno.EPIPE, f"the backend closed the TLS stream: {exc}") from exc
+
+    return send_or_broken_pipe
 
 
 def _as_timeout(value: TimeoutValue) -> urllib3.Timeout:

@@ -428,10 +428,18 @@ class ProxyUpstream:
     backends go through urllib3 (:class:`~softlb.http.upstream.Upstream`), which does TLS.
     ``maxsize`` is how many idle connections are kept per backend (the server's thread
     count); more are opened when needed and closed afterwards, never waited for.
+    ``ca_certs`` goes to the ``https://`` client: a PEM file of the authorities backends'
+    certificates are checked against (default: the system's). Both clients are a
+    :class:`~softlb.http.transport.Transport`.
     """
 
     def __init__(
-        self, *, connect_timeout: float = 2.0, read_timeout: float = 30.0, maxsize: int = 10
+        self,
+        *,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 30.0,
+        maxsize: int = 10,
+        ca_certs: str | None = None,
     ) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -443,7 +451,10 @@ class ProxyUpstream:
         # pools do.
         self._finalizer = weakref.finalize(self, _close_all, self._backends, self._lock)
         self._tls = Upstream(
-            connect_timeout=connect_timeout, read_timeout=read_timeout, maxsize=maxsize
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            maxsize=maxsize,
+            ca_certs=ca_certs,
         )
 
     def _backend(self, url: str) -> _Backend:
@@ -564,6 +575,7 @@ class ProxyUpstream:
     ) -> WireResponse:
         sock = conn.sock
         reused = conn.reused
+        complete = True  # whether the whole body went out (else the backend answered early)
         try:
             if stream is None:
                 sock.sendall(head + body if len(body) <= _RECV else head)
@@ -571,16 +583,32 @@ class ProxyUpstream:
                     sock.sendall(body)
             else:
                 sock.sendall(head)
-                _send_stream(sock, stream, chunked=chunked)
-            data = sock.recv(_RECV)
-        except _TIMEOUTS as exc:
-            raise UpstreamTimeout(
-                f"backend did not answer in time: {backend.url}", backend=backend.url
-            ) from exc
-        except OSError as exc:
-            if reused:
-                raise _Stale(exc) from exc
-            raise _broken(backend, exc) from exc
+                complete = _send_stream(sock, stream, chunked=chunked)
+        except (*_TIMEOUTS, OSError) as exc:
+            # A backend may answer before it has read the whole body (an early 413 or 401)
+            # and close, or stop reading: the send then fails or times out with the answer
+            # waiting to be read. It is passed on, as nginx does; else the failure stands.
+            data = _waiting_answer(sock)
+            if not data:
+                if isinstance(exc, _TIMEOUTS):
+                    raise UpstreamTimeout(
+                        f"backend did not answer in time: {backend.url}", backend=backend.url
+                    ) from exc
+                if reused:
+                    raise _Stale(exc) from exc
+                raise _broken(backend, exc) from exc
+            complete = False
+        else:
+            try:
+                data = sock.recv(_RECV)
+            except _TIMEOUTS as exc:
+                raise UpstreamTimeout(
+                    f"backend did not answer in time: {backend.url}", backend=backend.url
+                ) from exc
+            except OSError as exc:
+                if reused:
+                    raise _Stale(exc) from exc
+                raise _broken(backend, exc) from exc
         if not data:
             if reused:
                 raise _Stale(ConnectionResetError("closed before answering"))
@@ -589,7 +617,10 @@ class ProxyUpstream:
                 backend=backend.url,
             )
         try:
-            return _read_answer(backend, conn, method, data)
+            resp = _read_answer(backend, conn, method, data)
+            if not complete:
+                resp._reusable = False  # the rest of the body was never sent
+            return resp
         except _ProtocolError as exc:
             raise UpstreamBroken(
                 f"invalid answer from {backend.url}: {exc}", backend=backend.url
@@ -690,25 +721,53 @@ def _encode_request(
     return text.encode("latin-1"), data, stream, chunked
 
 
-def _send_stream(sock: socket.socket, stream: Iterable[bytes], *, chunked: bool) -> None:
-    if not chunked:
-        for piece in stream:
-            if piece:
-                sock.sendall(piece)
-        return
+def _send_stream(sock: socket.socket, stream: Iterable[bytes], *, chunked: bool) -> bool:
+    """Send a streamed body; False if the backend's final answer arrived first (an early
+    413 or 401: the rest of the body is not sent, as nginx stops sending it)."""
     for piece in stream:
         if piece:
-            sock.sendall(b"%x\r\n%b\r\n" % (len(piece), piece))
-    sock.sendall(b"0\r\n\r\n")
+            if _answer_arrived(sock):
+                return False
+            sock.sendall(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+    if chunked:
+        sock.sendall(b"0\r\n\r\n")
+    return True
+
+
+def _answer_arrived(sock: socket.socket) -> bool:
+    """Whether a final (not 1xx) answer has begun to arrive: one look that does not wait."""
+    try:
+        if _KERNEL_TIMEOUTS:  # a blocking socket: a peek that must not block
+            start = sock.recv(12, socket.MSG_PEEK | _DONTWAIT)
+        else:  # pragma: no cover - other platforms
+            readable, _, _ = select.select([sock], [], [], 0)
+            start = sock.recv(12, socket.MSG_PEEK) if readable else b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return False  # the next send reports it
+    return len(start) >= 10 and start[9:10] != b"1"
+
+
+def _waiting_answer(sock: socket.socket) -> bytes:
+    """What the backend has sent so far, without waiting (``b""``: nothing)."""
+    try:
+        if _KERNEL_TIMEOUTS:
+            return sock.recv(_RECV, _DONTWAIT)
+        readable, _, _ = select.select([sock], [], [], 0)  # pragma: no cover
+        return sock.recv(_RECV) if readable else b""  # pragma: no cover
+    except OSError:
+        return b""
 
 
 # -- the answer ----------------------------------------------------------------------------
 
 
-def _head_end(buf: bytes) -> int:
-    """Index just past the blank line that ends a head in ``buf``, or -1."""
-    crlf = buf.find(b"\n\r\n")
-    lf = buf.find(b"\n\n")
+def _head_end(buf: bytes | bytearray, start: int = 0) -> int:
+    """Index just past the blank line that ends a head in ``buf``, or -1; the search starts
+    at ``start`` (callers pass where the bytes new since the last search begin, less two)."""
+    crlf = buf.find(b"\n\r\n", start)
+    lf = buf.find(b"\n\n", start)
     if crlf < 0:
         return lf + 2 if lf >= 0 else -1
     if 0 <= lf < crlf:
@@ -723,14 +782,20 @@ def _read_answer(backend: _Backend, conn: _Conn, method: str, data: bytes) -> Wi
     interim = 0
     while True:
         end = _head_end(data)
-        while end < 0:
-            if len(data) > MAX_HEAD:
-                raise _ProtocolError(f"header block larger than {MAX_HEAD // 1024} KiB")
-            more = sock.recv(_RECV)
-            if not more:
-                raise _ProtocolError("connection closed inside the header block")
-            data += more
-            end = _head_end(data)
+        if end < 0:
+            # A head in many pieces: appended in place and searched only where the new bytes
+            # could complete the blank line, so a head that trickles in costs linear time.
+            buf = bytearray(data)
+            while end < 0:
+                if len(buf) > MAX_HEAD:
+                    raise _ProtocolError(f"header block larger than {MAX_HEAD // 1024} KiB")
+                more = sock.recv(_RECV)
+                if not more:
+                    raise _ProtocolError("connection closed inside the header block")
+                start = max(len(buf) - 2, 0)
+                buf += more
+                end = _head_end(buf, start)
+            data = bytes(buf)
         if end > MAX_HEAD:
             raise _ProtocolError(f"header block larger than {MAX_HEAD // 1024} KiB")
         head, data = data[:end], data[end:]

@@ -411,6 +411,8 @@ class SharedState:
             local = {b.url: b for b in self.pool.backends}
             wanted = {m.url: m for m in membership.members}
             for url, backend in local.items():
+                if backend.origin is not None:  # found by this process's DNS discovery
+                    continue
                 if url not in wanted:
                     self._drop(backend)
             for member in membership.members:
