@@ -75,7 +75,7 @@ def test_slow_reader_of_a_big_answer_does_not_grow_the_worker(
     """A client reading a 50 MB answer 64 KiB every 10 ms: the worker holds back instead of
     buffering, growing by less than 10 MiB, and serves others meanwhile."""
     lb = balancer({"servers": [backend.url]})
-    warm_up(lb)
+    warm_up(lb, 5)
     before = lb.rss_kib()
     size = 50 * 1000 * 1000
     with lb.raw(timeout=5.0, rcvbuf=64 * KiB) as client:
