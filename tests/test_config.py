@@ -1170,10 +1170,13 @@ def test_new_keys_have_spec_defaults() -> None:
 
 
 def test_new_keys_are_read(tmp_path: Path) -> None:
+    import trustme
+
     cert = tmp_path / "cert.pem"
     key = tmp_path / "key.pem"
-    cert.write_text("x")
-    key.write_text("y")
+    issued = trustme.CA().issue_cert("localhost")
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
     config = parse_config(
         {
             "listen": "127.0.0.1:8080",
@@ -1238,3 +1241,13 @@ def test_new_keys_are_read(tmp_path: Path) -> None:
 def test_new_keys_refuse_bad_values(data: dict[str, object], expected: str) -> None:
     found = problems(data)
     assert any(line.startswith(expected) for line in found), found
+
+
+def test_tls_files_must_be_a_usable_pair(tmp_path: Path) -> None:
+    """Readable files that are not a certificate and its key: one line, as ``nginx -t``."""
+    cert = tmp_path / "cert.pem"
+    key = tmp_path / "key.pem"
+    cert.write_text("not a certificate")
+    key.write_text("not a key")
+    [line] = problems({"tls": {"certfile": str(cert), "keyfile": str(key)}})
+    assert line.startswith("tls: ") and "not a certificate chain" in line

@@ -170,12 +170,12 @@ def test_parse_status_ranges_accepts(spec: Any, ranges: tuple[tuple[int, int], .
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("399-200", "must lie within 100-599"),
-        ("99", "must lie within 100-599"),
-        ("200-600", "must lie within 100-599"),
-        ([], "no status range given"),
-        ([True], "is not a code"),
-        ("abc", "invalid literal"),
+        ("399-200", "is an empty range; write the lower code first"),
+        ("99", "is not a status code or range"),
+        ("200-600", "600 is not an HTTP status; use codes from 100 to 599"),
+        ([], "is empty"),
+        ([True], "true is not a status code or range"),
+        ("abc", '"abc" is not a status code or range'),
     ],
 )
 def test_parse_status_ranges_rejects(spec: Any, message: str) -> None:
@@ -199,7 +199,8 @@ def test_parse_status_ranges_rejects(spec: Any, message: str) -> None:
         ({"path": "health"}, "health check path must start with '/'"),
         ({"rise": 0}, "rise and fall must be >= 1"),
         ({"fall": 0}, "rise and fall must be >= 1"),
-        ({"expected_status": "600"}, "must lie within 100-599"),
+        ({"expected_status": "600"}, "600 is not an HTTP status"),
+        ({"expected_status": "2yy"}, "is not a status code or range"),
     ],
 )
 def test_checker_rejects_bad_settings(options: dict[str, Any], message: str) -> None:
@@ -582,8 +583,8 @@ def test_thread_count_is_bounded(clock: FakeClock) -> None:
 
 @pytest.fixture
 def http_probe_class() -> Any:
-    """softlb.http.upstream.HttpProbe (imported here so only these tests need urllib3)."""
-    from softlb.http.upstream import HttpProbe
+    """softlb.http.probe.HttpProbe (imported here so only these tests need urllib3)."""
+    from softlb.http.probe import HttpProbe
 
     return HttpProbe
 

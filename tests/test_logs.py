@@ -300,7 +300,7 @@ def test_probe_failures_in_words(refused_url: str) -> None:
     """A failed probe says the system's reason, not urllib3's exception reprs (issue #14)."""
     from softlb.backend import Backend
     from softlb.demo import DemoBackend
-    from softlb.http.upstream import HttpProbe
+    from softlb.http.probe import HttpProbe
 
     probe = HttpProbe(timeout=2.0)
     assert probe(Backend(refused_url)).detail == "connect failed (connection refused)"

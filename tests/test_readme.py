@@ -281,9 +281,7 @@ def test_readme(shell: Shell, three_backends: list[TestBackend]) -> None:
     assert counts == [2, 4], "of every three requests, 8081 gets one and 8082 two"
     stop(serve)
 
-    gunicorn = shell.start(
-        page.take("gunicorn -k gthread --threads 16 -b 127.0.0.1:8080 "), balancer
-    )
+    gunicorn = shell.start(page.take("gunicorn -k softlb.aio.Worker -b 127.0.0.1:8080 "), balancer)
     added = three_backends[2].url
     answer = json.loads(
         shell.run(page.take('curl -X POST  -d \'{"url": "http://127.0.0.1:8083"}\''))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import time
 import tracemalloc
 from collections.abc import Iterator
 from typing import Any
@@ -725,3 +726,38 @@ def test_failover_from_https_to_http_sends_no_skip_marker(raw: RawBackend) -> No
     assert b"skip_header" not in head
     assert b"user-agent" not in head and b"accept-encoding" not in head
     lb.close()
+
+
+# -- sticky sessions and max_connections (the WSGI proxy) -------------------------------------
+
+
+def test_sticky_sessions_on_the_wsgi_proxy(backends: list[TestBackend], make_app: Any) -> None:
+    app = make_app(
+        servers=[b.url for b in backends], algorithm="round_robin", sticky={"cookie": "SRV"}
+    )
+    client = Client(app)
+    first = client.get("/x", environ_overrides={"REMOTE_ADDR": "127.0.0.1"})
+    cookie = first.headers["Set-Cookie"]
+    assert cookie.startswith("SRV=")
+    value = cookie.split(";", 1)[0].split("=", 1)[1]
+    client.set_cookie("SRV", value)
+    for _ in range(5):
+        again = client.get("/x")
+        assert again.get_data() == first.get_data()
+        assert "Set-Cookie" not in again.headers
+
+
+def test_max_connections_without_a_queue_is_503(backend: TestBackend, make_app: Any) -> None:
+    """At its limit with timeouts.queue 0, a request gets 503 at once; the backend's own
+    requests are unaffected."""
+    import threading
+
+    app = make_app(servers=[{"url": backend.url, "max_connections": 1}], timeouts={"queue": 0})
+    holder = threading.Thread(target=lambda: Client(app).get("/slow/0.6"))
+    holder.start()
+    deadline = time.monotonic() + 3
+    while app.pool.backends[0].active == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert Client(app).get("/x").status_code == 503
+    holder.join(5)
+    assert Client(app).get("/x").status_code == 200

@@ -23,14 +23,18 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from softlb.backend import MAX_WEIGHT, normalize_url, validate_weight
+from softlb.balancers import BALANCERS
+from softlb.balancers.hashing import parse_hash_key
 from softlb.durations import _show, parse_duration
 from softlb.errors import ConfigError, InvalidBackend
+from softlb.probe import parse_status_ranges
 from softlb.state.base import MAX_SLOTS
 
 __all__ = [
@@ -69,9 +73,6 @@ MAX_RETRIES: Final = 10
 #: Longest ``cluster`` name: it prefixes every key in a shared store, so keep it short.
 MAX_CLUSTER_LENGTH: Final = 100
 
-#: Lowest and highest HTTP status codes (RFC 9110 §15: three digits, first digit 1 to 5).
-_STATUS_MIN: Final = 100
-_STATUS_MAX: Final = 599
 
 #: Where a listen address without a host binds: every interface, as nginx does for ``listen 80``.
 _ALL_INTERFACES: Final = "0.0.0.0"
@@ -137,15 +138,10 @@ _MAX_BACKEND_CONNECTIONS: Final = 100_000
 _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HOST_LABEL: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _PORT_DIGITS: Final = re.compile(r"[0-9]{1,5}")
-_STATUS_ITEM: Final = re.compile(r"([0-9]{3})(?:\s*-\s*([0-9]{3}))?")
-_STATUS_CLASS: Final = re.compile(r"([1-5])xx", re.IGNORECASE)
 _CLUSTER: Final = re.compile(r"[A-Za-z0-9_.:-]+")
 _SIMPLE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
 
 _LISTEN_ALLOWED: Final = 'use "HOST:PORT", ":PORT" or a port number, like "127.0.0.1:8080"'
-_STATUS_ALLOWED: Final = (
-    'use a status code like 200, a range like "200-399", "2xx", or a list of them'
-)
 _STATE_ALLOWED: Final = (
     'use "memory", "sqlite:///relative/path", "sqlite:////absolute/path" or "redis://HOST:PORT/DB"'
 )
@@ -394,65 +390,27 @@ def _http_path(value: object) -> str:
 
 
 def _status_ranges(value: object) -> tuple[tuple[int, int], ...]:
-    """Statuses that pass a probe: ``200``, ``"200-399"``, ``"2xx"``, ``"200,204"``, or a list.
-
-    The result is sorted; overlapping ranges are kept as written (``status_ok`` does not care).
-    """
-    items: list[object] = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not items:
-        raise _Invalid(f"is empty; {_STATUS_ALLOWED}")
-    ranges: list[tuple[int, int]] = []
-    for item in items:
-        if isinstance(item, int) and not isinstance(item, bool):
-            ranges.append((item, item))
-        elif isinstance(item, str):
-            pieces = [p.strip() for p in item.split(",")]
-            for piece in pieces:
-                ranges.append(_status_piece(piece, item))
-        else:
-            raise _Invalid(f"{_show(item)} is not a status code or range; {_STATUS_ALLOWED}")
-    for low, high in ranges:
-        for code in (low, high):
-            if not _STATUS_MIN <= code <= _STATUS_MAX:
-                raise _Invalid(
-                    f"{_show(code)} is not an HTTP status; "
-                    f"use codes from {_STATUS_MIN} to {_STATUS_MAX}"
-                )
-        if low > high:
-            raise _Invalid(
-                f'"{low}-{high}" is an empty range; write the lower code first, like "200-399"'
-            )
-    return tuple(sorted(ranges))
-
-
-def _status_piece(piece: str, whole: str) -> tuple[int, int]:
-    """One comma-separated piece of a status string: ``"200"``, ``"200-399"`` or ``"2xx"``."""
-    if klass := _STATUS_CLASS.fullmatch(piece):
-        hundred = int(klass.group(1)) * 100
-        return (hundred, hundred + 99)
-    if match := _STATUS_ITEM.fullmatch(piece):
-        low = int(match.group(1))
-        high = int(match.group(2)) if match.group(2) else low
-        return (low, high)
-    raise _Invalid(f"{_show(whole)} is not a status code or range; {_STATUS_ALLOWED}")
+    """Statuses that pass a probe: the grammar of :func:`softlb.probe.parse_status_ranges`."""
+    try:
+        return parse_status_ranges(value)  # type: ignore[arg-type]  # it checks any value
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
 
 
 def _hash_key(value: object) -> str:
-    """``client_ip``, ``path``, ``header:NAME`` or ``cookie:NAME`` (NAME an RFC 9110 token)."""
+    """``client_ip``, ``path``, ``header:NAME`` or ``cookie:NAME``: the grammar of
+    :func:`softlb.balancers.hashing.parse_hash_key`, with a spelling hint."""
     if not isinstance(value, str):
         raise _Invalid(f"must be a string, {_got(value)}; {_HASH_KEY_ALLOWED}")
-    if value in ("client_ip", "path"):
-        return value
-    kind, sep, name = value.partition(":")
-    if sep and kind in ("header", "cookie"):
-        if _TOKEN.fullmatch(name):
-            return value
-        raise _Invalid(
-            f"{_show(value)} does not name a {kind}; "
-            f'write the name right after the colon, like "{kind}:X-User" (no spaces)'
-        )
-    hint = _suggest(value, ("client_ip", "path"))
-    raise _Invalid(f"{_show(value)} is not a hash key{hint}; {_HASH_KEY_ALLOWED}")
+    try:
+        parse_hash_key(value)
+    except ValueError as exc:
+        kind = value.partition(":")[0]
+        if kind in ("header", "cookie"):
+            raise _Invalid(str(exc)) from None
+        hint = _suggest(value, ("client_ip", "path"))
+        raise _Invalid(f"{_show(value)} is not a hash key{hint}; {_HASH_KEY_ALLOWED}") from None
+    return value
 
 
 def _token(value: object) -> str | None:
@@ -989,7 +947,30 @@ def _tls(c: _Checker, value: object) -> TlsConfig | _Missing:
     values = {name: c.field(f"tls.{name}", raw, _readable_file) for name, raw in fields.items()}
     if len(c.problems) != before:
         return _MISSING
-    return TlsConfig(**values)  # type: ignore[arg-type]  # each value checked above
+    tls = TlsConfig(**values)  # type: ignore[arg-type]  # each value checked above
+    why = _tls_pair_problem(tls)
+    if why is not None:
+        c.add("tls", why)
+        return _MISSING
+    return tls
+
+
+def _tls_pair_problem(tls: TlsConfig) -> str | None:
+    """Why the certificate and key cannot serve TLS (as ``nginx -t`` checks), or ``None``.
+
+    A key with a password is refused rather than prompted for: a server must start unattended.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.certfile, tls.keyfile, password=lambda: b"")
+    except ssl.SSLError as exc:
+        return (
+            f"{_show(tls.certfile)} and {_show(tls.keyfile)} are not a certificate chain and "
+            f"its unencrypted private key in PEM ({exc.reason or exc})"
+        )
+    except OSError as exc:
+        return f"cannot read the certificate or key: {exc.strerror or exc}"
+    return None
 
 
 def _readable_file(value: object) -> str:
@@ -1079,7 +1060,7 @@ def parse_config(data: object, *, source: str | None = None) -> Config:
             values["listen_host"], values["listen_port"] = listen
 
     simple: dict[str, Callable[[object], object]] = {
-        "algorithm": lambda v: _choice(v, ALGORITHMS, "algorithm"),
+        "algorithm": lambda v: _choice(v, tuple(BALANCERS), "algorithm"),
         "hash_key": _hash_key,
         "retries": lambda v: _integer(v, 0, MAX_RETRIES),
         "slow_start": lambda v: parse_duration(v, key="slow_start"),

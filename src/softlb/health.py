@@ -20,12 +20,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
 from softlb.backend import Backend
 from softlb.pool import Pool, PoolEvent
+from softlb.probe import Probe, ProbeResult, StatusRanges, parse_status_ranges
 from softlb.retry import failure_reason
 
 __all__ = [
@@ -47,44 +47,6 @@ DEFAULT_JITTER: Final = 0.1
 #: Default number of probe worker threads. Probes are I/O-bound and mostly answer in
 #: milliseconds; 8 workers probe 1,000 backends every 5 s even when a tenth time out at 2 s.
 DEFAULT_WORKERS: Final = 8
-
-StatusRanges = tuple[tuple[int, int], ...]
-
-
-def parse_status_ranges(spec: str | int | Iterable[int | str] | StatusRanges) -> StatusRanges:
-    """Turn ``"200-399"``, ``"200,204,300-399"``, ``200`` or a list of those into ranges."""
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        return ((spec, spec),)
-    items: Iterable[object] = spec.split(",") if isinstance(spec, str) else list(spec)  # type: ignore[arg-type]
-    ranges: list[tuple[int, int]] = []
-    for item in items:
-        if isinstance(item, tuple) and len(item) == 2:
-            low, high = int(item[0]), int(item[1])
-        elif isinstance(item, int) and not isinstance(item, bool):
-            low = high = item
-        elif isinstance(item, str):
-            lo_text, _, hi_text = item.strip().partition("-")
-            low = int(lo_text)
-            high = int(hi_text) if hi_text else low
-        else:
-            raise ValueError(f"status range {item!r} is not a code or 'LOW-HIGH'")
-        if not 100 <= low <= high <= 599:
-            raise ValueError(f"status range {low}-{high} must lie within 100-599, low <= high")
-        ranges.append((low, high))
-    if not ranges:
-        raise ValueError("no status range given")
-    return tuple(ranges)
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """The outcome of one probe: ``ok`` and a short ``detail`` ("HTTP 200", "timeout")."""
-
-    ok: bool
-    detail: str
-
-
-Probe = Callable[[Backend], ProbeResult]
 
 
 class HealthState:
@@ -335,7 +297,7 @@ class HealthChecker:
 
     def _default_probe(self) -> Probe:
         if self._probe is None:
-            from softlb.http.upstream import HttpProbe  # urllib3 only when probing for real
+            from softlb.http.probe import HttpProbe  # urllib3 only when probing for real
 
             self._probe = HttpProbe(
                 path=self.path,

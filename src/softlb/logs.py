@@ -239,7 +239,8 @@ def configure_logging(log_format: str | None = None) -> bool:
 
 #: Modules whose presence means gunicorn's workers run many requests at once although
 #: ``wsgi.multithread`` is false: green threads (gevent, eventlet) and softlb's event loop.
-_CONCURRENT: Final = ("gevent", "eventlet", "softlb.aio")
+#: softlb's event loop needs no entry: the environ it gives the admin API says multithread.
+_CONCURRENT: Final = ("gevent", "eventlet")
 
 _serial_checked = False  # whether warn_if_serial() has looked at a request in this process
 
@@ -251,9 +252,9 @@ def warn_if_serial(environ: Mapping[str, Any], logger: logging.Logger | None = N
     The signal is the WSGI spec's own, from gunicorn (``SERVER_SOFTWARE`` ``gunicorn/...``):
     ``wsgi.multithread`` false, which gunicorn sets when ``--threads`` is 1 — its default
     ``sync`` worker, and ``gthread`` with one thread — unless the worker is concurrent without
-    threads (gevent, eventlet, softlb's event loop). A proxy spends its time waiting for
-    backends, so there one slow backend holds up every other request of that worker, the
-    admin API and the status page included. Other WSGI servers are not judged.
+    threads (gevent, eventlet; softlb's event loop says ``wsgi.multithread``). A proxy spends
+    its time waiting for backends, so there one slow backend holds up every other request of
+    that worker, the admin API and the status page included. Other WSGI servers are not judged.
     """
     global _serial_checked
     if _serial_checked:

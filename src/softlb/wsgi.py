@@ -45,6 +45,7 @@ from softlb.logs import failure_text, warn_if_serial
 from softlb.pool import Lease, Pool
 from softlb.retry import IDEMPOTENT_METHODS, failure_kind, may_resend, may_retry
 from softlb.stats import ProxyStats
+from softlb.sticky import StickySessions
 
 if TYPE_CHECKING:
     from softlb.config import Config
@@ -321,6 +322,8 @@ class LoadBalancer:
         upstream: Transport | None = None,
         stats: ProxyStats | None = None,
         access_log: AccessLog | None = None,
+        sticky: StickySessions | None = None,
+        queue_timeout: float = 0.0,
     ) -> None:
         from softlb.balancers.hashing import parse_hash_key
 
@@ -341,6 +344,10 @@ class LoadBalancer:
         self.stats = stats or ProxyStats()
         #: Where a CSV row per answered request goes (``softlb simulate --csv`` replays it).
         self.access_log = access_log
+        #: Sticky sessions (a cookie naming the backend), or ``None``.
+        self.sticky = sticky
+        #: Seconds a request may wait for a backend at its ``max_connections``.
+        self.queue_timeout = queue_timeout
         self._environ_header = (
             "HTTP_" + self.hash_name.upper().replace("-", "_") if self.hash_name else ""
         )
@@ -400,9 +407,11 @@ class LoadBalancer:
         resend = may_resend(method, "Idempotency-Key" in request.headers)
         tried: list[Backend] = []
         error: ProxyError | None = None
+        sticky = self.sticky
+        wanted = sticky.find(self.pool, environ.get("HTTP_COOKIE")) if sticky else None
         while True:
             try:
-                lease = self.pool.lease(key, exclude=tried)
+                lease = self.pool.lease(key, exclude=tried, prefer=wanted, wait=self.queue_timeout)
             except NoBackendAvailable as exc:
                 error = error or exc
                 break
@@ -472,6 +481,8 @@ class LoadBalancer:
             self.stats.observe(time.perf_counter() - started)
             first_byte = self.pool.clock() - lease.started
             headers = downstream_response_headers(resp.headers)
+            if sticky is not None and lease.backend is not wanted:
+                headers.append(("Set-Cookie", sticky.set_cookie(lease.backend)))
             status_line = f"{resp.status} {resp.reason}"
             status = resp.status
 
@@ -638,7 +649,11 @@ class Application:
         self.log_format = log_format
         self._event_log: Callable[[], None] | None = None  # uninstalls the event log
         self.pool = Pool(
-            [Backend(s.url, s.weight) for s in config.servers if not s.resolve],
+            [
+                Backend(s.url, s.weight, max_connections=s.max_connections)
+                for s in config.servers
+                if not s.resolve
+            ],
             balancer=balancer_by_name(config.algorithm),
             slow_start=config.slow_start,
         )
@@ -673,6 +688,12 @@ class Application:
                 if config.access_log
                 else None
             ),
+            sticky=(
+                StickySessions(config.sticky.cookie, secret=config.cluster, secure=bool(config.tls))
+                if config.sticky is not None
+                else None
+            ),
+            queue_timeout=config.timeouts.queue,
         )
         self.admin = AdminApi(
             self.pool,
@@ -718,6 +739,13 @@ class Application:
             stats=self.proxy.stats,
         )
         state.on_remove = self.proxy.upstream.forget
+        if slots is not None:
+            # max_connections counts the host's requests in flight, every worker's.
+            def others(backend: Backend, table: Any = slots) -> int:
+                slot = backend._slot
+                return table.in_flight_of_others(slot) if slot is not None else 0
+
+            self.pool.others_in_flight = others
         return state
 
     def start(self) -> None:

@@ -617,3 +617,56 @@ def test_access_log_and_response_metrics(
     elif log_format == "combined":
         assert '"GET /x HTTP/1.1" 200' in lines[0]
         assert '"probe/1"' in lines[0]
+
+
+def test_sticky_cookie_keeps_a_client_on_its_backend(
+    serve: Served, backends: list[TestBackend]
+) -> None:
+    _, port = serve(
+        servers=[b.url for b in backends], algorithm="round_robin", sticky={"cookie": "SRV"}
+    )
+    status, headers, body = get(port, "/x")
+    assert status == 200
+    cookie = headers["set-cookie"]
+    assert cookie.startswith("SRV=") and "HttpOnly" in cookie
+    value = cookie.split(";", 1)[0]
+    assert "127.0.0.1" not in value  # opaque, not the address
+    first = body
+    for _ in range(6):
+        status, headers, body = get(port, "/x", headers={"Cookie": value})
+        assert (status, body) == (200, first)
+        assert "set-cookie" not in headers
+    # A cookie naming no backend in rotation: balanced afresh, and the cookie set again.
+    status, headers, _ = get(port, "/x", headers={"Cookie": "SRV=0123456789abcdef"})
+    assert status == 200
+    assert headers["set-cookie"].startswith("SRV=")
+
+
+def test_max_connections_queues_then_503(serve: Served, backend: TestBackend) -> None:
+    """One request at a time to the backend: a second waits in the queue and is served when
+    the first ends; with a queue timeout shorter than the wait, it gets 503."""
+    _, port = serve(servers=[{"url": backend.url, "max_connections": 1}], timeouts={"queue": "3s"})
+    results: list[tuple[int, float]] = []
+
+    def slow() -> None:
+        started = time.monotonic()
+        results.append((get(port, "/slow/0.5")[0], time.monotonic() - started))
+
+    threads = [threading.Thread(target=slow) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)
+    for thread in threads:
+        thread.join(10)
+    assert sorted(r[0] for r in results) == [200, 200]
+    assert max(r[1] for r in results) >= 0.85  # the second waited for the first
+    _, port = serve(
+        servers=[{"url": backend.url, "max_connections": 1}], timeouts={"queue": "200ms"}
+    )
+    holder = threading.Thread(target=lambda: get(port, "/slow/1"))
+    holder.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert get(port, "/x")[0] == 503
+    assert time.monotonic() - started < 0.9
+    holder.join(5)

@@ -44,10 +44,11 @@ from softlb.aio.upstream import (
     UpstreamConnection,
     UpstreamPool,
 )
-from softlb.errors import NoBackendAvailable, ProxyError, UpstreamError
+from softlb.errors import NoBackendAvailable, ProxyError, QueueTimeout, UpstreamError
 from softlb.events import RETRIED
 from softlb.http.headers import HOP_BY_HOP, _origin_form, connection_tokens
 from softlb.http.upstream import SMALL_BODY
+from softlb.queueing import lease_async
 from softlb.retry import failure_kind, may_resend, may_retry
 
 if TYPE_CHECKING:
@@ -461,6 +462,11 @@ class ClientConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def writelines(self, pieces: list[bytes]) -> None:
+        """Several pieces in one go (a vectored write where the loop has one), no copies."""
+        if self.transport is not None and not self.closed:
+            self.transport.writelines(pieces)
 
     async def drained(self) -> None:
         """Wait until the client's write buffer is below the low-water mark."""
@@ -883,9 +889,20 @@ class Engine:
         tried: list[Any] = []
         error: ProxyError | None = None
         replayable = request.complete
+        sticky = proxy.sticky
+        wanted = None
+        if sticky is not None:
+            cookie = request.header(b"cookie")
+            wanted = sticky.find(pool, cookie.decode("latin-1") if cookie is not None else None)
         while True:
             try:
-                lease = pool.lease(key, exclude=tried)
+                lease = pool.lease(key, exclude=tried, prefer=wanted)
+            except QueueTimeout as exc:  # every eligible backend at its max_connections
+                try:
+                    lease = await self._queue(key, tried, wanted)
+                except NoBackendAvailable as late:
+                    error = error or (late if proxy.queue_timeout > 0 else exc)
+                    break
             except NoBackendAvailable as exc:
                 error = error or exc
                 break
@@ -922,7 +939,12 @@ class Engine:
                                 close=True)  # fmt: skip
                 return
             proxy.stats.observe(time.perf_counter() - request.started)
-            await self._relay(conn, request, upstream, lease, key=key, target=target)
+            cookie_line = b""
+            if sticky is not None and lease.backend is not wanted:
+                cookie_line = b"Set-Cookie: %b\r\n" % sticky.set_cookie(lease.backend).encode()
+            await self._relay(
+                conn, request, upstream, lease, key=key, target=target, extra=cookie_line
+            )
             return
         if request.error is not None:
             conn.send_error(request.error.status, request.error.why, close=True)
@@ -1036,6 +1058,14 @@ class Engine:
         elif conn_resume is not None and not upstream.writing_paused:
             conn_resume()
 
+    async def _queue(self, key: str | None, tried: list[Any], wanted: Any) -> Lease:
+        """Wait in the pool's queue (arrival order) for a backend below its
+        ``max_connections``, up to ``timeouts.queue``, without blocking the loop."""
+        wait = self.proxy.queue_timeout
+        if wait <= 0:
+            raise QueueTimeout("every backend is at its max_connections")
+        return await lease_async(self.pool, key, exclude=tried, prefer=wanted, wait=wait)
+
     async def _relay(
         self,
         conn: ClientConnection,
@@ -1045,6 +1075,7 @@ class Engine:
         *,
         key: str | None,
         target: bytes,
+        extra: bytes = b"",
     ) -> None:
         """Write the answer's head, then its body as it arrives; release lease and connection."""
         assert upstream.head is not None
@@ -1070,17 +1101,20 @@ class Engine:
             close = True  # the connection stayed in the upgrade request's state
         if close:
             request.keep_alive = False
-        head = _answer_head(answer, client_chunked=client_chunked, close=close)
+        head = _answer_head(answer, client_chunked=client_chunked, close=close, extra=extra)
         conn.upstream = upstream
         first_byte = self.pool.clock() - lease.started
         if upstream.complete:  # the usual small answer: head and body leave in one write
-            body = upstream.take_body()
-            sent = len(body)
-            if client_chunked and body:
-                body = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
-            elif client_chunked:
-                body = b"0\r\n\r\n"
-            conn.write(head + body)
+            pieces = upstream.take_pieces()
+            sent = sum(map(len, pieces))
+            if client_chunked:
+                pieces = [b"%x\r\n" % sent, *pieces, b"\r\n0\r\n\r\n"] if sent else [b"0\r\n\r\n"]
+            if not pieces:
+                conn.write(head)
+            elif len(pieces) == 1 and sent < 16384:
+                conn.write(head + pieces[0])  # a small answer: one copy is cheaper than a list
+            else:
+                conn.writelines([head, *pieces])
             self._finish(
                 conn, request, upstream, lease, key=key, target=target, status=status,
                 error=None, first_byte=first_byte, sent=sent,
@@ -1093,7 +1127,7 @@ class Engine:
         def sink(data: bytes) -> None:
             counted[0] += len(data)
             if client_chunked:
-                conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+                conn.writelines([b"%x\r\n" % len(data), data, b"\r\n"])
             else:
                 conn.write(data)
 
@@ -1285,7 +1319,9 @@ def _target(request: _Request) -> bytes | None:
     return None if text is None else text.encode("latin-1")
 
 
-def _answer_head(answer: UpstreamAnswer, *, client_chunked: bool, close: bool) -> bytes:
+def _answer_head(
+    answer: UpstreamAnswer, *, client_chunked: bool, close: bool, extra: bytes = b""
+) -> bytes:
     """The answer's head for the client: hop-by-hop fields (and those its Connection names)
     dropped, framing re-made for this hop."""
     skip = _HOP
@@ -1297,6 +1333,8 @@ def _answer_head(answer: UpstreamAnswer, *, client_chunked: bool, close: bool) -
         if name.lower() in skip:
             continue
         out += (name, b": ", value, b"\r\n")
+    if extra:
+        out.append(extra)
     if client_chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
     if close:

@@ -347,6 +347,13 @@ class UpstreamConnection(asyncio.Protocol):
             return b""
         return body[0] if len(body) == 1 else b"".join(body)
 
+    def take_pieces(self) -> list[bytes]:
+        """What has arrived of the body and not been handed on yet, as the pieces it came in
+        (written on with one ``writelines()``, without joining them first)."""
+        body = self._body
+        self._body = []
+        return body
+
     def stream(
         self, sink: Callable[[bytes], None], on_done: Callable[[UpstreamError | None], None]
     ) -> None:

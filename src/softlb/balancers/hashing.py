@@ -5,12 +5,14 @@ from __future__ import annotations
 import bisect
 import hashlib
 import random
+import re
 import zlib
 from collections.abc import Collection
 from typing import Final
 
 from softlb.backend import Backend
 from softlb.balancers.base import ONLY_ONE, Balancer, Candidate, candidate, register
+from softlb.durations import _show
 
 __all__ = ["HASH_KEYS", "ConsistentHash", "parse_hash_key"]
 
@@ -25,19 +27,27 @@ MAX_RING_POINTS: Final = 1 << 18
 
 #: The request attributes a key can be taken from (the config's ``hash_key``).
 HASH_KEYS: Final = ("client_ip", "path", "header:NAME", "cookie:NAME")
+#: RFC 9110 §5.6.2 token: what a header name (and an RFC 6265 cookie name) may be made of.
+_TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def parse_hash_key(spec: str) -> tuple[str, str | None]:
     """Split a ``hash_key`` setting into ``(kind, name)``: ``"header:X-User"`` gives
     ``("header", "X-User")``; ``"client_ip"`` gives ``("client_ip", None)``.
 
-    Raises :class:`ValueError` naming the allowed forms.
+    The one grammar of ``hash_key`` (the config file calls this too): NAME is an RFC 9110
+    token written right after the colon. Raises :class:`ValueError` naming the allowed forms.
     """
+    if spec in ("client_ip", "path"):
+        return spec, None
     kind, sep, name = spec.partition(":")
-    if not sep and kind in ("client_ip", "path"):
-        return kind, None
-    if sep and kind in ("header", "cookie") and name.strip():
-        return kind, name.strip()
+    if sep and kind in ("header", "cookie"):
+        if _TOKEN.fullmatch(name):
+            return kind, name
+        raise ValueError(
+            f"{_show(spec)} does not name a {kind}; "
+            f'write the name right after the colon, like "{kind}:X-User" (no spaces)'
+        )
     raise ValueError(f"hash key {spec!r} is not one of {', '.join(HASH_KEYS)}")
 
 

@@ -30,16 +30,13 @@ from urllib3.exceptions import (
 from urllib3.util import SKIP_HEADER
 
 from softlb._version import __version__
-from softlb.backend import Backend
 from softlb.errors import UpstreamBroken, UpstreamConnectError, UpstreamError, UpstreamTimeout
-from softlb.health import ProbeResult, StatusRanges, parse_status_ranges
 
 __all__ = [
     "CHUNK_SIZE",
     "CLIENT_USER_AGENT",
     "SMALL_BODY",
     "ClientResponse",
-    "HttpProbe",
     "TimeoutValue",
     "Upstream",
     "UpstreamResponse",
@@ -94,7 +91,7 @@ def translate(exc: BaseException, backend: str, *, sent: bool) -> UpstreamError:
     return UpstreamBroken(f"connection to {backend} failed: {_short(exc)}", backend=backend)
 
 
-def _in_words(exc: BaseException) -> str:
+def in_words(exc: BaseException) -> str:
     """Why a probe failed, in words: the operating system's reason when there is one
     (``"connection refused"``, ``"name or service not known"``), never urllib3's reprs."""
     chain: list[BaseException] = []
@@ -590,64 +587,3 @@ class ClientResponse(urllib3.BaseHTTPResponse):
     def __repr__(self) -> str:
         state = "done" if self._done else "reading"
         return f"<ClientResponse {self.status} from {self._backend} [{state}]>"
-
-
-class HttpProbe:
-    """The default health probe: ``GET path`` on a fresh connection, status checked.
-
-    Connection: close on every probe, as HAProxy does, so a probe also proves that new
-    connections are accepted. The body is read (up to 64 KiB) and discarded.
-    """
-
-    def __init__(
-        self,
-        *,
-        path: str = "/",
-        timeout: float = 2.0,
-        expected_status: StatusRanges | str = ((200, 399),),
-        maxsize: int = 8,
-    ) -> None:
-        self.path = path
-        self.expected_status = parse_status_ranges(expected_status)
-        self.timeout = urllib3.Timeout(total=timeout, connect=timeout, read=timeout)
-        self._maxsize = maxsize
-        self._manager = urllib3.PoolManager(num_pools=max(16, 2 * maxsize), maxsize=maxsize)
-        self._headers = {"User-Agent": PROBE_USER_AGENT, "Connection": "close"}
-
-    def __call__(self, backend: Backend) -> ProbeResult:
-        try:
-            resp = self._manager.request(
-                "GET",
-                backend.url + self.path,
-                headers=self._headers,
-                retries=False,
-                redirect=False,
-                timeout=self.timeout,
-                preload_content=False,
-                decode_content=False,
-            )
-            try:
-                resp.read(SMALL_BODY, decode_content=False)
-            finally:
-                resp.close()
-                resp.release_conn()
-        except (HTTPError, OSError, http.client.HTTPException) as exc:
-            err = translate(exc, backend.url, sent=True)
-            kind = {
-                UpstreamConnectError: "connect failed",
-                UpstreamTimeout: "timeout",
-            }.get(type(err), "connection broken")
-            return ProbeResult(False, f"{kind} ({_in_words(exc)})")
-        status = resp.status
-        ok = any(low <= status <= high for low, high in self.expected_status)
-        return ProbeResult(ok, f"HTTP {status}")
-
-    def reset(self) -> None:
-        """Forget connections inherited from a parent process (after ``fork()``)."""
-        self._manager = urllib3.PoolManager(
-            num_pools=max(16, 2 * self._maxsize), maxsize=self._maxsize
-        )
-
-    def close(self) -> None:
-        """Close the probe's connections."""
-        self._manager.clear()
