@@ -951,3 +951,44 @@ def test_small_chunked_upload_reaches_the_backend_with_a_length(
     assert seen.body == b"hello world"
     assert b"Content-Length: 11\r\n" in seen.head
     assert b"transfer-encoding" not in seen.head.lower()
+
+
+def test_gunicorn_parser_errors_are_plain_text(tmp_path: Any) -> None:
+    """A request gunicorn's own parser refuses gets a plain-text answer from the threaded
+    engine, never gunicorn's HTML page."""
+    import json
+    import socket as socketlib
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers.servers import free_port, wait_for_port
+
+    port = free_port()
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"listen": f"127.0.0.1:{port}", "servers": []}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "softlb", "serve", "--config", str(config), "--engine", "threads"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port("127.0.0.1", port, timeout=15)
+        with socketlib.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            )
+            answer = b""
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                more = sock.recv(4096)
+                if not more:
+                    break
+                answer += more
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:80]
+        assert b"text/plain" in answer
+        assert b"<html" not in answer.lower()
+    finally:
+        proc.terminate()
+        proc.wait(15)

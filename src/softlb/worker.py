@@ -68,6 +68,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import gunicorn
+from gunicorn import util as gunicorn_util
 from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
@@ -222,7 +223,14 @@ class SoftLBWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no type 
     wsgi: Any  # set by gunicorn's load_wsgi(): the WSGI app
 
     def load_wsgi(self) -> None:
-        """Load the app as gthread does, wrapped so that its answers use one send."""
+        """Load the app as gthread does, wrapped so that its answers use one send.
+
+        Also, in this worker process only: gunicorn's own answer to a request its parser
+        refused (``Content-Length`` with ``Transfer-Encoding``, a bad request line, a head too
+        large...) becomes plain text instead of gunicorn's HTML page (SPEC §3: never an HTML
+        error page of the server underneath). gunicorn still chooses the status and logs.
+        """
+        gunicorn_util.write_error = _plain_error
         super().load_wsgi()
         for feature, reason in FALLBACK_REASONS.items():
             self.log.warning(
@@ -347,6 +355,17 @@ def _check_skip_drain() -> str | None:
     if (second.method, second.path) != ("GET", "/b") or not _body_consumed(parser):
         return "the next request does not parse after the finished one is dropped"
     return None
+
+
+def _plain_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's ``util.write_error`` with a one-line plain-text body instead of HTML."""
+    text = f"{status_int} {reason}: {mesg}\n" if mesg else f"{status_int} {reason}\n"
+    body = text.encode("latin-1", "replace")
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
 def _run_check(check: Callable[[], str | None]) -> str | None:

@@ -670,3 +670,14 @@ def test_max_connections_queues_then_503(serve: Served, backend: TestBackend) ->
     assert get(port, "/x")[0] == 503
     assert time.monotonic() - started < 0.9
     holder.join(5)
+
+
+def test_http10_keep_alive_is_answered_in_kind(serve: Served, backend: TestBackend) -> None:
+    _, port = serve(servers=[backend.url])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        for _ in range(2):
+            sock.sendall(b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            answer = b""
+            while b"ok from" not in answer:
+                answer += sock.recv(4096)
+            assert b"connection: keep-alive" in answer.lower()

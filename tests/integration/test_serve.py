@@ -502,3 +502,28 @@ def test_worker_that_cannot_start_ends_the_server(launch: Launcher, tmp_path: Pa
     assert output.splitlines()[-1] == (
         "softlb: error: the worker could not start the balancer; the log above says why"
     )
+
+
+@pytest.mark.parametrize("engine", ["eventloop", "threads"])
+def test_admin_listen_moves_the_admin_api_off_the_traffic_port(
+    launch: Launcher, write_config: Callable[..., Path], backend: TestBackend, engine: str
+) -> None:
+    """With admin.listen, the admin API answers there only; on the traffic port its paths
+    are proxied like any other (SPEC §2)."""
+    port, admin_port = free_port(), free_port()
+    config = write_config(
+        {
+            "listen": f"127.0.0.1:{port}",
+            "servers": [backend.url],
+            "admin": {"listen": f"127.0.0.1:{admin_port}"},
+            **PROBES,
+        }
+    )
+    launch(serve_argv(config, "--engine", engine), port=port)
+    status, body = get(admin_port, "/_softlb/servers")
+    assert status == 200
+    assert [s["url"] for s in json.loads(body)["servers"]] == [backend.url]
+    status, body = get(port, "/_softlb/servers")
+    assert (status, body) == (200, f"ok from {backend.port}".encode())  # the backend's answer
+    assert backend.last.target == "/_softlb/servers"
+    assert get(admin_port, "/anything")[0] == 404  # the admin address proxies nothing

@@ -36,6 +36,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
+from softlb.admin import SEED_ADD, SEED_REMOVE
 from softlb.aio.upstream import (
     HIGH_WATER,
     LOW_WATER,
@@ -617,6 +618,10 @@ class Engine:
         self.accepting = False
         self.stopping = False
         self.admin_listen = config.admin.listen
+        admin = app.admin
+        seeds = (SEED_ADD, SEED_REMOVE) if admin.seed_routes else ()
+        #: What an admin path starts with, to skip the full check for every other request.
+        self._admin_starts = tuple(p.encode("latin-1") for p in (admin.prefix, *seeds))
         self._executor = ThreadPoolExecutor(admin_threads, thread_name_prefix="softlb-admin")
         self._idle_waiter: asyncio.Future[None] | None = None
         self._forget_hook()
@@ -781,7 +786,10 @@ class Engine:
             return True
         if self.admin_listen is not None:
             return False
-        path = request.url.split(b"?", 1)[0]
+        url = request.url
+        if url[:1] == b"/" and b"%" not in url and not url.startswith(self._admin_starts):
+            return False  # the common case, decided without decoding anything
+        path = url.split(b"?", 1)[0]
         if not path.startswith(b"/"):
             path = (_origin_form(path.decode("latin-1"), request.method) or "/").encode("latin-1")
         return self.app.admin.matches(unquote_to_bytes(path).decode("latin-1"))
@@ -1101,6 +1109,8 @@ class Engine:
             close = True  # the connection stayed in the upgrade request's state
         if close:
             request.keep_alive = False
+        elif request.version == "1.0":
+            extra += b"Connection: keep-alive\r\n"  # an HTTP/1.0 client closes without it
         head = _answer_head(answer, client_chunked=client_chunked, close=close, extra=extra)
         conn.upstream = upstream
         first_byte = self.pool.clock() - lease.started

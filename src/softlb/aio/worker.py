@@ -99,6 +99,24 @@ class Worker(_GunicornWorker):  # type: ignore[misc]  # gunicorn has no type hin
                 self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
 
+    @staticmethod
+    def _raise_fd_limit(connections: int) -> None:
+        """Raise the soft limit of open files toward what ``limits.max_connections`` needs
+        (two descriptors a proxied connection), up to the hard limit, as nginx's
+        ``worker_rlimit_nofile``; a 1024 soft limit would otherwise cap a worker far below
+        its setting."""
+        try:
+            import resource
+
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            wanted = 2 * connections + 256
+            if hard != resource.RLIM_INFINITY:
+                wanted = min(wanted, hard)
+            if soft != resource.RLIM_INFINITY and soft < wanted:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ImportError, ValueError, OSError):  # not permitted, or no such limit here
+            pass
+
     def _tls_context(self) -> ssl.SSLContext | None:
         certfile = getattr(self.cfg, "certfile", None)
         keyfile = getattr(self.cfg, "keyfile", None)
@@ -130,6 +148,7 @@ class Worker(_GunicornWorker):  # type: ignore[misc]  # gunicorn has no type hin
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         await asyncio.sleep(0)
         engine = self.engine = Engine(app, loop)
+        self._raise_fd_limit(engine.limits.max_connections)
         tls = self._tls_context()
         admin_listen = app.config.admin.listen
         for listener in self.sockets:
