@@ -1,0 +1,100 @@
+"""A client's bad request is the client's fault (SPEC §3), on both engines: 400 or 501, the
+connection closed, nothing counted against the backend, and the site still serves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.engine.conftest import Balancer, StartBalancer
+from tests.helpers.servers import TestBackend
+
+pytestmark = pytest.mark.integration
+
+#: A chunked body whose first chunk size is negative.
+NEGATIVE_CHUNK = (
+    b"POST /upload HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"-5\r\nhello\r\n0\r\n\r\n"
+)
+#: Two Content-Length fields that disagree.
+CONFLICTING_LENGTHS = (
+    b"POST /upload HTTP/1.1\r\nHost: example.test\r\n"
+    b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"
+)
+#: A length of 2^64 + 5: wraps to 5 in a 64-bit parser.
+HUGE_LENGTH = (
+    b"POST /upload HTTP/1.1\r\nHost: example.test\r\n"
+    b"Content-Length: 18446744073709551621\r\n\r\nhello"
+)
+#: A coding other than chunked alone.
+GZIP_CHUNKED = (
+    b"POST /upload HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    b"5\r\nhello\r\n0\r\n\r\n"
+)
+#: HTTP/1.1 without Host.
+NO_HOST = b"GET /no-host HTTP/1.1\r\nUser-Agent: test\r\n\r\n"
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[TestBackend]:
+    with TestBackend() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def shared(module_balancer: StartBalancer, backend: TestBackend) -> Balancer:
+    return module_balancer({"servers": [backend.url]})
+
+
+def refused(lb: Balancer, request: bytes, *, closes: bool = True) -> int:
+    """Send ``request`` on a new connection; return the status, after checking (if
+    ``closes``) that the balancer then closed the connection."""
+    with lb.raw(timeout=5.0) as client:
+        client.send(request)
+        status = client.read_response().status
+        if closes:
+            client.wait_closed(timeout=3.0)
+    return status
+
+
+@pytest.mark.parametrize(
+    "request_bytes", [NEGATIVE_CHUNK, CONFLICTING_LENGTHS], ids=["chunk-size--5", "two-lengths"]
+)
+def test_bad_framing_is_400_and_no_backend_failure(
+    shared: Balancer, backend: TestBackend, request_bytes: bytes
+) -> None:
+    """Ten badly framed requests get 400 each; the backend's failures stay 0, and the site
+    still serves."""
+    statuses = [refused(shared, request_bytes) for _ in range(10)]
+    assert statuses == [400] * 10
+    assert shared.servers()[backend.url]["failures"] == 0
+    status, _, body = shared.get("/still-there")
+    assert (status, body) == (200, f"ok from {backend.port}".encode())
+
+
+def test_unsupported_transfer_coding_is_501(shared: Balancer, backend: TestBackend) -> None:
+    """Transfer-Encoding: gzip, chunked gets 501, never reaches the backend, and the
+    connection is closed (the body's end cannot be known: reading on would smuggle it)."""
+    before = backend.request_count
+    assert refused(shared, GZIP_CHUNKED) == 501
+    assert backend.request_count == before
+    assert shared.servers()[backend.url]["failures"] == 0
+
+
+def test_http11_without_host_is_400(shared: Balancer, backend: TestBackend) -> None:
+    """An HTTP/1.1 request without Host gets 400 and is not forwarded."""
+    assert refused(shared, NO_HOST, closes=False) == 400
+    assert "/no-host" not in [seen.target for seen in backend.requests]
+
+
+def test_content_length_above_2_to_the_63_is_400_before_the_backend(
+    balancer: StartBalancer,
+) -> None:
+    """Content-Length 2^64+5 gets 400, and the backend sees no byte of it (not even a
+    connection)."""
+    with TestBackend() as fresh:
+        lb = balancer({"servers": [fresh.url]})
+        assert refused(lb, HUGE_LENGTH) == 400
+        assert (fresh.connections, fresh.request_count) == (0, 0)
+        assert lb.servers()[fresh.url]["failures"] == 0

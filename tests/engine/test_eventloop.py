@@ -1,0 +1,230 @@
+"""What only the event-loop engine promises (SPEC §3): idle and slow clients cost no service,
+client timeouts and header limits, keep-alive expiry, pipelining, Expect: 100-continue, and
+Upgrade tunnels."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.engine.conftest import Balancer, StartBalancer
+from tests.helpers.hostile import UPGRADE_REQUEST, IdleClients, RawClient, UpgradeEchoBackend
+from tests.helpers.servers import TestBackend
+
+pytestmark = pytest.mark.integration
+
+#: Short client timeouts and a small header limit, so the tests are quick.
+CLIENT_LIMITS = {
+    "timeouts": {"client_header": "500ms", "keepalive": "300ms", "client_body": "500ms"},
+    "limits": {"max_header_bytes": 4096},
+}
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[TestBackend]:
+    with TestBackend() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def plain(module_balancer: StartBalancer, backend: TestBackend) -> Balancer:
+    """A balancer with the default limits and timeouts."""
+    lb = module_balancer({"servers": [backend.url]})
+    assert lb.get("/warm-up")[0] == 200
+    return lb
+
+
+@pytest.fixture(scope="module")
+def limited(module_balancer: StartBalancer, backend: TestBackend) -> Balancer:
+    """A balancer with :data:`CLIENT_LIMITS`."""
+    lb = module_balancer({"servers": [backend.url], **CLIENT_LIMITS})
+    assert lb.get("/warm-up")[0] == 200
+    return lb
+
+
+def timed_get(lb: Balancer) -> float:
+    """Seconds a GET on a new connection takes, connection included; asserts its 200."""
+    started = time.monotonic()
+    with lb.raw(timeout=2.0) as client:
+        client.send(b"GET /timed HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        response = client.read_response()
+    elapsed = time.monotonic() - started
+    assert response.status == 200, response
+    return elapsed
+
+
+@pytest.mark.eventloop_only("a thread per connection is held by each half-open client")
+def test_half_open_connections_do_not_delay_others(plain: Balancer) -> None:
+    """50 connections that sent half a request head and went silent: a normal request is
+    still answered in under 0.2 s."""
+    with IdleClients(plain.port, 50, b"GET /never HTTP/1.1\r\nHost: exa"):
+        assert timed_get(plain) < 0.2
+
+
+@pytest.mark.eventloop_only("timeouts.client_header is the event loop's")
+def test_unfinished_head_gets_408_and_close(limited: Balancer) -> None:
+    """A head not finished within timeouts.client_header (500ms) gets 408, then the close."""
+    with limited.raw(timeout=3.0) as client:
+        started = time.monotonic()
+        client.send(b"GET /slowloris HTTP/1.1\r\nHost: example.test\r\n")
+        response = client.read_response()
+        elapsed = time.monotonic() - started
+        assert response.status == 408
+        client.wait_closed(timeout=2.0)
+    assert 0.4 <= elapsed < 2.5
+
+
+@pytest.mark.eventloop_only("timeouts.client_body is the event loop's")
+def test_stalled_body_gets_408_and_close(limited: Balancer, backend: TestBackend) -> None:
+    """A body that stops for longer than timeouts.client_body (500ms) gets 408, then the
+    close; the backend's failures stay 0."""
+    with limited.raw(timeout=3.0) as client:
+        client.send(b"POST /upload HTTP/1.1\r\nHost: example.test\r\nContent-Length: 10\r\n\r\nab")
+        started = time.monotonic()
+        response = client.read_response()
+        elapsed = time.monotonic() - started
+        assert response.status == 408
+        client.wait_closed(timeout=2.0)
+    assert 0.4 <= elapsed < 2.5
+    assert limited.servers()[backend.url]["failures"] == 0
+
+
+@pytest.mark.eventloop_only("limits.max_header_bytes is the event loop's")
+def test_head_above_max_header_bytes_gets_431(limited: Balancer, backend: TestBackend) -> None:
+    """A head of 8 KiB against limits.max_header_bytes 4096: 431, not forwarded."""
+    with limited.raw(timeout=3.0) as client:
+        client.send(
+            b"GET /too-big HTTP/1.1\r\nHost: example.test\r\nX-Big: %b\r\n\r\n" % (b"a" * 8192)
+        )
+        assert client.read_response().status == 431
+    assert "/too-big" not in [seen.target for seen in backend.requests]
+
+
+@pytest.mark.eventloop_only("timeouts.keepalive is the event loop's")
+def test_idle_keepalive_connection_closed(limited: Balancer) -> None:
+    """A keep-alive connection idle for timeouts.keepalive (300ms) is closed."""
+    with limited.raw(timeout=3.0) as client:
+        client.send(b"GET /once HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        assert client.read_response().status == 200
+        started = time.monotonic()
+        assert client.wait_closed(timeout=2.0) == b""
+        elapsed = time.monotonic() - started
+    assert 0.2 <= elapsed < 2.0
+
+
+@pytest.mark.eventloop_only("gunicorn's threaded worker does not promise pipelining order")
+def test_pipelined_requests_answered_in_order(plain: Balancer) -> None:
+    """Three GETs in one send, the first the slowest: three answers, in request order."""
+    with plain.raw(timeout=5.0) as client:
+        client.send(
+            b"GET /slow/0.3 HTTP/1.1\r\nHost: example.test\r\n\r\n"
+            b"GET /echo?n=2 HTTP/1.1\r\nHost: example.test\r\n\r\n"
+            b"GET /status/201 HTTP/1.1\r\nHost: example.test\r\n\r\n"
+        )
+        first, second, third = (client.read_response() for _ in range(3))
+    assert (first.status, first.body) == (200, b"slow")
+    assert second.status == 200
+    assert json.loads(second.body)["target"] == "/echo?n=2"
+    assert (third.status, third.body) == (201, b"status 201")
+
+
+@pytest.mark.eventloop_only("SPEC promises Expect: 100-continue for the event loop")
+def test_expect_100_continue_does_not_stall(plain: Balancer) -> None:
+    """A client that waits for 100 Continue before its body gets it (or the final answer)
+    at once, and the body then goes through."""
+    size = 100_000
+    with plain.raw(timeout=5.0) as client:
+        client.send(
+            b"POST /upload HTTP/1.1\r\nHost: example.test\r\n"
+            b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % size
+        )
+        first = client.read_head(timeout=1.0)
+        if first.status != 100:  # a final answer instead: allowed, the body is not needed
+            assert first.status >= 200
+            return
+        client.send(b"e" * size)
+        final = client.read_response()
+    assert final.status == 200
+    assert json.loads(final.body)["body_length"] == size
+
+
+# --------------------------------------------------------------------------- Upgrade
+
+
+@pytest.fixture(scope="module")
+def echo_backend() -> Iterator[UpgradeEchoBackend]:
+    with UpgradeEchoBackend() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tunnel(module_balancer: StartBalancer, echo_backend: UpgradeEchoBackend) -> Balancer:
+    """A balancer in front of the echo backend, with the default timeouts."""
+    return module_balancer({"servers": [echo_backend.url]})
+
+
+@pytest.fixture(scope="module")
+def short_tunnel(module_balancer: StartBalancer, echo_backend: UpgradeEchoBackend) -> Balancer:
+    """The same with timeouts.tunnel 1s."""
+    return module_balancer({"servers": [echo_backend.url], "timeouts": {"tunnel": "1s"}})
+
+
+def open_tunnel(lb: Balancer) -> RawClient:
+    """Connect, upgrade, read the backend's greeting; return the open RawClient."""
+    client = lb.raw(timeout=5.0)
+    try:
+        client.send(UPGRADE_REQUEST)
+        head = client.read_head()
+        assert head.status == 101, head
+        assert (head.header("Upgrade") or "").lower() == "websocket"
+        greeting = UpgradeEchoBackend.greeting
+        assert client.recv_exactly(len(greeting)) == greeting
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+@pytest.mark.eventloop_only("the threaded engine cannot hand over a socket: it drops Upgrade")
+def test_websocket_upgrade_joins_both_ways(
+    tunnel: Balancer, echo_backend: UpgradeEchoBackend
+) -> None:
+    """Upgrade and Connection: upgrade reach the backend; after its 101, bytes flow both ways
+    unchanged; the client's close reaches the backend."""
+    closed_before = echo_backend.tunnels_closed
+    client = open_tunnel(tunnel)
+    with client:
+        for payload in (b"ping", bytes(range(256)) * 256):
+            client.send(payload)
+            assert client.recv_exactly(len(payload)) == payload
+    head = echo_backend.heads[-1].decode("latin-1").lower()
+    assert "\r\nupgrade: websocket\r\n" in head
+    connection = [line for line in head.split("\r\n") if line.startswith("connection:")]
+    assert connection and "upgrade" in connection[0]
+    wait_for_tunnel_close(echo_backend, closed_before)
+
+
+def wait_for_tunnel_close(echo_backend: UpgradeEchoBackend, closed_before: int) -> None:
+    """Wait (2 s at most) until the backend saw one more tunnel end than ``closed_before``."""
+    deadline = time.monotonic() + 2.0
+    while echo_backend.tunnels_closed == closed_before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert echo_backend.tunnels_closed > closed_before, "the backend's side stayed open"
+
+
+@pytest.mark.eventloop_only("the threaded engine cannot hand over a socket: it drops Upgrade")
+def test_idle_tunnel_closed_after_timeouts_tunnel(
+    short_tunnel: Balancer, echo_backend: UpgradeEchoBackend
+) -> None:
+    """A tunnel idle for timeouts.tunnel (1s) is closed, on the backend's side too."""
+    closed_before = echo_backend.tunnels_closed
+    client = open_tunnel(short_tunnel)
+    with client:
+        started = time.monotonic()
+        client.wait_closed(timeout=4.0)
+        elapsed = time.monotonic() - started
+    assert 0.8 <= elapsed < 4.0
+    wait_for_tunnel_close(echo_backend, closed_before)
