@@ -379,6 +379,8 @@ def gunicorn_settings(config: Config, options: ServeOptions) -> dict[str, Any]:
         "timeout": worker_timeout,
         "keepalive": math.ceil(config.timeouts.keepalive),
         "limit_request_field_size": 0,  # softlb's limits.max_header_bytes is the rule
+        # X-Forwarded-Proto is softlb's to set (SPEC §3): gunicorn must not take the client's.
+        "forwarded_allow_ips": "",
         "certfile": certfile,
         "keyfile": keyfile,
         "accesslog": None,  # softlb's own access log names the backend (--access-log)

@@ -222,6 +222,26 @@ class SoftLBWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no type 
 
     wsgi: Any  # set by gunicorn's load_wsgi(): the WSGI app
 
+    def handle_exit(self, sig: Any, frame: Any) -> None:
+        """SIGTERM: stop accepting at once (SPEC §1: a new connection is refused, never left
+        hanging in the listen backlog while in-flight requests drain), then drain as gthread.
+        The listeners are closed on the worker's own loop, not in the signal handler."""
+        super().handle_exit(sig, frame)
+        queue = getattr(self, "method_queue", None)
+        if queue is not None:
+            queue.defer(self._close_listeners)
+
+    def _close_listeners(self) -> None:
+        try:
+            self.set_accept_enabled(False)
+        except Exception:  # gthread already stopped accepting
+            self.log.debug("accepting was already off")
+        for listener in self.sockets:
+            try:
+                listener.close()
+            except OSError:
+                self.log.debug("listener already closed")
+
     def load_wsgi(self) -> None:
         """Load the app as gthread does, wrapped so that its answers use one send.
 
