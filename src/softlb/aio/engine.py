@@ -229,7 +229,6 @@ class ClientConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self._deadline = 0.0
         self._deadline_kind = ""
-        self._drain_waiter: asyncio.Future[None] | None = None
         self._lost: asyncio.Future[None] | None = None
 
     def lost_future(self) -> asyncio.Future[None]:
@@ -298,7 +297,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._cancel_timer()
+        self._clear_deadline()
         self.engine._closed(self)
         for request in (self.current, *self.queue):
             if request is not None and not request.complete:
@@ -310,9 +309,8 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.abort()
             self.tunnel = None
-        for waiter in (self._drain_waiter, self._lost):
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -325,9 +323,6 @@ class ClientConnection(asyncio.Protocol):
         upstream = self.upstream or self.tunnel
         if upstream is not None:
             upstream.resume()
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     # -- httptools callbacks ---------------------------------------------------------------
 
@@ -469,16 +464,6 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.writelines(pieces)
 
-    async def drained(self) -> None:
-        """Wait until the client's write buffer is below the low-water mark."""
-        if not self.writing_paused or self.closed:
-            return
-        self._drain_waiter = self.loop.create_future()
-        try:
-            await self._drain_waiter
-        finally:
-            self._drain_waiter = None
-
     def send_error(self, status: int, why: str, *, close: bool = False) -> None:
         """A short plain-text answer made by the engine itself."""
         reason = _REASONS.get(status, "Error")
@@ -493,7 +478,7 @@ class ClientConnection(asyncio.Protocol):
         self.write(head.encode() + b"\r\n" + body)
 
     def close(self) -> None:
-        self._cancel_timer()
+        self._clear_deadline()
         if self.transport is not None and not self.closed:
             self.closing = True
             self.transport.close()
@@ -539,7 +524,7 @@ class ClientConnection(asyncio.Protocol):
         if kind:
             self._deadline = self.loop.time() + seconds
 
-    def _cancel_timer(self) -> None:
+    def _clear_deadline(self) -> None:
         self._deadline_kind = ""
 
     def on_deadline(self, now: float) -> None:

@@ -518,14 +518,6 @@ class UpstreamPool:
                 return conn
         return None
 
-    async def connection(self, url: str, *, fresh: bool = False) -> UpstreamConnection:
-        """An idle connection to ``url`` (the most recently used), or a new one."""
-        if not fresh:
-            conn = self.take_idle(url)
-            if conn is not None:
-                return conn
-        return await self.connect(url)
-
     async def connect(self, url: str) -> UpstreamConnection:
         """A new connection to ``url``."""
         address = self.address(url)
