@@ -29,23 +29,19 @@ from types import TracebackType
 from typing import IO, Any, Final, TypeAlias, cast
 from urllib.parse import urlencode
 
-from softlb.backend import Backend
-from softlb.errors import (
-    NoBackendAvailable,
-    ProxyError,
-    UpstreamError,
-)
+from softlb.errors import UpstreamError
+from softlb.http.transport import Exchange, UpstreamRequest, round_trip
 from softlb.http.upstream import (
     CHUNK_SIZE,
     CLIENT_USER_AGENT,
     ClientResponse,
     TimeoutValue,
     Upstream,
+    UpstreamResponse,
     encode_form,
 )
-from softlb.logs import failure_text
 from softlb.pool import Lease, Pool, PoolEvent
-from softlb.retry import failure_kind, may_resend, may_retry
+from softlb.retry import Attempts, failure_kind, may_resend
 
 __all__ = [
     "DEFAULT_BUDGET_WINDOW",
@@ -322,10 +318,10 @@ class BalancedClient:
 
         def on_event(event: PoolEvent) -> None:
             me = client()
-            if me is not None and event.kind == "removed":
-                me.upstream.forget(event.backend.url)
+            if me is not None and event.url is not None:
+                me.upstream.forget(event.url)
 
-        self._unsubscribe: Callable[[], None] | None = pool.subscribe(on_event)
+        self._unsubscribe: Callable[[], None] | None = pool.subscribe(on_event, ("removed",))
 
     # -- the urllib3-style API -----------------------------------------------------------
 
@@ -432,57 +428,31 @@ class BalancedClient:
         _check_path(target)
         limit = self.retries if retries is None else int(retries)
         source = _RequestBody(body)
-        resend = may_resend(method, _header(headers, "Idempotency-Key") is not None)
         self.budget.deposit()
-        tried: list[Backend] = []
-        error: ProxyError | None = None
-        while True:
-            try:
-                lease = self.pool.lease(key, exclude=tried)
-            except NoBackendAvailable as exc:
-                error = error or exc
-                break
-            backend = lease.backend
-            try:
-                answer = self.upstream.request(
-                    backend.url, method, target, dict(headers), source.source(), timeout=timeout
-                )
-                response = ClientResponse(
-                    answer,
-                    request_url=backend.url + target,
-                    decode_content=decode_content,
-                    on_done=_ender(lease),
-                )
-                if preload_content:
-                    response.read(cache_content=True)  # kept as .data; ends the lease
-            except UpstreamError as exc:
-                log.warning(
-                    "backend %s failed %s %s: %s",
-                    backend.url,
-                    method,
-                    target,
-                    failure_text(exc, backend.url),
-                )
-                lease.release(failure_kind(exc))  # already done if the body read failed
-                tried.append(backend)
-                error = exc
-                if not may_retry(
-                    exc,
-                    resend=resend,
-                    replayable=source.replayable,
-                    tried=len(tried),
-                    limit=limit,
-                ):
-                    break
-                if not self.budget.try_withdraw():
-                    log.warning("%s %s not retried: the retry budget is spent", method, target)
-                    break
-                continue
-            except BaseException:
-                lease.release("error")
-                raise
+        attempts = Attempts(
+            self.pool,
+            key,
+            method=method,
+            target=target,
+            resend=may_resend(method, _header(headers, "Idempotency-Key") is not None),
+            retries=limit,
+            budget=self.budget,
+            logger=log,
+        )
+
+        def prepare(exchange: Exchange) -> ClientResponse:
+            response = ClientResponse(
+                cast(UpstreamResponse, exchange.response),  # what self.upstream returns
+                request_url=exchange.backend.url + target,
+                decode_content=decode_content,
+                on_done=_ender(exchange.lease),
+            )
+            if preload_content:
+                response.read(cache_content=True)  # kept as .data; ends the lease
             return response
-        raise error
+
+        request = UpstreamRequest(method, target, dict(headers))
+        return round_trip(attempts, self.upstream, request, source, prepare, timeout=timeout)
 
     # -- life cycle ------------------------------------------------------------------------
 

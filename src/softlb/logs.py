@@ -3,7 +3,7 @@
 :func:`install_event_logging` subscribes to a pool's events (:mod:`softlb.events`) and writes
 one line per change to the ``softlb.events`` logger — as text, or as one JSON object per line.
 The lines are written on the pool's dispatcher thread, never on a request's.
-:class:`~softlb.wsgi.Application` installs it, so ``softlb serve`` logs::
+:class:`~softlb.app.Application` installs it, so ``softlb serve`` logs::
 
     backend http://10.0.0.2:8000 added (weight 1)
     backend http://10.0.0.2:8000 is down: HTTP 503
@@ -19,7 +19,7 @@ object::
 
     {"time": "2024-06-01T12:00:00.000Z", "level": "warning", "event": "health", ...}
 
-:func:`configure_logging` is what ``softlb serve`` and :func:`softlb.wsgi.create_app` call when
+:func:`configure_logging` is what ``softlb serve`` and :func:`softlb.app.create_app` call when
 the program has not set up logging itself: ``softlb.*`` lines at INFO and above on stderr, with
 time, process and level (gunicorn's format), or pure JSON lines with ``SOFTLB_LOG_FORMAT=json``.
 Every event record also carries the event's fields as ``record.softlb_event``.
@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from softlb import events
 from softlb.events import Event
+from softlb.forking import after_fork_in_child
+from softlb.retry import failure_text
 
 if TYPE_CHECKING:
     from softlb.pool import Pool
@@ -183,18 +185,6 @@ def _iso(seconds: float) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def failure_text(error: BaseException, backend: str | None = None) -> str:
-    """Why a try on ``backend`` failed, in words and without the backend's URL (the log line
-    names it once): ``"connection refused"``, ``"the connection closed before an answer"``."""
-    text = str(error)
-    url = backend if backend is not None else getattr(error, "backend", None)
-    if url:
-        text = text.replace(f"connection to {url} failed: ", "")
-        for joined in (f": {url}", f" from {url}", f" to {url}", f" {url}"):
-            text = text.replace(joined, "")
-    return {"closed before answering": "the connection closed before an answer"}.get(text, text)
-
-
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: an event record's own JSON message as it is, any other record
     as ``{"time", "level", "logger", "message"}``."""
@@ -282,4 +272,4 @@ def _reset_after_fork() -> None:
     _serial_checked = False
 
 
-os.register_at_fork(after_in_child=_reset_after_fork)
+after_fork_in_child(_reset_after_fork)

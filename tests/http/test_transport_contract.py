@@ -6,6 +6,9 @@ Each test runs over every client, against a scripted raw-socket backend
 * ``wire``: :class:`~softlb.http.wire.ProxyUpstream`, the proxy's own HTTP/1.1 client;
 * ``urllib3``: :class:`~softlb.http.upstream.Upstream` to an ``http://`` backend;
 * ``urllib3-tls``: :class:`~softlb.http.upstream.Upstream` to an ``https://`` backend;
+* ``router`` and ``router-tls``: :func:`~softlb.http.transport.proxy_transport`, the
+  :class:`~softlb.http.transport.SchemeRouter` the proxy uses (wire for ``http://``, urllib3
+  for ``https://``);
 * ``eventloop`` and ``eventloop-tls``: the event-loop engine's
   :class:`~softlb.aio.upstream.UpstreamPool`, driven on a loop of its own.
 
@@ -33,7 +36,7 @@ import trustme
 from softlb.aio.engine import new_event_loop
 from softlb.aio.upstream import UpstreamPool
 from softlb.errors import UpstreamBroken, UpstreamConnectError, UpstreamError, UpstreamTimeout
-from softlb.http.transport import Transport, TransportResponse
+from softlb.http.transport import Transport, TransportResponse, proxy_transport
 from softlb.http.upstream import TimeoutValue, Upstream
 from softlb.http.wire import ProxyUpstream
 from tests.helpers.raw_backend import CLOSE, SILENT, RawBackend, Step
@@ -195,7 +198,7 @@ def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-CLIENTS = ["wire", "urllib3", "urllib3-tls", "eventloop", "eventloop-tls"]
+CLIENTS = ["wire", "urllib3", "urllib3-tls", "router", "router-tls", "eventloop", "eventloop-tls"]
 
 
 @pytest.fixture(params=CLIENTS)
@@ -209,6 +212,12 @@ def client(
         adapter = SyncAdapter("wire", ProxyUpstream(**options), None)
     elif request.param == "urllib3":
         adapter = SyncAdapter("urllib3", Upstream(**options), None)
+    elif request.param.startswith("router"):
+        # The proxy's transport as the composition root builds it: http:// to the wire
+        # client, https:// to urllib3, behind one SchemeRouter.
+        router = proxy_transport(ca_certs=ca_file, **options)
+        tls = server_tls if request.param.endswith("-tls") else None
+        adapter = SyncAdapter(request.param, router, tls)
     elif request.param.startswith("eventloop"):
         trusting = ssl.create_default_context(cafile=ca_file)
         tls = server_tls if request.param.endswith("-tls") else None
@@ -250,7 +259,11 @@ def pieces(total: int, size: int = 64 * 1024) -> Iterator[bytes]:
 
 def test_both_clients_are_transports(ca_file: str) -> None:
     """Both implementations satisfy the Transport protocol (checked by mypy, and at runtime)."""
-    clients: list[Transport] = [ProxyUpstream(), Upstream(ca_certs=ca_file)]
+    clients: list[Transport] = [
+        ProxyUpstream(),
+        Upstream(ca_certs=ca_file),
+        proxy_transport(ca_certs=ca_file),
+    ]
     for transport in clients:
         assert isinstance(transport, Transport)
         transport.close()

@@ -22,8 +22,8 @@ GIL). This module does what the proxy needs and nothing else:
 
 Everything that goes wrong leaves as :class:`~softlb.errors.UpstreamConnectError`,
 :class:`~softlb.errors.UpstreamTimeout` or :class:`~softlb.errors.UpstreamBroken`, as from
-:class:`~softlb.http.upstream.Upstream`, which still serves ``https://`` backends and the
-client-side balancer.
+:class:`~softlb.http.upstream.Upstream` (urllib3), which serves ``https://`` backends beside
+it (:class:`~softlb.http.transport.SchemeRouter`) and the client-side balancer.
 """
 
 from __future__ import annotations
@@ -46,8 +46,6 @@ from softlb.errors import UpstreamBroken, UpstreamConnectError, UpstreamError, U
 from softlb.http.upstream import (
     CHUNK_SIZE,
     TimeoutValue,
-    Upstream,
-    UpstreamResponse,
     timeout_pair,
 )
 from softlb.retry import may_resend
@@ -422,15 +420,15 @@ class WireResponse:
 
 
 class ProxyUpstream:
-    """Keep-alive connections to backends for the reverse proxy.
-
-    ``http://`` backends are spoken to with this module's lean HTTP/1.1 client; ``https://``
-    backends go through urllib3 (:class:`~softlb.http.upstream.Upstream`), which does TLS.
-    ``maxsize`` is how many idle connections are kept per backend (the server's thread
-    count); more are opened when needed and closed afterwards, never waited for.
-    ``ca_certs`` goes to the ``https://`` client: a PEM file of the authorities backends'
-    certificates are checked against (default: the system's). Both clients are a
+    """Keep-alive connections to ``http://`` backends for the reverse proxy: a
     :class:`~softlb.http.transport.Transport`.
+
+    ``maxsize`` is how many idle connections are kept per backend (the server's thread
+    count); more are opened when needed and closed afterwards, never waited for. ``https://``
+    backends are urllib3's (:class:`~softlb.http.upstream.Upstream`), which does TLS: the
+    composition root puts both behind a :class:`~softlb.http.transport.SchemeRouter`
+    (:func:`~softlb.http.transport.proxy_transport`); a request for another scheme here is an
+    :class:`~softlb.errors.UpstreamConnectError`.
     """
 
     def __init__(
@@ -439,7 +437,6 @@ class ProxyUpstream:
         connect_timeout: float = 2.0,
         read_timeout: float = 30.0,
         maxsize: int = 10,
-        ca_certs: str | None = None,
     ) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -450,12 +447,6 @@ class ProxyUpstream:
         # Idle sockets are closed when the upstream is dropped without close(), as urllib3's
         # pools do.
         self._finalizer = weakref.finalize(self, _close_all, self._backends, self._lock)
-        self._tls = Upstream(
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            maxsize=maxsize,
-            ca_certs=ca_certs,
-        )
 
     def _backend(self, url: str) -> _Backend:
         backend = self._backends.get(url)
@@ -472,12 +463,10 @@ class ProxyUpstream:
             backend = self._backends.pop(backend_url, None)
         if backend is not None:
             backend.close()
-        self._tls.forget(backend_url)
 
     def close(self) -> None:
         """Close every pooled connection."""
         _close_all(self._backends, self._lock)
-        self._tls.close()
 
     def request(
         self,
@@ -489,7 +478,7 @@ class ProxyUpstream:
         *,
         chunked: bool = False,
         timeout: TimeoutValue = None,
-    ) -> WireResponse | UpstreamResponse:
+    ) -> WireResponse:
         """Send one request and return the answer's status and headers, body unread.
 
         Same contract as :meth:`Upstream.request() <softlb.http.upstream.Upstream.request>`:
@@ -498,8 +487,8 @@ class ProxyUpstream:
         ``None``; ``headers`` are sent as given (no User-Agent or Accept-Encoding is added).
         """
         if not backend_url.startswith("http://"):
-            return self._tls.request(
-                backend_url, method, target, headers, body, chunked=chunked, timeout=timeout
+            raise UpstreamConnectError(
+                f"this client speaks http:// only, not to {backend_url}", backend=backend_url
             )
         backend = self._backend(backend_url)
         connect_timeout, read_timeout = timeout_pair(
