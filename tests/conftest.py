@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from softlb.app import Application
 from softlb.config import parse_config
-from softlb.wsgi import Application
 from tests.helpers.servers import RefusingURL, TestBackend
 
 #: The real redis-server fixtures (redis_server, redis_url, redis_isolated), for every test.

@@ -423,7 +423,7 @@ def serve(
         threads = options.threads
 
         def factory() -> WSGIApp:
-            from softlb.wsgi import Application
+            from softlb.app import Application
 
             return Application(config, threads=threads, state=state)
 

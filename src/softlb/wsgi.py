@@ -1,36 +1,30 @@
-"""The WSGI reverse proxy, and :func:`create_app`, the whole balancer as one WSGI app.
+"""The WSGI reverse proxy: :class:`LoadBalancer`, over a :class:`~softlb.pool.Pool` you build
+yourself.
 
-Mount it under any WSGI server::
+The whole balancer from a config file (pool, health checker, shared state, admin API and this
+proxy) is built by the composition root, :mod:`softlb.app`. Its :func:`~softlb.app.create_app`
+and :class:`~softlb.app.Application` are importable from here too, so the command users
+know keeps working::
 
     gunicorn 'softlb.wsgi:create_app("config.json")'
-
-:class:`LoadBalancer` is the proxy alone, over a :class:`~softlb.pool.Pool` you build
-yourself; :class:`Application` (what :func:`create_app` returns) adds the health checker, the
-admin API and the status page from a config file.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-import os
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 
 from softlb.access_log import AccessLog, wall_clock_of
-from softlb.backend import Backend
 from softlb.errors import (
-    ConfigError,
-    NoBackendAvailable,
     ProxyError,
     UpstreamConnectError,
     UpstreamError,
 )
-from softlb.events import ACCESS, RETRIED
+from softlb.events import ACCESS
 from softlb.http.headers import (
     BadFraming,
     check_request_framing,
@@ -38,20 +32,28 @@ from softlb.http.headers import (
     request_target,
     upstream_request_headers,
 )
-from softlb.http.transport import Transport, TransportResponse
+from softlb.http.transport import (
+    Exchange,
+    Transport,
+    UpstreamRequest,
+    proxy_transport,
+    round_trip,
+)
 from softlb.http.upstream import CHUNK_SIZE, SMALL_BODY
-from softlb.http.wire import ProxyUpstream
-from softlb.logs import failure_text, warn_if_serial
 from softlb.pool import Lease, Pool
-from softlb.retry import IDEMPOTENT_METHODS, failure_kind, may_resend, may_retry
+from softlb.retry import (
+    IDEMPOTENT_METHODS,
+    Attempts,
+    ClientAbort,
+    failure_kind,
+    failure_text,
+    may_resend,
+)
 from softlb.stats import ProxyStats
 from softlb.sticky import StickySessions
 
 if TYPE_CHECKING:
-    from softlb.config import Config
-    from softlb.discovery import Resolver
-    from softlb.health import HealthChecker
-    from softlb.state.sync import SharedState
+    from softlb.app import Application, create_app
 
 __all__ = [
     "IDEMPOTENT_METHODS",
@@ -60,6 +62,17 @@ __all__ = [
     "UpstreamRequest",
     "create_app",
 ]
+
+#: Names this module gives from :mod:`softlb.app`, the layer above it (imported on first use,
+#: so the proxy does not depend on its composition root).
+_FROM_APP: Final = frozenset({"Application", "create_app"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_APP:
+        return getattr(importlib.import_module("softlb.app"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 log = logging.getLogger("softlb.proxy")
 
@@ -76,17 +89,9 @@ class StartResponse(Protocol):
 _BODILESS: Final = frozenset({204, 304})
 
 
-class ClientBodyError(Exception):
-    """The client's request body ended early or could not be read."""
-
-
-@dataclass
-class UpstreamRequest:
-    """What is about to be sent to a backend; a ``rewrite`` hook may change any field."""
-
-    method: str
-    target: str
-    headers: dict[str, str]
+class ClientBodyError(ClientAbort):
+    """The client's request body ended early or could not be read (the client's fault: the
+    backend it was being sent to is not blamed)."""
 
 
 ErrorHandler = Callable[[Environ, ProxyError], tuple[int, list[tuple[str, str]], bytes]]
@@ -228,32 +233,31 @@ class _Body:
 
 
 class _StreamedAnswer:
-    """The WSGI iterable of a streamed answer: passes chunks on, releases the lease at the end.
+    """The WSGI iterable of a streamed answer: passes chunks on; closing it ends the
+    :class:`~softlb.http.transport.Exchange` (lease and connection).
 
     A failure in the middle of the body is re-raised, so the WSGI server drops the client's
     connection: the status is already sent, and the client must see a truncated answer, never
     a second status.
     """
 
-    __slots__ = ("_complete", "_done", "_failure", "_first", "_lease", "_resp", "_rest", "sent")
+    __slots__ = ("_complete", "_done", "_exchange", "_failure", "_first", "_rest", "sent")
 
     def __init__(
         self,
-        resp: TransportResponse,
-        lease: Lease,
+        exchange: Exchange,
         done: Callable[[Lease, int, bool], None] | None = None,
         *,
         first: bytes = b"",
         rest: Iterator[bytes] | None = None,
     ) -> None:
-        self._resp = resp
-        self._lease = lease
+        self._exchange = exchange
         self._complete = False
         self._failure: str | None = None
         self._done = done  # told of the released lease, bytes sent, complete (log, metrics)
         self.sent = 0
-        # The first piece, read before the status went out (see LoadBalancer._proxy), and
-        # the iterator it came from.
+        # The first piece, read before the status went out (see _prepare_answer), and the
+        # iterator it came from.
         self._first = first
         self._rest = rest
 
@@ -263,21 +267,57 @@ class _StreamedAnswer:
                 first, self._first = self._first, b""
                 self.sent += len(first)
                 yield first
-            for piece in self._rest if self._rest is not None else self._resp.chunks():
+            rest = self._rest if self._rest is not None else self._exchange.response.chunks()
+            for piece in rest:
                 self.sent += len(piece)
                 yield piece
         except UpstreamError as exc:
             self._failure = failure_kind(exc)
-            url = self._lease.backend.url
+            url = self._exchange.backend.url
             log.warning("backend %s: answer cut short: %s", url, failure_text(exc, url))
             raise
         self._complete = True
 
     def close(self) -> None:
-        self._resp.close(self._complete)
-        self._lease.release(self._failure)
+        exchange = self._exchange
+        if exchange.closed:
+            return
+        exchange.close(complete=self._complete, failure=self._failure)
         if self._done is not None:
-            self._done(self._lease, self.sent, self._complete)
+            self._done(exchange.lease, self.sent, self._complete)
+
+
+#: What :func:`_prepare_answer` returns: the exchange, the whole body (``None`` when it
+#: streams), the first piece and the iterator of the rest.
+_Prepared: TypeAlias = tuple[Exchange, bytes | None, bytes, Iterator[bytes] | None]
+
+
+def _prepare_answer(exchange: Exchange) -> _Prepared:
+    """What of an answer is read before its status goes out, inside the retry loop of
+    :func:`~softlb.http.transport.round_trip`: a small body whole (the exchange then ends),
+    else the first piece, so that a backend that stalls or breaks there still gets a 502/504
+    or a retry, not a truncated answer or the WSGI server's own error page."""
+    resp = exchange.response
+    if resp.status in _BODILESS or resp.status < 200:
+        exchange.close(complete=resp.length in (0, None))
+        return exchange, b"", b"", None
+    if resp.length is not None and resp.length <= SMALL_BODY:
+        data = resp.read_small()
+        exchange.close(complete=True)
+        return exchange, data, b"", None
+    rest = iter(resp.chunks())
+    first = next(rest, b"")
+    if not first:  # the body ended at once
+        exchange.close(complete=True)
+        return exchange, b"", b"", None
+    return exchange, None, first, rest
+
+
+def _prepare_head_answer(exchange: Exchange) -> _Prepared:
+    """:func:`_prepare_answer` for the answer to HEAD: no body, whatever its headers say."""
+    resp = exchange.response
+    exchange.close(complete=resp.length in (0, None))
+    return exchange, b"", b"", None
 
 
 class LoadBalancer:
@@ -335,8 +375,8 @@ class LoadBalancer:
         self.rewrite = rewrite
         self.error_handler = error_handler or default_error_page
         #: The upstream client: any :class:`~softlb.http.transport.Transport`; by default a
-        #: :class:`~softlb.http.wire.ProxyUpstream` with these timeouts.
-        self.upstream: Transport = upstream or ProxyUpstream(
+        #: :func:`~softlb.http.transport.proxy_transport` with these timeouts.
+        self.upstream: Transport = upstream or proxy_transport(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             maxsize=max_connections,
@@ -404,117 +444,61 @@ class LoadBalancer:
             key = self.request_key(environ)
         else:
             key = None
-        resend = may_resend(method, "Idempotency-Key" in request.headers)
-        tried: list[Backend] = []
-        error: ProxyError | None = None
         sticky = self.sticky
         wanted = sticky.find(self.pool, environ.get("HTTP_COOKIE")) if sticky else None
-        while True:
-            try:
-                lease = self.pool.lease(key, exclude=tried, prefer=wanted, wait=self.queue_timeout)
-            except NoBackendAvailable as exc:
-                error = error or exc
-                break
-            backend = lease.backend
-            resp: TransportResponse | None = None
-            first = b""
-            rest: Iterator[bytes] | None = None
-            try:
-                resp = self.upstream.request(
-                    backend.url,
-                    request.method,
-                    request.target,
-                    request.headers,
-                    body.source(),
-                    chunked=body.chunked,
-                )
-                if method == "HEAD" or resp.status in _BODILESS or resp.status < 200:
-                    data: bytes | None = b""
-                    resp.close(complete=resp.length in (0, None))
-                elif resp.length is not None and resp.length <= SMALL_BODY:
-                    data = resp.read_small()
-                    resp.close(complete=True)
-                else:
-                    # The first piece before the status goes out: a backend that stalls or
-                    # breaks here still gets a 502/504 (or a retry), not a truncated answer
-                    # or the WSGI server's own error page.
-                    rest = iter(resp.chunks())
-                    first = next(rest, b"")
-                    data = None
-                    if not first:  # the body ended at once
-                        data = b""
-                        resp.close(complete=True)
-            except UpstreamError as exc:
-                if resp is not None:
-                    resp.close(complete=False)
-                lease.release(failure_kind(exc))
-                tried.append(backend)
-                error = exc
-                log.warning(
-                    "backend %s failed %s %s: %s",
-                    backend.url,
-                    method,
-                    request.target,
-                    failure_text(exc, backend.url),
-                )
-                if may_retry(
-                    exc,
-                    resend=resend,
-                    replayable=body.replayable,
-                    tried=len(tried),
-                    limit=self.retries,
-                ):
-                    self.stats.retried()
-                    self.pool.publish(
-                        RETRIED,
-                        backend,
-                        f"{method} {request.target}: {failure_text(exc, backend.url)}",
-                    )
-                    continue
-                break
-            except ClientBodyError:
-                lease.release()  # the client's fault, not the backend's: no failure recorded
-                raise
-            except BaseException:
-                lease.release("error")
-                raise
-            self.stats.observe(time.perf_counter() - started)
-            first_byte = self.pool.clock() - lease.started
-            headers = downstream_response_headers(resp.headers)
-            if sticky is not None and lease.backend is not wanted:
-                headers.append(("Set-Cookie", sticky.set_cookie(lease.backend)))
-            status_line = f"{resp.status} {resp.reason}"
-            status = resp.status
+        attempts = Attempts(
+            self.pool,
+            key,
+            method=method,
+            target=request.target,
+            resend=may_resend(method, "Idempotency-Key" in request.headers),
+            retries=self.retries,
+            prefer=wanted,
+            wait=self.queue_timeout,
+            on_retry=self.stats.retried,
+        )
+        try:
+            exchange, data, first, rest = round_trip(
+                attempts,
+                self.upstream,
+                request,
+                body,
+                _prepare_head_answer if method == "HEAD" else _prepare_answer,
+                chunked=body.chunked,
+            )
+        except ProxyError as error:  # nothing could answer: 502, 503 or 504
+            return self._error(environ, start_response, error)
+        lease = exchange.lease
+        resp = exchange.response
+        self.stats.observe(time.perf_counter() - started)
+        first_byte = self.pool.clock() - lease.started
+        headers = downstream_response_headers(resp.headers)
+        if sticky is not None and lease.backend is not wanted:
+            headers.append(("Set-Cookie", sticky.set_cookie(lease.backend)))
+        status_line = f"{resp.status} {resp.reason}"
+        status = resp.status
 
-            def done(
-                lease: Lease,
-                sent: int,
-                complete: bool,
-                status: int = status,
-                first_byte: float = first_byte,
-            ) -> None:
-                self.answered(
-                    lease, key, status=status, first_byte=first_byte, complete=complete,
-                    method=method, target=target, bytes_sent=sent,
-                    client=environ.get("REMOTE_ADDR") or "",
-                    protocol=environ.get("SERVER_PROTOCOL") or "HTTP/1.1",
-                    referer=environ.get("HTTP_REFERER"),
-                    user_agent=environ.get("HTTP_USER_AGENT"),
-                )  # fmt: skip
+        def done(lease: Lease, sent: int, complete: bool) -> None:
+            self.answered(
+                lease, key, status=status, first_byte=first_byte, complete=complete,
+                method=method, target=target, bytes_sent=sent,
+                client=environ.get("REMOTE_ADDR") or "",
+                protocol=environ.get("SERVER_PROTOCOL") or "HTTP/1.1",
+                referer=environ.get("HTTP_REFERER"),
+                user_agent=environ.get("HTTP_USER_AGENT"),
+            )  # fmt: skip
 
-            if data is not None:
-                lease.release()
-                done(lease, len(data), True)
-                start_response(status_line, headers)
-                return (data,) if data else ()
-            answer = _StreamedAnswer(resp, lease, done, first=first, rest=rest)
-            try:
-                start_response(status_line, headers)
-            except BaseException:
-                answer.close()  # the server refused the answer: free the lease and connection
-                raise
-            return answer
-        return self._error(environ, start_response, error)
+        if data is not None:
+            done(lease, len(data), True)
+            start_response(status_line, headers)
+            return (data,) if data else ()
+        answer = _StreamedAnswer(exchange, done, first=first, rest=rest)
+        try:
+            start_response(status_line, headers)
+        except BaseException:
+            answer.close()  # the server refused the answer: free the lease and connection
+            raise
+        return answer
 
     def answered(
         self,
@@ -605,296 +589,3 @@ _REASONS: Final = {
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
-
-
-class Application:
-    """The whole balancer as a WSGI app: pool, health checker, proxy, admin API and shared
-    state, from a :class:`~softlb.config.Config`.
-
-    ``state`` overrides the config's ``state`` (``softlb serve --workers N`` passes the
-    SQLite file it made); with neither, the ``SOFTLB_STATE`` environment variable, else
-    ``memory``.
-
-    Threads (the health checker, the state poller, the event dispatcher), connections and
-    shared files are made in the process that serves requests: :meth:`start` runs on creation
-    and again in a child after ``fork()``, so the app is safe under ``gunicorn --preload`` as
-    well as without it.
-
-    State changes (backends added, removed, drained, going down or up, ejected; requests that
-    found no backend) are logged to ``softlb.events`` through the pool's event hooks
-    (:func:`softlb.logs.install_event_logging`), as text or, with ``log_format="json"``, one
-    JSON object per line; ``log_format`` defaults to the ``SOFTLB_LOG_FORMAT`` environment
-    variable, else ``"text"``.
-    """
-
-    def __init__(
-        self,
-        config: Config,
-        *,
-        threads: int | None = None,
-        start: bool = True,
-        state: str | None = None,
-        log_format: str | None = None,
-    ) -> None:
-        from softlb.admin import AdminApi
-        from softlb.balancers import balancer_by_name
-        from softlb.health import HealthChecker
-
-        self.config = config
-        self.state_url = state or config.state or os.environ.get("SOFTLB_STATE") or "memory"
-        source = "log_format" if log_format else "SOFTLB_LOG_FORMAT"
-        log_format = log_format or os.environ.get("SOFTLB_LOG_FORMAT") or "text"
-        if log_format not in ("text", "json"):
-            raise ConfigError(f"{source}: {log_format!r} is not a log format; allowed: text, json")
-        self.log_format = log_format
-        self._event_log: Callable[[], None] | None = None  # uninstalls the event log
-        self.pool = Pool(
-            [
-                Backend(s.url, s.weight, max_connections=s.max_connections)
-                for s in config.servers
-                if not s.resolve
-            ],
-            balancer=balancer_by_name(config.algorithm),
-            slow_start=config.slow_start,
-        )
-        #: Servers with ``resolve``: one backend per address, found in each process.
-        self.resolved = [s for s in config.servers if s.resolve]
-        self.resolver: Resolver | None = None
-        self._unwatch: Callable[[], None] | None = None
-        hc = config.health_check
-        self.checker: HealthChecker | None = None
-        if hc.enabled:
-            self.checker = HealthChecker(
-                self.pool,
-                path=hc.path,
-                interval=hc.interval,
-                timeout=hc.timeout,
-                rise=hc.rise,
-                fall=hc.fall,
-                expected_status=hc.expected_status,
-                initial_state=hc.initial_state,
-                log_changes=False,  # the event log says it (see start())
-            )
-        self.threads = threads or int(os.environ.get("SOFTLB_THREADS", "0") or 0) or 16
-        self.proxy = LoadBalancer(
-            self.pool,
-            retries=config.retries,
-            connect_timeout=config.timeouts.connect,
-            read_timeout=config.timeouts.read,
-            hash_key=config.hash_key,
-            max_connections=self.threads,
-            access_log=(
-                AccessLog(config.access_log, config.access_log_format)
-                if config.access_log
-                else None
-            ),
-            sticky=(
-                StickySessions(config.sticky.cookie, secret=config.cluster, secure=bool(config.tls))
-                if config.sticky is not None
-                else None
-            ),
-            queue_timeout=config.timeouts.queue,
-        )
-        self.admin = AdminApi(
-            self.pool,
-            prefix=config.admin.prefix,
-            token=config.admin.token,
-            seed_routes=config.admin.seed_routes,
-            stats=self.proxy.stats,
-            checker=self.checker,
-            on_remove=self.proxy.upstream.forget,
-            allow=config.admin.allow,
-        )
-        #: The port of ``admin.listen``: the admin API is served there only (SPEC §2).
-        self.admin_port: int | None = None
-        if config.admin.listen is not None:
-            self.admin_port = int(config.admin.listen.rpartition(":")[2])
-        self.state: SharedState | None = None
-        self._pid: int | None = None  # the process whose threads are running
-        self._server_checked = False  # whether this process's WSGI server was looked at
-        self._start_lock = threading.Lock()
-        _FORK_WATCH.add(self)
-        if start:
-            self.start()
-
-    def _open_state(self) -> SharedState:
-        from softlb.state import MAX_SLOTS, open_store
-        from softlb.state.sync import PROXY_COLUMNS, SharedState, node_name, slot_path
-
-        store = open_store(self.state_url, cluster=self.config.cluster)
-        slots = None
-        if store.kind != "memory":
-            from softlb.state.slots import SlotTable
-
-            slots = SlotTable(
-                slot_path(self.state_url, self.config.cluster, node_name()),
-                columns=MAX_SLOTS + PROXY_COLUMNS,  # the backends, then the proxy counters
-            )
-        state = SharedState(
-            self.pool,
-            store,
-            checker=self.checker,
-            seed=[(s.url, s.weight) for s in self.config.servers],
-            slots=slots,
-            stats=self.proxy.stats,
-        )
-        state.on_remove = self.proxy.upstream.forget
-        if slots is not None:
-            # max_connections counts the host's requests in flight, every worker's.
-            def others(backend: Backend, table: Any = slots) -> int:
-                slot = backend._slot
-                return table.in_flight_of_others(slot) if slot is not None else 0
-
-            self.pool.others_in_flight = others
-        return state
-
-    def start(self) -> None:
-        """Start the event log, the shared state and the health checker in this process;
-        idempotent."""
-        with self._start_lock:
-            if self._pid == os.getpid():
-                return
-            self._pid = os.getpid()
-            if self._event_log is None:  # kept across a fork: the child's pool has the hooks
-                from softlb.logs import install_event_logging
-
-                self._event_log = install_event_logging(self.pool, json=self.log_format == "json")
-            self.state = self._open_state()
-            self.admin.state = self.state
-            if self.checker is not None:
-                if self.state.store.kind != "memory":
-                    self.checker.set_active(False)  # until this process wins the prober lease
-                self.checker.start()
-            self.state.start()
-            self._unwatch = self.proxy.stats.watch(self.pool, self.checker)
-            if self.resolved:
-                from softlb.discovery import Resolver
-
-                self.resolver = Resolver(
-                    self.pool,
-                    self.resolved,
-                    self.config.health_check.interval,
-                    on_remove=self.proxy.upstream.forget,
-                )
-                self.resolver.start()
-
-    def _after_fork(self) -> None:
-        """In a child made by ``fork()``: fresh locks, connections and shared state, and the
-        threads started again if they ran in the parent (they did not come along)."""
-        was_running = self._pid is not None
-        self._start_lock = threading.Lock()
-        self.pool._after_fork()
-        self.proxy.upstream = ProxyUpstream(
-            connect_timeout=self.config.timeouts.connect,
-            read_timeout=self.config.timeouts.read,
-            maxsize=self.threads,
-        )
-        self.admin.on_remove = self.proxy.upstream.forget
-        self.pool.count_sink = None
-        self.state = self.admin.state = None  # the parent's; a new one is opened on start
-        self.resolver = None  # its thread did not come along; start() makes a new one
-        self._unwatch = None
-        if self.checker is not None:
-            self.checker._after_fork()
-        self._pid = None
-        self._server_checked = False
-        if was_running:
-            self.start()
-
-    def stop(self) -> None:
-        """Stop the threads, give shared resources back and close backend connections."""
-        if self.resolver is not None:
-            self.resolver.stop()
-        if self._unwatch is not None:
-            self._unwatch()
-            self._unwatch = None
-        if self.state is not None:
-            self.state.stop()
-        if self.checker is not None:
-            self.checker.stop()
-        self.proxy.close()
-        self.pool.close()  # the last events are logged, then the dispatcher thread ends
-        self._pid = None
-
-    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        if not self._server_checked:  # once: a warning if gunicorn serves one request at a time
-            self._server_checked = True
-            warn_if_serial(environ)
-        if self.admin_port is not None:
-            # admin.listen: the admin API on its own address, the proxy everywhere else.
-            if _local_port(environ) == self.admin_port:
-                return self.admin(environ, start_response)
-            return self.proxy(environ, start_response)
-        if self.admin.matches(environ.get("PATH_INFO") or "/"):
-            return self.admin(environ, start_response)
-        return self.proxy(environ, start_response)
-
-    def __repr__(self) -> str:
-        return (
-            f"<Application {self.pool!r} state={self.state_url} admin={self.config.admin.prefix}>"
-        )
-
-
-def _local_port(environ: Environ) -> int | None:
-    """The local port the request arrived on: from the connection itself where the server
-    gives it (gunicorn's ``gunicorn.socket``), else ``SERVER_PORT`` (which a Host header can
-    set, so only where nothing better is known)."""
-    sock = environ.get("gunicorn.socket")
-    if sock is not None:
-        try:
-            return int(sock.getsockname()[1])
-        except (OSError, IndexError, TypeError, ValueError):
-            return None
-    try:
-        return int(environ.get("SERVER_PORT") or 0)
-    except ValueError:
-        return None
-
-
-#: Every live Application, so that a forked child can make each one usable again.
-_FORK_WATCH: weakref.WeakSet[Application] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for app in list(_FORK_WATCH):
-        app._after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def create_app(config: str | os.PathLike[str] | Config | None = None) -> Application:
-    """Build the balancer's WSGI app from a config file path or a :class:`Config`.
-
-    With no argument the path comes from the ``SOFTLB_CONFIG`` environment variable. A bad
-    config raises :class:`~softlb.errors.ConfigError` listing every problem.
-
-    Unless the program has set up logging, softlb's lines go to stderr with time and level
-    (:func:`softlb.logs.configure_logging`). The app logs that the WSGI server's bind, not the
-    config's ``listen``, decides where it listens, and warns on its first request if gunicorn
-    serves one request at a time (:func:`softlb.logs.warn_if_serial`).
-    """
-    from softlb.config import Config, load_config
-    from softlb.logs import configure_logging
-
-    configure_logging()
-
-    if config is None:
-        path = os.environ.get("SOFTLB_CONFIG")
-        if not path:
-            raise ConfigError(
-                "no config given: call create_app('config.json') or set SOFTLB_CONFIG"
-            )
-        config = path
-    if not isinstance(config, Config):
-        config = load_config(config)
-    app = Application(config)
-    logging.getLogger("softlb.server").info(
-        "balancer ready (%s, %d backends, config %s); the WSGI server's bind decides where it "
-        "listens, not the config's listen (%s)",
-        config.algorithm,
-        len(config.servers),
-        config.source,
-        config.listen,
-    )
-    return app

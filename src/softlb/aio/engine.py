@@ -3,7 +3,7 @@ connection of a worker; requests are parsed by httptools (llhttp) and proxied th
 :class:`~softlb.aio.upstream.UpstreamPool` without touching a thread.
 
 What it shares with the threaded engine is everything above the wire: the
-:class:`~softlb.wsgi.Application` (pool, strategies, health checker, shared state, events,
+:class:`~softlb.app.Application` (pool, strategies, health checker, shared state, events,
 stats, access log), the retry rules of :mod:`softlb.retry`, the header rules of
 :mod:`softlb.http.headers` and the admin API, which runs as the same WSGI app on a small
 thread pool (it is not on the proxied path).
@@ -45,17 +45,15 @@ from softlb.aio.upstream import (
     UpstreamConnection,
     UpstreamPool,
 )
-from softlb.errors import NoBackendAvailable, ProxyError, QueueTimeout, UpstreamError
-from softlb.events import RETRIED
+from softlb.errors import UpstreamError
 from softlb.http.headers import HOP_BY_HOP, _origin_form, connection_tokens
 from softlb.http.upstream import SMALL_BODY
-from softlb.queueing import lease_async
-from softlb.retry import failure_kind, may_resend, may_retry
+from softlb.retry import Attempts, failure_kind, may_resend
 
 if TYPE_CHECKING:
+    from softlb.app import Application
     from softlb.config import Config
-    from softlb.pool import Lease
-    from softlb.wsgi import Application
+    from softlb.pool import Lease, PoolEvent
 
 __all__ = ["Engine", "Limits"]
 
@@ -566,7 +564,7 @@ class _Listener:
 
 
 class Engine:
-    """One worker's data plane over an :class:`~softlb.wsgi.Application`.
+    """One worker's data plane over an :class:`~softlb.app.Application`.
 
     ``upstream_ssl`` verifies ``https://`` backends (default: the system's CAs, which honour
     ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``).
@@ -631,24 +629,12 @@ class Engine:
         here too, on the loop's thread."""
         loop, upstreams = self.loop, self.upstreams
 
-        def forget(url: str, previous: Callable[[str], None] | None = None) -> None:
-            if previous is not None:
-                previous(url)
-            if not loop.is_closed():
+        def forget(event: PoolEvent) -> None:  # on the thread that removed the backend
+            if event.url is not None and not loop.is_closed():
                 with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(upstreams.forget, url)
+                    loop.call_soon_threadsafe(upstreams.forget, event.url)
 
-        admin = self.app.admin
-        previous = admin.on_remove
-        admin.on_remove = lambda url: forget(url, previous)
-        state = self.app.state
-        if state is not None:
-            before = state.on_remove
-            state.on_remove = lambda url: forget(url, before)
-        resolver = self.app.resolver
-        if resolver is not None:
-            earlier = resolver.on_remove
-            resolver.on_remove = lambda url: forget(url, earlier)
+        self._unsubscribe = self.pool.subscribe(forget, ("removed",))
 
     # -- listening ------------------------------------------------------------------------
 
@@ -761,6 +747,7 @@ class Engine:
 
     def close(self) -> None:
         self._sweep_handle.cancel()
+        self._unsubscribe()
         self.upstreams.close()
         self._executor.shutdown(wait=False)
 
@@ -878,31 +865,26 @@ class Engine:
         has_key = request.header(b"idempotency-key") is not None
         resend = may_resend(request.method, has_key)
         head_fields = self._fields(conn, request)
-        shown = target.decode("latin-1")
-        tried: list[Any] = []
-        error: ProxyError | None = None
-        replayable = request.complete
         sticky = proxy.sticky
         wanted = None
         if sticky is not None:
             cookie = request.header(b"cookie")
             wanted = sticky.find(pool, cookie.decode("latin-1") if cookie is not None else None)
-        while True:
-            try:
-                lease = pool.lease(key, exclude=tried, prefer=wanted)
-            except QueueTimeout as exc:  # every eligible backend at its max_connections
-                try:
-                    lease = await self._queue(key, tried, wanted)
-                except NoBackendAvailable as late:
-                    error = error or (late if proxy.queue_timeout > 0 else exc)
-                    break
-            except NoBackendAvailable as exc:
-                error = error or exc
-                break
-            backend = lease.backend
+        attempts = Attempts(
+            pool,
+            key,
+            method=request.method,
+            target=target.decode("latin-1"),
+            resend=resend,
+            retries=proxy.retries,
+            prefer=wanted,
+            wait=proxy.queue_timeout,
+            on_retry=proxy.stats.retried,
+        )
+        while (lease := await attempts.next_async()) is not None:
             try:
                 upstream = await self._exchange(
-                    backend.url, request, target, head_fields, resend=resend
+                    lease.backend.url, request, target, head_fields, resend=resend
                 )
                 if upstream.failed is not None and not upstream.upgraded:
                     # The answer broke before a byte of it went to the client (a bad first
@@ -910,27 +892,22 @@ class Engine:
                     upstream.abort()
                     raise upstream.failed
             except UpstreamError as exc:
-                lease.release(failure_kind(exc))
-                tried.append(backend)
-                error = exc
-                log.warning("%s %s via %s failed: %s", request.method, shown, backend.url, exc)
-                replayable = replayable and request.complete and request.sink is None
-                if request.error is not None:
-                    break
-                if may_retry(
-                    exc, resend=resend, replayable=replayable, tried=len(tried),
-                    limit=proxy.retries,
-                ):  # fmt: skip
-                    proxy.stats.retried()
-                    pool.publish(RETRIED, backend, f"{request.method} {shown}: {exc}")
+                # A body streamed (not read ahead whole) cannot be sent again, nor one the
+                # client broke.
+                replayable = request.complete and request.sink is None and request.error is None
+                if attempts.failed(exc, replayable=replayable):
                     continue
                 break
             except _ClientBodyFailed:
-                lease.release()  # the client's fault: no failure recorded
+                attempts.abort(client=True)  # the client's fault: no failure recorded
                 conn.send_error(request.error.status if request.error else 400,
                                 request.error.why if request.error else "bad request body",
                                 close=True)  # fmt: skip
                 return
+            except BaseException:
+                attempts.abort(client=False)
+                raise
+            lease = attempts.succeeded()
             proxy.stats.observe(time.perf_counter() - request.started)
             cookie_line = b""
             if sticky is not None and lease.backend is not wanted:
@@ -942,6 +919,7 @@ class Engine:
         if request.error is not None:
             conn.send_error(request.error.status, request.error.why, close=True)
             return
+        error = attempts.error
         assert error is not None
         proxy.stats.error(error.status)
         status, headers, body = proxy.error_handler({"REQUEST_METHOD": request.method}, error)
@@ -1050,14 +1028,6 @@ class Engine:
             on_more()
         elif conn_resume is not None and not upstream.writing_paused:
             conn_resume()
-
-    async def _queue(self, key: str | None, tried: list[Any], wanted: Any) -> Lease:
-        """Wait in the pool's queue (arrival order) for a backend below its
-        ``max_connections``, up to ``timeouts.queue``, without blocking the loop."""
-        wait = self.proxy.queue_timeout
-        if wait <= 0:
-            raise QueueTimeout("every backend is at its max_connections")
-        return await lease_async(self.pool, key, exclude=tried, prefer=wanted, wait=wait)
 
     async def _relay(
         self,

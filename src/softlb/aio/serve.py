@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from softlb.aio.engine import Engine, Limits, new_event_loop
 
 if TYPE_CHECKING:
-    from softlb.wsgi import Application
+    from softlb.app import Application
 
 __all__ = ["running"]
 

@@ -2,13 +2,13 @@
 
 gunicorn stays the process manager: ``--workers N``, graceful SIGTERM (and, as ``softlb
 serve`` promises, SIGINT) drain, SIGHUP reload and worker restarts work as with any worker.
-Each worker builds the app (:func:`softlb.wsgi.create_app` or ``softlb serve``'s factory)
+Each worker builds the app (:func:`softlb.app.create_app` or ``softlb serve``'s factory)
 after the fork, then serves every connection of its listening sockets from one event loop
 (:class:`~softlb.aio.engine.Engine`)::
 
     gunicorn -k softlb.aio.Worker 'softlb.wsgi:create_app("config.json")'
 
-The app must be softlb's :class:`~softlb.wsgi.Application`: the engine proxies through its
+The app must be softlb's :class:`~softlb.app.Application`: the engine proxies through its
 pool and serves its admin API; any other WSGI app is refused with one clear line.
 """
 
@@ -131,7 +131,7 @@ class Worker(_GunicornWorker):  # type: ignore[misc]  # gunicorn has no type hin
         return context
 
     async def _serve(self) -> None:
-        from softlb.wsgi import Application
+        from softlb.app import Application
 
         app = self.wsgi
         if not isinstance(app, Application):

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from softlb.errors import BackendExists, ConfigError, InvalidBackend, UnknownBackend
+from softlb.forking import after_fork_in_child
 from softlb.state.base import (
     MAX_SLOTS,
     HealthVerdict,
@@ -340,8 +341,7 @@ def _after_fork_in_child() -> None:
         store._forget_parent()
 
 
-if hasattr(os, "register_at_fork"):  # POSIX only
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+after_fork_in_child(_after_fork_in_child)
 
 
 class RedisStore(StateStore):

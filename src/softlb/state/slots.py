@@ -52,7 +52,7 @@ call :meth:`~SlotTable.heartbeat` every few seconds. Liveness is cached for ``li
 seconds so readers stay cheap; a reader's sums count a dead owner's ``in_flight`` until then.
 
 Nothing is opened before first use, and a forked child drops what its parent had opened
-(``os.register_at_fork``), so a table can be built before gunicorn forks.
+(:mod:`softlb.forking`), so a table can be built before gunicorn forks.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ import weakref
 from collections.abc import Iterable, Iterator
 from typing import Final
 
+from softlb.forking import after_fork_in_child
 from softlb.state.base import MAX_SLOTS, StoreUnavailable
 
 __all__ = ["DEAD_AFTER", "LAYOUT_VERSION", "LIVENESS_TTL", "SlotTable", "SlotTableFull"]
@@ -614,4 +615,4 @@ def _after_fork_in_child() -> None:
                 os.close(fd)
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+after_fork_in_child(_after_fork_in_child)

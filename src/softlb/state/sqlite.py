@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Final
 
 from softlb.errors import BackendExists, UnknownBackend
+from softlb.forking import after_fork_in_child
 from softlb.state.base import (
     HealthVerdict,
     Member,
@@ -476,4 +477,4 @@ def _after_fork_in_child() -> None:
             store._conn, store._file = None, None
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+after_fork_in_child(_after_fork_in_child)
