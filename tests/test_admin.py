@@ -39,15 +39,17 @@ def pool() -> Pool:
 
 
 @pytest.fixture
-def removed() -> list[str]:
-    """The URLs the admin API's on_remove hook was called with."""
-    return []
+def removed(pool: Pool) -> list[str]:
+    """The URLs of the pool's ``removed`` events (the proxy closes its connections there)."""
+    urls: list[str] = []
+    pool.subscribe(lambda event: urls.append(event.url or ""), ("removed",))
+    return urls
 
 
 @pytest.fixture
-def api(pool: Pool, removed: list[str]) -> AdminApi:
+def api(pool: Pool) -> AdminApi:
     """An AdminApi over ``pool`` with the default prefix, no token, seed routes on."""
-    return AdminApi(pool, on_remove=removed.append)
+    return AdminApi(pool)
 
 
 @pytest.fixture
@@ -545,7 +547,8 @@ def test_bad_content_length_is_400(api: AdminApi, length: str) -> None:
 
 @pytest.mark.parametrize("path", ["/_softlb/servers", "/delete_server"])
 def test_remove_server(client: Client, pool: Pool, removed: list[str], path: str) -> None:
-    """DELETE removes the backend, answers 200 with it and calls on_remove with its URL."""
+    """DELETE removes the backend, answers 200 with it, and the pool's ``removed`` event
+    names it (once)."""
     resp = send(client, "DELETE", path, {"url": B})
     assert resp.status_code == 200
     assert resp.headers["Cache-Control"] == "no-store"
@@ -618,31 +621,22 @@ def test_remove_lets_in_flight_requests_finish(client: Client, pool: Pool) -> No
     assert lease.backend.requests == 1
 
 
-def test_on_remove_failure_does_not_fail_removal(
+def test_failing_removed_listener_does_not_fail_removal(
     pool: Pool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An exception in on_remove is logged; the removal still answers 200."""
+    """An exception in a listener of the ``removed`` event is logged; the removal still
+    answers 200."""
 
-    def broken(url: str) -> None:
+    def broken(event: object) -> None:
         raise RuntimeError("cannot close")
 
-    client = Client(AdminApi(pool, on_remove=broken))
-    with caplog.at_level(logging.ERROR, logger="softlb.admin"):
+    pool.subscribe(broken, ("removed",))
+    client = Client(AdminApi(pool))
+    with caplog.at_level(logging.ERROR, logger="softlb.pool"):
         resp = send(client, "DELETE", "/_softlb/servers", {"url": A})
     assert resp.status_code == 200
     assert A not in pool
-    assert "on_remove" in caplog.text
-
-
-def test_on_remove_can_be_replaced(pool: Pool) -> None:
-    """on_remove is a public attribute: the hook in place at removal time is the one called."""
-    first: list[str] = []
-    second: list[str] = []
-    api = AdminApi(pool, on_remove=first.append)
-    api.on_remove = second.append
-    send(Client(api), "DELETE", "/_softlb/servers", {"url": A})
-    assert first == []
-    assert second == [A]
+    assert "cannot close" in caplog.text
 
 
 def test_unexpected_error_is_500_json(
@@ -984,9 +978,10 @@ def test_application_added_backend_gets_traffic(make_app: Any, backends: list[Te
         assert client.get("/x").status_code == 200
     assert first.request_count == 2
     assert second.request_count == 2
-    assert second.url in app.proxy.upstream._backends
+    wire = app.proxy.upstream.transports["http"]  # the proxy's http:// client
+    assert second.url in wire._backends
     assert send(client, "DELETE", "/_softlb/servers", {"url": second.url}).status_code == 200
-    assert second.url not in app.proxy.upstream._backends  # on_remove closed its connections
+    assert second.url not in wire._backends  # the "removed" event closed its connections
     for _ in range(2):
         assert client.get("/y").status_code == 200
     assert second.request_count == 2

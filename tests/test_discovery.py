@@ -149,7 +149,8 @@ def test_vanished_address_is_drained_then_removed_when_idle(pair: int) -> None:
     dns = FakeDNS("127.0.0.1", "127.0.0.2")
     pool = Pool([])
     removed: list[str] = []
-    resolver = Resolver(pool, [Resolvable(spec)], 5.0, resolve=dns, on_remove=removed.append)
+    pool.subscribe(lambda event: removed.append(event.url or ""), ("removed",))
+    resolver = Resolver(pool, [Resolvable(spec)], 5.0, resolve=dns)
     resolver.refresh()
     two = f"http://127.0.0.2:{pair}"
     lease = pool.lease(exclude=[pool.get(f"http://127.0.0.1:{pair}")])

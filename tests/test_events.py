@@ -332,7 +332,7 @@ def test_forked_child_restarts_the_dispatcher(make_pool: Callable[..., Pool]) ->
         code = 1
         try:
             os.close(read_end)
-            pool._after_fork()
+            pool.after_fork()
             pool.add(C)
             assert pool.flush_events(5)
             urls = [e.backend for e in recorder.events]
@@ -352,7 +352,7 @@ def test_forked_child_restarts_the_dispatcher(make_pool: Callable[..., Pool]) ->
 
 
 def test_dispatcher_notices_a_fork_by_itself() -> None:
-    """A dispatcher used in a forked child without _after_fork() starts afresh there."""
+    """A dispatcher used in a forked child without after_fork() starts afresh there."""
     dispatcher = Dispatcher()
     got: list[str] = []
     hook = ev.Hook("*", lambda e: got.append(e.kind))

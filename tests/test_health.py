@@ -362,7 +362,7 @@ def test_fall_failures_take_out_and_rise_successes_bring_back(
         history.append(a.healthy)
         clock.now += 5.0
     assert history == [True, True, True, False, False, True, True]
-    assert [(e.kind, e.detail) for e in events] == [("health", "HTTP 500"), ("health", "HTTP 200")]
+    assert [(e.kind, e.reason) for e in events] == [("health", "HTTP 500"), ("health", "HTTP 200")]
 
 
 def test_passive_failures_take_a_backend_out(probe: FakeProbe, clock: FakeClock) -> None:

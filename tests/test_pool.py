@@ -223,12 +223,14 @@ def test_lease_records_failure_when_the_block_raises() -> None:
     """An exception in the block propagates and is recorded as a failure named after it."""
     pool = Pool([A])
     seen: list[PoolEvent] = []
-    pool.subscribe(seen.append)
+    pool.subscribe(seen.append, ("failure",))
     with pytest.raises(ConnectionResetError), pool.lease() as backend:
         raise ConnectionResetError("boom")
     assert (backend.active, backend.requests, backend.failures) == (0, 1, 1)
     assert backend.consecutive_failures == 1
-    assert seen == [PoolEvent("failure", backend, "ConnectionResetError")]
+    assert seen == [
+        PoolEvent("failure", backend, "ConnectionResetError", "ConnectionResetError", A)
+    ]
 
 
 def test_success_resets_consecutive_failures() -> None:
@@ -248,7 +250,7 @@ def test_lease_fail_marks_failure_without_an_exception() -> None:
     """lease.fail(reason) makes the release record a failure with that reason."""
     pool = Pool([A])
     seen: list[PoolEvent] = []
-    pool.subscribe(seen.append)
+    pool.subscribe(seen.append, ("failure",))
     with pool.lease() as backend:
         pass
     lease = pool.lease()
@@ -262,7 +264,7 @@ def test_fail_inside_block_wins_over_the_exception_name() -> None:
     """A reason given with fail() is kept even if the block then raises."""
     pool = Pool([A])
     seen: list[PoolEvent] = []
-    pool.subscribe(seen.append)
+    pool.subscribe(seen.append, ("failure",))
     lease = pool.lease()
     with pytest.raises(TimeoutError), lease:
         lease.fail("read timeout")
@@ -425,9 +427,9 @@ def test_drain_takes_out_of_rotation_and_undrain_puts_back(events: list[PoolEven
     pool.drain(a, draining=False)
     assert not a.draining
     assert _urls(pool.eligible) == [A, B]
-    assert [(e.kind, e.backend.url, e.detail) for e in events] == [
-        ("drain", A, "draining"),
-        ("drain", A, "ready"),
+    assert [(e.kind, e.url, e.detail) for e in events] == [
+        ("drained", A, "draining"),
+        ("drained", A, "ready"),
     ]
 
 
@@ -478,7 +480,10 @@ def test_set_healthy_reports_changes(events: list[PoolEvent]) -> None:
     assert not pool.get(A).healthy
     assert pool.eligible == (pool.get(B),)
     assert pool.set_healthy(pool.get(A), True)
-    assert [(e.kind, e.detail) for e in events] == [("health", "HTTP 500"), ("health", "up")]
+    assert [(e.kind, e.detail, e.reason) for e in events] == [
+        ("health", "down: HTTP 500", "HTTP 500"),
+        ("health", "up", "up"),
+    ]
 
 
 def test_set_healthy_ignores_non_members() -> None:
@@ -596,8 +601,54 @@ def test_events_for_add_and_remove(events: list[PoolEvent]) -> None:
     pool.subscribe(listener)
     a = pool.add(A)
     pool.remove(A)
-    assert events == [PoolEvent("added", a), PoolEvent("removed", a)]
+    assert events == [
+        PoolEvent("added", a, "weight 1", "weight 1", A),
+        PoolEvent("removed", a, "nothing in flight", "nothing in flight", A),
+    ]
     assert seen_members == [1, 0]
+
+
+def test_subscribe_names_its_kinds() -> None:
+    """subscribe() with kinds gets only those; the per-request "failure" only when named; an
+    unknown kind and "no_backend" (published under the pool's lock) are refused."""
+    pool = Pool([A])
+    everything: list[str] = []
+    failures: list[str] = []
+    pool.subscribe(lambda e: everything.append(e.kind))
+    pool.subscribe(lambda e: failures.append(e.reason), ("failure",))
+    pool.lease().release("timeout")
+    pool.drain(A)
+    assert everything == ["drained"]
+    assert failures == ["timeout"]
+    with pytest.raises(ValueError, match="unknown event 'drain'"):
+        pool.subscribe(everything.append, ("drain",))
+    with pytest.raises(ValueError, match=r"Pool\.on"):
+        pool.subscribe(everything.append, ("no_backend",))
+
+
+def test_hooks_and_listeners_see_one_stream() -> None:
+    """A hook (on()) and a listener (subscribe()) get the same events in the same order: the
+    dispatcher is one subscriber of the stream."""
+    pool = Pool([A, B])
+    listened: list[tuple[str, str | None, str]] = []
+    hooked: list[tuple[str, str | None, str]] = []
+    pool.subscribe(lambda e: listened.append((e.kind, e.url, e.detail)))
+    pool.on("*", lambda e: hooked.append((e.kind, e.backend, e.detail)))
+    pool.drain(A)
+    pool.set_healthy(B, False, "HTTP 500")
+    pool.remove(A)
+    pool.publish("retried", B, "GET /: timeout")
+    assert pool.flush_events()
+    assert (
+        hooked
+        == listened
+        == [
+            ("drained", A, "draining"),
+            ("health", B, "down: HTTP 500"),
+            ("removed", A, "nothing in flight"),
+            ("retried", B, "GET /: timeout"),
+        ]
+    )
 
 
 def test_unsubscribe_stops_events(events: list[PoolEvent]) -> None:
@@ -607,7 +658,7 @@ def test_unsubscribe_stops_events(events: list[PoolEvent]) -> None:
     pool.add(A)
     unsubscribe()
     pool.add(B)
-    assert [e.backend.url for e in events] == [A]
+    assert [e.url for e in events] == [A]
 
 
 def test_failing_listener_is_logged_and_does_not_break_the_pool(
@@ -634,10 +685,10 @@ def test_listener_may_call_back_into_the_pool(events: list[PoolEvent]) -> None:
     pool = Pool([A])
 
     def on_failure(event: PoolEvent) -> None:
-        if event.kind == "failure":
+        if event.kind == "failure" and event.backend is not None:
             pool.set_healthy(event.backend, False, "ejected by listener")
 
-    pool.subscribe(on_failure)
+    pool.subscribe(on_failure, ("failure",))
     pool.lease().release("refused")
     assert not pool.get(A).healthy
 

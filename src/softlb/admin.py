@@ -293,9 +293,9 @@ class AdminApi:
     CIDR blocks like ``"10.0.0.0/8"``; ValueError for anything else) may call it.
     ``seed_routes`` keeps ``POST /upload_server`` and ``DELETE /delete_server``. ``stats``
     are the proxy's counters for the metrics and the status page (default: fresh, all zero);
-    ``checker`` is shown on the status page. ``on_remove(url)``, if set, is called after a
-    backend left the pool through the API (the proxy closes its pooled connections there); it
-    is a public attribute, so that a process can point it at its own proxy after a fork.
+    ``checker`` is shown on the status page. A backend removed through the API leaves with
+    :meth:`Pool.remove <softlb.pool.Pool.remove>`, whose ``removed`` event tells the proxy to
+    close its pooled connections to it.
 
     A route's work runs under the pool's own locking; the API keeps no lock and no state but
     its start time.
@@ -310,7 +310,6 @@ class AdminApi:
         seed_routes: bool = True,
         stats: ProxyStats | None = None,
         checker: HealthChecker | None = None,
-        on_remove: Callable[[str], None] | None = None,
         state: SharedState | None = None,
         allow: Sequence[str] = (),
     ) -> None:
@@ -323,7 +322,6 @@ class AdminApi:
         self.seed_routes = seed_routes
         self.stats = stats if stats is not None else ProxyStats()
         self.checker = checker
-        self.on_remove = on_remove
         #: Where membership changes go first when processes share state; reassigned after a
         #: fork. ``None``: straight to the pool.
         self.state = state
@@ -660,12 +658,6 @@ class AdminApi:
         except StoreUnavailable as exc:
             raise _Refused(503, f"state store unavailable, nothing changed: {exc}") from None
         log.debug("backend %s removed by %s", backend.url, environ.get("REMOTE_ADDR", "?"))
-        on_remove = self.on_remove
-        if on_remove is not None:
-            try:
-                on_remove(backend.url)
-            except Exception:  # the backend is gone either way; do not report a failure
-                log.exception("on_remove hook failed for %s", backend.url)
         return _json_body(200, backend.as_dict())
 
     def _metrics_text(self, environ: Environ) -> _Response:

@@ -108,8 +108,9 @@ class Resolver:
     caller puts them in the pool as they are; the resolving ones it leaves out: their
     addresses are the backends). ``interval`` is the seconds between two lookups of a host;
     ``resolve`` replaces :func:`socket.getaddrinfo` (tests, a custom resolver).
-    ``on_remove`` is called with the URL of each backend the resolver removed (the proxy
-    closes its pooled connections to it). ``factory(url, spec, origin)`` builds the backend
+    A backend the resolver removes leaves through :meth:`Pool.remove
+    <softlb.pool.Pool.remove>`, so its ``removed`` event tells whoever keeps connections to
+    it. ``factory(url, spec, origin)`` builds the backend
     of one address (default: ``Backend(url, spec.weight, origin=origin)``); give one to copy
     other per-server settings onto it.
 
@@ -126,7 +127,6 @@ class Resolver:
         interval: float = 5.0,
         *,
         resolve: ResolveFunction = socket.getaddrinfo,
-        on_remove: Callable[[str], None] | None = None,
         factory: Callable[[str, Any, str], Backend] | None = None,
     ) -> None:
         if interval <= 0:
@@ -134,7 +134,6 @@ class Resolver:
         self.pool = pool
         self.interval = float(interval)
         self.resolve = resolve
-        self.on_remove = on_remove
         self.factory = factory if factory is not None else _default_backend
         self.servers = [_Server(spec) for spec in specs if spec.resolve]
         self._leaving: dict[str, str] = {}  # drained backend URL -> its server's URL
@@ -252,11 +251,6 @@ class Resolver:
             except UnknownBackend:
                 continue
             log.info("%s removed", url)
-            if self.on_remove is not None:
-                try:
-                    self.on_remove(url)
-                except Exception:
-                    log.exception("on_remove hook failed for %s", url)
 
     @property
     def leaving(self) -> tuple[str, ...]:

@@ -48,10 +48,12 @@ __all__ = [
     "ALL",
     "DRAINED",
     "EJECTED",
+    "FAILURE",
     "HEALTH",
     "KINDS",
     "KNOWN",
     "NO_BACKEND",
+    "PER_REQUEST",
     "QUEUE_SIZE",
     "REMOVED",
     "RETRIED",
@@ -73,14 +75,21 @@ NO_BACKEND: Final = "no_backend"
 #: Not part of :data:`ALL`: it is per request, so it is delivered only to hooks that ask for
 #: it by name (the access log of :func:`softlb.logs.install_event_logging`).
 ACCESS: Final = "access"
-#: Subscribes a callback to every kind of event but :data:`ACCESS`.
+#: One per request that failed on a backend (the lease recorded a failure; ``detail`` is its
+#: kind: ``"connect"``, ``"timeout"``, ``"broken"``, ``"error"``). Per request, like
+#: :data:`ACCESS`: delivered only to hooks that name it. Passive health checks listen to it.
+FAILURE: Final = "failure"
+#: Subscribes a callback to every kind of event but the per-request ones (:data:`PER_REQUEST`).
 ALL: Final = "*"
 
 #: Every event kind, in the order the documentation lists them.
 KINDS: Final = (ADDED, REMOVED, DRAINED, HEALTH, EJECTED, RETRIED, NO_BACKEND)
 
+#: The kinds published once per request: never delivered to ``"*"``, only when named.
+PER_REQUEST: Final = (ACCESS, FAILURE)
+
 #: Every kind :meth:`Pool.on() <softlb.pool.Pool.on>` accepts by name.
-KNOWN: Final = (*KINDS, ACCESS)
+KNOWN: Final = (*KINDS, *PER_REQUEST)
 
 #: Events waiting for delivery beyond which new ones are dropped. State changes come a few at a
 #: time; 1,024 rides out a burst (a whole cluster's membership applied at once, a flood of
@@ -181,8 +190,8 @@ class Dispatcher:
 
     def put(self, event: Event, hooks: tuple[Hook, ...]) -> bool:
         """Queue ``event`` for ``hooks``; return ``False`` if it was dropped (queue full)."""
-        if self._pid != os.getpid():  # forked without _after_fork(): start afresh
-            self._after_fork()
+        if self._pid != os.getpid():  # forked without after_fork(): start afresh
+            self.after_fork()
         with self._cond:
             if len(self._items) >= self.maxsize:
                 self.dropped += 1
@@ -199,7 +208,7 @@ class Dispatcher:
     def start(self) -> None:
         """Start the delivery thread unless it runs already."""
         if self._pid != os.getpid():
-            self._after_fork()
+            self.after_fork()
         with self._cond:
             if self._thread is None:
                 self._start_locked()
@@ -240,7 +249,7 @@ class Dispatcher:
             event, hooks = item
             for hook in hooks:
                 if hook.active and (
-                    hook.kind == event.kind or (hook.kind == ALL and event.kind != ACCESS)
+                    hook.kind == event.kind or (hook.kind == ALL and event.kind in KINDS)
                 ):
                     try:
                         hook.callback(event)
@@ -279,7 +288,7 @@ class Dispatcher:
         """
         marker = _Flush()
         if self._pid != os.getpid():
-            self._after_fork()
+            self.after_fork()
         with self._cond:
             if self._thread is None:
                 return not self._items
@@ -295,7 +304,7 @@ class Dispatcher:
         Events that arrive later start the thread again. Idempotent.
         """
         if self._pid != os.getpid():  # the parent's thread is not ours to stop
-            self._after_fork()
+            self.after_fork()
             return True
         with self._cond:
             thread = self._thread
@@ -308,10 +317,10 @@ class Dispatcher:
         thread.join(timeout)
         return not thread.is_alive()
 
-    def _after_fork(self) -> None:
+    def after_fork(self) -> None:
         """In a child made by ``fork()``: a fresh lock and an empty queue; the parent's thread
         does not exist here, and the next event starts a new one. Events queued in the parent
-        are the parent's to deliver. Called by :meth:`Pool._after_fork`, and by any method that
+        are the parent's to deliver. Called by :meth:`Pool.after_fork`, and by any method that
         finds itself in a new process."""
         self._cond = threading.Condition(threading.Lock())
         self._items = deque()

@@ -239,7 +239,9 @@ class HealthChecker:
         """Track the pool's members from now on; every current member is due at once."""
         if self.initial_state == "down":  # a backend added from now on waits for its probes
             self.pool.admit_healthy = False
-        self._unsubscribe = self.pool.subscribe(self._on_event)
+        self._unsubscribe = self.pool.subscribe(
+            self._on_event, ("added", "removed", "failure", "health")
+        )
         now = self.clock()
         for backend in self.pool.backends:
             self._track(backend, now)
@@ -263,6 +265,8 @@ class HealthChecker:
         self._wake.notify()
 
     def _on_event(self, event: PoolEvent) -> None:
+        if event.backend is None:
+            return
         if event.kind == "added":
             self._track(event.backend, self.clock())
         elif event.kind == "removed":
@@ -283,14 +287,14 @@ class HealthChecker:
                 self._eject(
                     backend,
                     f"passive: {count} {'request' if count == 1 else 'requests in a row'} "
-                    f"failed, the last: {failure_reason(event.detail)}",
+                    f"failed, the last: {failure_reason(event.reason)}",
                 )
         elif event.kind == "health":
             with self._lock:  # every change, whoever decided it, for report()
                 if event.backend.healthy:
                     self._down.pop(event.backend, None)
                 elif event.backend not in self._down:
-                    self._down[event.backend] = (self.wall_clock(), event.detail)
+                    self._down[event.backend] = (self.wall_clock(), event.reason)
             # A verdict decided elsewhere (another process, an operator): adopt it, so that a
             # backend taken out by someone else needs `rise` successes here too.
             with self._lock:
@@ -513,7 +517,7 @@ class HealthChecker:
         if callable(close):
             close()
 
-    def _after_fork(self) -> None:
+    def after_fork(self) -> None:
         """Make the checker usable in a child process made by ``fork()``.
 
         The parent's threads do not exist in the child, and its locks may be held by them:

@@ -51,18 +51,32 @@ _REMOVED_KEPT: Final = 64
 
 @dataclass(frozen=True)
 class PoolEvent:
-    """Something that happened to a pool's backends, given to :meth:`Pool.subscribe` listeners.
+    """Something that happened to a pool, as :meth:`Pool.subscribe` listeners get it: the one
+    event stream of a pool, of which :meth:`Pool.on` hooks get the :class:`~softlb.events.Event`
+    view on the dispatcher's thread.
 
-    ``kind`` is one of ``"added"``, ``"removed"``, ``"drain"``, ``"health"`` (``detail`` says
-    why) and ``"failure"`` (a request through a lease failed; ``detail`` names the failure).
+    ``kind`` is one of :data:`softlb.events.KNOWN` (``"added"``, ``"removed"``, ``"drained"``,
+    ``"health"``, ``"ejected"``, ``"retried"``, ``"no_backend"``, and the per-request
+    ``"access"`` and ``"failure"``); ``backend`` the :class:`Backend` concerned (``None`` for
+    ``no_backend``, or a URL that is no longer a member); ``url`` its URL; ``detail`` the text
+    hooks get (``"down: HTTP 500"``); ``reason`` the bare reason a ``health`` or ``failure``
+    event carries (``"HTTP 500"``, ``"up"``, ``"timeout"``), else the same as ``detail``.
     """
 
     kind: str
-    backend: Backend
+    backend: Backend | None
     detail: str = ""
+    reason: str = ""
+    url: str | None = None
 
 
 Listener = Callable[[PoolEvent], None]
+
+#: What :meth:`Pool.subscribe` listens to when no kinds are named.
+_DEFAULT_KINDS: Final = frozenset(events.KINDS) - {events.NO_BACKEND}
+#: Kinds published while the pool's lock is held (a request that found nothing in rotation):
+#: they go to the dispatcher only, as a listener called there could not use the pool.
+_HOOKS_ONLY: Final = frozenset({events.NO_BACKEND})
 
 
 @dataclass(frozen=True)
@@ -169,15 +183,20 @@ class Pool:
         self._members: dict[str, Backend] = {}
         self._eligible: tuple[Backend, ...] = ()
         self._ramp_next: float | None = None  # when effective weights must be recomputed
-        self._listeners: list[Listener] = []
+        # The event stream's subscribers, (kinds, listener): replaced, never mutated, so
+        # publish() reads them without the lock. The dispatcher of the hooks is one of them.
+        self._subscribers: tuple[tuple[frozenset[str], Listener], ...] = ()
         # Why each backend out of rotation for health is out: (detail, passive ejection).
         self._notes: dict[Backend, tuple[str, bool]] = {}
         # Removed backends that still had requests in flight, oldest first (an ordered set).
         self._removed: dict[Backend, None] = {}
         # Hooks (see on()): replaced, never mutated, so emitters read them without the lock.
         self._hooks: tuple[Hook, ...] = ()
-        self._wanted: frozenset[str] = frozenset()  # the kinds some hook listens to
+        self._hook_kinds: frozenset[str] = frozenset()  # the kinds some hook listens to
+        self._wanted: frozenset[str] = frozenset()  # the kinds some subscriber listens to
         self._dispatcher: Dispatcher | None = None
+        # The dispatcher's subscription (no reference to the pool: collecting it stops it).
+        self._forward: Listener = _forwarder(weakref.ref(self))
         #: Called under the lock with a backend whose counts just changed (a lease taken or
         #: released); shared state points it at the host's in-flight table.
         self.count_sink: Callable[[Backend], None] | None = None
@@ -256,7 +275,6 @@ class Pool:
             self._removed.pop(backend, None)
             self._start_ramp(backend, now)
             self._rebuild(now)
-        self._emit(PoolEvent("added", backend))
         self.publish(events.ADDED, backend, f"weight {backend.weight}")
         return backend
 
@@ -275,7 +293,6 @@ class Pool:
                 self._removed[backend] = None
                 if len(self._removed) > _REMOVED_KEPT:
                     del self._removed[next(iter(self._removed))]
-        self._emit(PoolEvent("removed", backend))
         self.publish(events.REMOVED, backend, _in_flight_text(in_flight))
         return backend
 
@@ -295,7 +312,6 @@ class Pool:
                 self._start_ramp(backend, now)
             self._rebuild(now)
         detail = "draining" if draining else "ready"
-        self._emit(PoolEvent("drain", backend, detail))
         self.publish(events.DRAINED, backend, detail)
         return backend
 
@@ -360,8 +376,12 @@ class Pool:
                 self._start_ramp(backend, now)
             self._rebuild(now)
         verdict = "up" if healthy else "down"
-        self._emit(PoolEvent("health", backend, reason or verdict))
-        self.publish(events.HEALTH, backend, f"{verdict}: {reason}" if reason else verdict)
+        self.publish(
+            events.HEALTH,
+            backend,
+            f"{verdict}: {reason}" if reason else verdict,
+            reason=reason or verdict,
+        )
         if passive and not healthy:
             self.publish(events.EJECTED, backend, reason)
         return True
@@ -643,7 +663,7 @@ class Pool:
             )
         if nothing_eligible and events.NO_BACKEND in self._wanted:
             detail = f"{members} members, none in rotation" if members else "the pool is empty"
-            self.publish(events.NO_BACKEND, None, detail)
+            self._forward(PoolEvent(events.NO_BACKEND, None, detail, detail))  # hooks only
         return NoBackendAvailable(message)
 
     def _pick_excluding(
@@ -682,15 +702,15 @@ class Pool:
                 self.count_sink(backend)
             if self._waiting:
                 self._serve(now)
-        if failure is not None and self._listeners:
-            self._emit(PoolEvent("failure", backend, failure))
+        if failure is not None and events.FAILURE in self._wanted:
+            self.publish(events.FAILURE, backend, failure)
 
     @property
     def in_flight(self) -> int:
         """Requests in flight across every member."""
         return sum(b.active for b in self._members.values())
 
-    def _after_fork(self) -> None:
+    def after_fork(self) -> None:
         """Make the pool usable in a child process made by ``fork()``.
 
         A lock another thread held at the moment of the fork stays locked in the child for
@@ -700,31 +720,51 @@ class Pool:
         self._queue = WaitQueue()  # the parent's waiters are not this process's
         self._waiting = self._queue.tickets
         if self._dispatcher is not None:
-            self._dispatcher._after_fork()
+            self._dispatcher.after_fork()
 
     # -- events --------------------------------------------------------------------------
 
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Call ``listener(event)`` for every :class:`PoolEvent`; returns an unsubscribe function.
+    def subscribe(
+        self, listener: Listener, kinds: Iterable[str] | None = None
+    ) -> Callable[[], None]:
+        """Call ``listener(event)`` with each :class:`PoolEvent` of ``kinds`` (default: every
+        kind of :data:`softlb.events.KINDS`; the per-request ``"access"`` and ``"failure"``
+        only when named); returns an unsubscribe function.
 
-        Listeners run on the thread that caused the event, after the pool's lock is released;
-        keep them quick. An exception in one is not propagated.
+        This is the pool's one event stream: its own changes and what adapters
+        :meth:`publish` reach every subscriber, in the order they happened. Listeners run on
+        the thread that caused the event, after the pool's lock is released; keep them quick
+        (the health checker, shared state and the proxy's transport subscribe here). An
+        exception in one is logged and not propagated. :meth:`on` hooks are delivered by one
+        such subscriber, the dispatcher, on a thread of its own; ``"no_backend"``, which
+        happens under the pool's lock, goes to hooks only.
         """
+        wanted = _DEFAULT_KINDS if kinds is None else frozenset(kinds)
+        unknown = sorted(wanted - set(events.KNOWN))
+        if unknown:
+            raise ValueError(f"unknown event {unknown[0]!r}; known: {', '.join(events.KNOWN)}")
+        if wanted & _HOOKS_ONLY:
+            raise ValueError(
+                "no_backend is published under the pool's lock: listen with Pool.on(), "
+                "whose callbacks run on the dispatcher's thread"
+            )
+        entry = (wanted, listener)
         with self._lock:
-            self._listeners = [*self._listeners, listener]
+            self._set_subscribers((*self._subscribers, entry))
 
         def unsubscribe() -> None:
             with self._lock:
-                self._listeners = [x for x in self._listeners if x is not listener]
+                self._set_subscribers(tuple(e for e in self._subscribers if e is not entry))
 
         return unsubscribe
 
-    def _emit(self, event: PoolEvent) -> None:
-        for listener in self._listeners:
-            try:
-                listener(event)
-            except Exception:  # a listener must never break the pool
-                log.exception("pool listener %r failed", listener)
+    def _set_subscribers(self, subscribers: tuple[tuple[frozenset[str], Listener], ...]) -> None:
+        """Install a new subscriber tuple; the caller holds the lock."""
+        self._subscribers = subscribers
+        kinds: set[str] = set()
+        for wanted, _ in subscribers:
+            kinds |= wanted
+        self._wanted = frozenset(kinds)
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -732,17 +772,18 @@ class Pool:
         """Call ``callback(Event)`` for every event of kind ``event``; return an unsubscribe
         function.
 
-        ``event`` is one of :data:`softlb.events.KINDS` — ``"added"``, ``"removed"``,
-        ``"drained"``, ``"health"``, ``"ejected"``, ``"retried"``, ``"no_backend"`` — or
-        ``"*"`` for all of them. Callbacks run one at a time, in the order events happened, on
-        the pool's dispatcher thread (started here, once), never on the thread that caused the
-        event; an exception in one is logged to ``softlb.events`` and the others still run.
-        When :data:`~softlb.events.QUEUE_SIZE` events wait for a slow callback, newer ones are
+        ``event`` is one of :data:`softlb.events.KNOWN` — ``"added"``, ``"removed"``,
+        ``"drained"``, ``"health"``, ``"ejected"``, ``"retried"``, ``"no_backend"``, and the
+        per-request ``"access"`` and ``"failure"`` — or ``"*"`` for all but the per-request
+        ones. Callbacks run one at a time, in the order events happened, on the pool's
+        dispatcher thread (started here, once), never on the thread that caused the event;
+        an exception in one is logged to ``softlb.events`` and the others still run. When
+        :data:`~softlb.events.QUEUE_SIZE` events wait for a slow callback, newer ones are
         dropped and counted in :attr:`events_dropped`, so nothing waits for a callback. After
         unsubscribing, the callback gets no event, even one already queued.
 
-        :meth:`subscribe` is the synchronous, internal counterpart used by the health checker
-        and shared state.
+        The dispatcher is one subscriber of the pool's event stream (:meth:`subscribe`, the
+        synchronous interface the health checker and shared state use).
         """
         if event != events.ALL and event not in events.KNOWN:
             raise ValueError(
@@ -768,33 +809,53 @@ class Pool:
         return unsubscribe
 
     def _set_hooks(self, hooks: tuple[Hook, ...]) -> None:
-        """Install a new hook tuple; the caller holds the lock."""
+        """Install a new hook tuple, and the dispatcher's subscription to the kinds they want;
+        the caller holds the lock."""
         kinds = {h.kind for h in hooks}
-        self._hooks = hooks
         if events.ALL in kinds:  # every kind but the per-request ones named explicitly
             kinds = (kinds - {events.ALL}) | set(events.KINDS)
-        self._wanted = frozenset(kinds)
+        self._hooks = hooks
+        self._hook_kinds = frozenset(kinds)
+        forward = self._forward
+        others = tuple(e for e in self._subscribers if e[1] is not forward)
+        self._set_subscribers((*others, (self._hook_kinds, forward)) if kinds else others)
 
     def wants(self, kind: str) -> bool:
-        """Whether a hook listens to ``kind``: an adapter checks it before building an event
-        it would publish per request."""
+        """Whether a subscriber or hook listens to ``kind``: an adapter checks it before
+        building an event it would publish per request."""
         return kind in self._wanted
 
-    def publish(self, kind: str, backend: Backend | str | None = None, detail: str = "") -> None:
-        """Hand an event to the hooks subscribed to ``kind`` (see :meth:`on`); never waits.
+    def publish(
+        self,
+        kind: str,
+        backend: Backend | str | None = None,
+        detail: str = "",
+        *,
+        reason: str = "",
+    ) -> None:
+        """Put an event on the pool's stream (see :meth:`subscribe` and :meth:`on`); never
+        waits for a hook.
 
         The pool publishes its own changes; adapters publish what only they see — the proxy
-        publishes ``"retried"``. Costs one set lookup when no hook listens to ``kind``.
+        ``"retried"`` and ``"access"``. ``backend`` is a member or its URL. Costs one set
+        lookup when nothing listens to ``kind``.
         """
         if kind not in self._wanted:
-            if kind != events.ALL and kind not in events.KNOWN:
+            if kind not in events.KNOWN:
                 raise ValueError(f"unknown event {kind!r}; known: {', '.join(events.KNOWN)}")
             return
-        dispatcher = self._dispatcher
-        if dispatcher is None:
-            return
-        url = backend.url if isinstance(backend, Backend) else backend
-        dispatcher.put(Event(kind, url, detail, time.time()), self._hooks)
+        if isinstance(backend, str):
+            url: str | None = backend
+            backend = self._members.get(backend) or self._members.get(_normalized(backend))
+        else:
+            url = backend.url if backend is not None else None
+        event = PoolEvent(kind, backend, detail, reason or detail, url)
+        for wanted, listener in self._subscribers:
+            if kind in wanted:
+                try:
+                    listener(event)
+                except Exception:  # a listener must never break the pool
+                    log.exception("pool listener %r failed", listener)
 
     def flush_events(self, timeout: float | None = 5.0) -> bool:
         """Wait until every event published so far has reached its hooks; ``False`` if that
@@ -890,6 +951,19 @@ class Pool:
             f"<Pool [{len(members)} backends: {healthy} healthy | "
             f"{sum(b.active for b in members)} in flight] {self.balancer.name}>"
         )
+
+
+def _forwarder(pool_ref: weakref.ref[Pool]) -> Listener:
+    """The subscription through which :meth:`Pool.on` hooks get events: each event's
+    :class:`~softlb.events.Event` view, handed to the pool's dispatcher (never waits)."""
+
+    def forward(event: PoolEvent) -> None:
+        pool = pool_ref()
+        dispatcher = pool._dispatcher if pool is not None else None
+        if pool is not None and dispatcher is not None:
+            dispatcher.put(Event(event.kind, event.url, event.detail, time.time()), pool._hooks)
+
+    return forward
 
 
 def _in_flight_text(count: int) -> str:

@@ -763,10 +763,10 @@ def _run(
 
     def on_event(event: PoolEvent) -> None:
         nonlocal ejections
-        if event.kind == "health" and not event.backend.healthy:
+        if event.backend is not None and not event.backend.healthy:
             ejections += 1
 
-    pool.subscribe(on_event)
+    pool.subscribe(on_event, ("health",))
     checker: HealthChecker | None = None
     if health_check:
 

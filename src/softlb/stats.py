@@ -162,15 +162,18 @@ class ProxyStats:
         """
 
         def on_event(event: PoolEvent) -> None:
+            backend = event.backend
+            if backend is None:
+                return
             if event.kind == "health":
-                self.transition(event.backend.url, "up" if event.backend.healthy else "down")
-            elif event.kind == "removed":
-                self.forget(event.backend.url)
+                self.transition(backend.url, "up" if backend.healthy else "down")
+            else:
+                self.forget(backend.url)
 
         def on_probe(backend: Backend, result: ProbeResult) -> None:
             self.health_check(backend.url, result.ok)
 
-        unsubscribe = pool.subscribe(on_event)
+        unsubscribe = pool.subscribe(on_event, ("health", "removed"))
         if checker is not None:
             checker.on_probe = on_probe
 

@@ -241,9 +241,6 @@ class SharedState:
             self.health_ttl = 3 * checker.interval + 2 * checker.timeout
         else:
             self.health_ttl = 30.0
-        #: Called with the URL of every backend that left the pool (the proxy closes its
-        #: pooled connections); reassigned after a fork, like the admin API's.
-        self.on_remove: Callable[[str], None] | None = None
         #: Whether the last attempt to reach the store failed.
         self.stale = False
         #: What went wrong, while :attr:`stale`.
@@ -266,7 +263,7 @@ class SharedState:
     def start(self) -> SharedState:
         """Read (or seed) the store once, then keep in step from a background thread."""
         if self._unsubscribe is None:
-            self._unsubscribe = self.pool.subscribe(self._on_event)
+            self._unsubscribe = self.pool.subscribe(self._on_event, ("health",))
         if self.slots is not None:
             try:
                 self.slots.claim()
@@ -469,11 +466,6 @@ class SharedState:
             self.pool.remove(backend)
         except Exception:
             return
-        if self.on_remove is not None:
-            try:
-                self.on_remove(backend.url)
-            except Exception:
-                log.exception("on_remove hook failed for %s", backend.url)
 
     def add(self, url: str, weight: int) -> Backend:
         """Add a backend everywhere: to the store first, then here.
@@ -521,20 +513,21 @@ class SharedState:
             self._local.applying = False
 
     def _on_event(self, event: PoolEvent) -> None:
-        if event.kind != "health" or getattr(self._local, "applying", False):
+        backend = event.backend
+        if backend is None or getattr(self._local, "applying", False):
             return
-        if event.detail.startswith(_SHARED):
+        if event.reason.startswith(_SHARED):
             return
         # A verdict decided here (passive failures, or this process's probes): share it. This
         # may run on a request's thread (a passive ejection), which must never wait for the
         # store: the state thread writes it on its next tick.
         if self._thread is None:  # no thread (the memory store): it cannot block anyway
-            self._write_verdict(event.backend, event.backend.healthy, event.detail)
+            self._write_verdict(backend, backend.healthy, event.reason)
             return
         with self._pending_lock:
-            self._pending[event.backend.url] = (
-                event.backend,
-                HealthVerdict(event.backend.healthy, event.detail),
+            self._pending[backend.url] = (
+                backend,
+                HealthVerdict(backend.healthy, event.reason),
             )
 
     def _flush_verdicts(self) -> None:
