@@ -7,7 +7,7 @@ from typing import Final
 
 from softlb.backend import EWMA_DECAY_SECONDS, Backend
 from softlb.balancers.base import Candidate, register
-from softlb.balancers.randomized import _WeightedDraw
+from softlb.balancers.randomized import WeightedDraw
 
 __all__ = ["DEFAULT_RTT", "PeakEwma", "peak_ewma_cost"]
 
@@ -45,7 +45,7 @@ def peak_ewma_cost(
 
 
 @register
-class PeakEwma(_WeightedDraw):
+class PeakEwma(WeightedDraw):
     """Power of two choices on peak-EWMA cost (Finagle's ``Balancers.p2cPeakEwma``).
 
     Each backend's latency is tracked as an exponentially weighted moving average that jumps

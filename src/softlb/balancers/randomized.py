@@ -12,7 +12,7 @@ from softlb.backend import Backend
 from softlb.balancers.base import ONLY_ONE, Balancer, Candidate, candidate, register
 from softlb.balancers.least import load_of
 
-__all__ = ["PowerOfTwoChoices", "Random"]
+__all__ = ["PowerOfTwoChoices", "Random", "WeightedDraw"]
 
 
 def _lowest(indexes: Iterable[int], count: int | None, key: Callable[[int], float]) -> list[int]:
@@ -25,8 +25,11 @@ def _lowest(indexes: Iterable[int], count: int | None, key: Callable[[int], floa
     return heapq.nsmallest(count, indexes, key=lambda k: (key(k), k))
 
 
-class _WeightedDraw(Balancer):
-    """Shared machinery: draw an eligible backend at random in proportion to its weight."""
+class WeightedDraw(Balancer):
+    """The base of the random strategies (:class:`Random`, :class:`PowerOfTwoChoices`,
+    :class:`~softlb.balancers.ewma.PeakEwma`): draws an eligible backend at random in
+    proportion to its weight (``_draw()``), and explains those draws. Subclass it for a
+    strategy of your own that draws."""
 
     def __init__(self, *, seed: int | None = None, rng: random.Random | None = None) -> None:
         self._rng = rng if rng is not None else random.Random(seed)
@@ -110,7 +113,7 @@ class _WeightedDraw(Balancer):
 
 
 @register
-class Random(_WeightedDraw):
+class Random(WeightedDraw):
     """A random eligible backend, in proportion to weight (nginx's and HAProxy's ``random``).
 
     Pass ``seed=`` (or an ``rng=``) for a reproducible sequence.
@@ -163,7 +166,7 @@ class Random(_WeightedDraw):
 
 
 @register
-class PowerOfTwoChoices(_WeightedDraw):
+class PowerOfTwoChoices(WeightedDraw):
     """Draw two different backends at random (by weight) and take the less loaded one.
 
     Mitzenmacher's "power of two choices", as in HAProxy's ``random(2)`` and Envoy's default
