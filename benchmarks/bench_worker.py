@@ -5,9 +5,9 @@ Runs ``softlb serve --workers 1 --engine threads --threads 16`` twice over, unde
 ``/small`` and ``/big``, 16 and 64 connections, keep-alive):
 
 ``subclass``
-    ``softlb serve`` as it is: up to commit 5d360dc, ``worker_class =
+    ``softlb serve`` as it is: up to commit 2b231d5, ``worker_class =
     "softlb.worker.SoftLBWorker"``; since the subclass was removed (it did not pay), stock
-    gthread too, so re-running the comparison means checking out 5d360dc;
+    gthread too, so re-running the comparison means checking out 2b231d5;
 ``stock``
     the same CLI with gunicorn's stock ``gthread`` worker class, through
     ``peers/softlb_gthread.py`` (the product has no switch for it).
