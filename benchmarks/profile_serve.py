@@ -2,7 +2,7 @@
 
 Run it from a checkout: ``python benchmarks/profile_serve.py``. It starts the
 two nginx backends of ``run.py`` and softlb's app under gunicorn exactly as ``softlb serve``
-runs it (``softlb.worker.SoftLBWorker``, gthread-based, 1 worker, 16 threads, keep-alive 5 s,
+runs it (``--engine threads``: gunicorn's gthread, 1 worker, 16 threads, keep-alive 5 s,
 least_connections) plus the hooks of ``profile_hooks.py``, pinned to CPU 1, and loads it with
 ``wrk -t1 -c16`` on ``/small`` (``--body big``: ``/big``) from CPU 0, three times:
 
@@ -275,7 +275,7 @@ def _measure(mode: str, ctx: Any, seconds: int, pyspy: Path | None, out: Path) -
     conf.write_text(
         f"import sys\nsys.path.insert(0, {str(HERE)!r})\n"
         "from profile_hooks import post_worker_init  # noqa: F401\n"
-        f"bind = ['127.0.0.1:{port}']\nworker_class = 'softlb.worker.SoftLBWorker'\nworkers = 1\n"
+        f"bind = ['127.0.0.1:{port}']\nworker_class = 'gthread'\nworkers = 1\n"
         f"threads = {harness.THREADS}\nkeepalive = 5\ntimeout = 60\nloglevel = 'warning'\n"
         "control_socket_disable = True\npreload_app = False\n"
     )

@@ -473,7 +473,7 @@ def test_gunicorn_settings() -> None:
     assert server.gunicorn_settings(config, ServeOptions())["worker_class"] == "softlb.aio.Worker"
     options = ServeOptions(threads=8, graceful_timeout=2.5, engine="threads")
     settings = server.gunicorn_settings(config, options)
-    assert settings["worker_class"] == "softlb.worker.SoftLBWorker"
+    assert settings["worker_class"] == "gthread"
     assert settings["workers"] == 1
     assert settings["threads"] == 8
     assert settings["preload_app"] is False
@@ -490,7 +490,7 @@ def test_embedded_gunicorn_takes_known_settings_only() -> None:
     settings = server.gunicorn_settings(Config(), ServeOptions(threads=3, engine="threads"))
     settings["no_such_setting_in_any_gunicorn"] = 1
     app = server.SoftLBServer(lambda: None, settings)  # type: ignore[arg-type,return-value]
-    assert app.cfg.worker_class_str == "softlb.worker.SoftLBWorker"
+    assert app.cfg.worker_class_str == "gthread"
     assert app.cfg.threads == 3
     assert app.cfg.preload_app is False
     assert app.cfg.graceful_timeout == 30

@@ -1,10 +1,10 @@
-"""Run the balancer on gunicorn; this and its worker class (:mod:`softlb.worker`) import gunicorn.
+"""Run the balancer on gunicorn; this module (and :mod:`softlb.aio`'s worker) import gunicorn.
 
 :func:`serve` embeds gunicorn the way its ``examples/standalone_app.py`` does: a
 :class:`~gunicorn.app.base.BaseApplication` whose fields are set before ``super().__init__()``
-and that passes gunicorn only settings it knows. Workers are gunicorn's ``gthread`` worker (one
-process, a pool of threads) as subclassed by :mod:`softlb.worker` to save syscalls per request,
-so a slow backend ties up a thread, not a process.
+and that passes gunicorn only settings it knows. Workers are softlb's event loop
+(:mod:`softlb.aio`, the default) or, with ``--engine threads``, gunicorn's stock ``gthread``
+worker (one process, a pool of threads, so a slow backend ties up a thread, not a process).
 
 Nothing that owns a thread or a socket is made before the fork. The master parses the config and
 binds the listening socket; the WSGI app — pool, health checker thread, backend connections — is
@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
@@ -64,7 +65,7 @@ DEFAULT_THREADS: Final = 16
 #: loop per worker (uvloop + httptools, :mod:`softlb.aio`), or gunicorn's threaded worker.
 ENGINES: Final = {
     "eventloop": "softlb.aio.Worker",
-    "threads": "softlb.worker.SoftLBWorker",
+    "threads": "gthread",
 }
 DEFAULT_ENGINE: Final = "eventloop"
 #: Seconds in-flight requests get to finish after SIGTERM/SIGINT (SPEC §1).
@@ -267,9 +268,51 @@ def _post_worker_init(worker: Any) -> None:
     A Ctrl-C in a terminal reaches every process of the group, the workers too; gunicorn's
     workers take SIGINT as "quit now" and would cut in-flight requests off before the master's
     graceful SIGTERM arrives.
+
+    Under gunicorn's gthread worker (``--engine threads``), also: both signals close the
+    listening sockets at once (SPEC §1: a new connection is refused, never left in the listen
+    backlog while in-flight requests drain), and a request gunicorn's own parser refuses gets
+    a plain-text answer instead of gunicorn's HTML page (SPEC §3).
     """
-    signal.signal(signal.SIGINT, worker.handle_exit)
-    signal.siginterrupt(signal.SIGINT, False)
+    queue = getattr(worker, "method_queue", None)
+    if queue is None or not callable(getattr(worker, "set_accept_enabled", None)):
+        signal.signal(signal.SIGINT, worker.handle_exit)
+        signal.siginterrupt(signal.SIGINT, False)
+        return
+    gunicorn_util.write_error = _plain_error
+
+    def stop(sig: int, frame: Any) -> None:
+        worker.handle_exit(sig, frame)
+        # On the worker's own loop, not in the signal handler: the poller is not re-entrant.
+        queue.defer(_close_listeners, worker)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+        signal.siginterrupt(sig, False)
+
+
+def _close_listeners(worker: Any) -> None:
+    """Stop a gthread worker accepting and close its listening sockets."""
+    try:
+        worker.set_accept_enabled(False)
+    except Exception:  # gthread already stopped accepting
+        log.debug("accepting was already off")
+    for listener in worker.sockets:
+        try:
+            listener.close()
+        except OSError:
+            log.debug("listener already closed")
+
+
+def _plain_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's ``util.write_error`` with a one-line plain-text body instead of HTML."""
+    text = f"{status_int} {reason}: {mesg}\n" if mesg else f"{status_int} {reason}\n"
+    body = text.encode("latin-1", "replace")
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
 def _worker_exit(server: Any, worker: Any) -> None:
@@ -369,8 +412,9 @@ def gunicorn_settings(config: Config, options: ServeOptions) -> dict[str, Any]:
         binds.append(admin_listen)
     return {
         "bind": binds,
-        # The event loop (softlb.aio.Worker), or gthread with one send() per small answer and
-        # no needless settimeout()s (softlb/worker.py).
+        # The event loop (softlb.aio.Worker), or gunicorn's stock gthread worker: a subclass
+        # saving syscalls per request did not pay for its use of gunicorn internals (issue #12,
+        # benchmarks/bench_worker.py).
         "worker_class": ENGINES[options.engine],
         "workers": options.workers,
         "threads": options.threads,
