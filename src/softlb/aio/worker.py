@@ -25,6 +25,7 @@ from typing import Any
 from gunicorn.workers.base import Worker as _GunicornWorker
 
 from softlb.aio.engine import Engine, new_event_loop
+from softlb.aio.tuning import tune_gc, tune_malloc
 
 with contextlib.suppress(ImportError):  # imported in the master, before the fork: no delay
     import uvloop  # noqa: F401
@@ -46,6 +47,7 @@ class Worker(_GunicornWorker):  # type: ignore[misc]  # gunicorn has no type hin
         # Until this worker's own handlers are in place, a SIGTERM from the master would reach
         # the master's handlers that fork() copied, and be lost: hold the stop signals back.
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        tune_malloc()  # before the app allocates: large buffers stay on the heap
         self.loop = new_event_loop()
         asyncio.set_event_loop(self.loop)
         self.engine: Engine | None = None
@@ -155,6 +157,7 @@ class Worker(_GunicornWorker):  # type: ignore[misc]  # gunicorn has no type hin
             sock: socket.socket = getattr(listener, "sock", listener)
             admin_only = admin_listen is not None and _same_address(sock, admin_listen)
             engine.listen(sock, ssl_context=tls, admin_only=admin_only)
+        tune_gc()  # the app is built: out of the collector's sight, rare young collections
         parent = self.ppid
         while self.alive:
             self.notify()
