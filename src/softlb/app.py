@@ -31,6 +31,7 @@ from softlb.access_log import AccessLog
 from softlb.backend import Backend
 from softlb.errors import ConfigError
 from softlb.forking import SERVICES, after_fork_in_child
+from softlb.http.probe import HttpProbe
 from softlb.http.transport import proxy_transport
 from softlb.logs import warn_if_serial
 from softlb.pool import Pool, PoolEvent
@@ -77,7 +78,7 @@ class Application:
     ) -> None:
         from softlb.admin import AdminApi
         from softlb.balancers import balancer_by_name
-        from softlb.health import HealthChecker
+        from softlb.health import DEFAULT_WORKERS, HealthChecker
 
         self.config = config
         self.state_url = state or config.state or os.environ.get("SOFTLB_STATE") or "memory"
@@ -103,6 +104,14 @@ class Application:
         hc = config.health_check
         self.checker: HealthChecker | None = None
         if hc.enabled:
+            # The composition root picks the probe (the checker's own default is the same
+            # one, for library users who build a HealthChecker by hand).
+            probe = HttpProbe(
+                path=hc.path,
+                timeout=hc.timeout,
+                expected_status=hc.expected_status,
+                maxsize=DEFAULT_WORKERS,
+            )
             self.checker = HealthChecker(
                 self.pool,
                 path=hc.path,
@@ -113,6 +122,7 @@ class Application:
                 expected_status=hc.expected_status,
                 initial_state=hc.initial_state,
                 log_changes=False,  # the event log says it (see start())
+                probe=probe,
             )
         self.threads = threads or int(os.environ.get("SOFTLB_THREADS", "0") or 0) or 16
         self.proxy = LoadBalancer(
