@@ -25,8 +25,8 @@ One command (``python benchmarks/run.py`` or ``benchmarks/run.sh``) that:
 headline row and with ``--engine threads --threads 16`` in ``softlb-1w-lc-threads``; softlb's
 WSGI app also runs under granian (``granian-softlb``). The Python peers run under gunicorn,
 gthread, 1 worker, 16 threads, keep-alive 5 s. All traffic is on 127.0.0.1. Every run is
-bounded (wrk's duration plus a margin, every wait has a deadline). A full run (15 targets x 2
-bodies x 2 connection counts x 3 repeats of 8 s) takes 27 to 30 minutes; ``--quick`` about 3.
+bounded (wrk's duration plus a margin, every wait has a deadline). A full run (16 targets x 2
+bodies x 2 connection counts x 3 repeats of 8 s) takes 29 to 32 minutes; ``--quick`` about 3.
 Not part of CI. ``bench_conns.py`` measures what the engine promises for idle, slow and
 half-open clients.
 """

@@ -92,10 +92,7 @@ class Upstream(asyncio.Protocol):
         out, client = self.out, self.client
         if out and client is not None:
             self.out = []
-            if len(out) == 1 or sum(map(len, out)) < 16384:
-                client.transport.write(b"".join(out))
-            else:
-                client.transport.writelines(out)
+            client.send(out)
         if self.done and client is not None:
             self.client = None
             if self.keep and not self.closed:
@@ -197,6 +194,12 @@ class Client(asyncio.Protocol):
         except httptools.HttpParserError:
             self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
             self.transport.close()
+
+    def send(self, out: list[bytes]) -> None:
+        if len(out) == 1 or sum(map(len, out)) < 16384:
+            self.transport.write(b"".join(out))
+        else:
+            self.transport.writelines(out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         upstream, self.transport = self.upstream, None
@@ -303,13 +306,10 @@ class Proxy:
         return upstream
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) < 2:
-        sys.exit("usage: bare_uvloop.py PORT BACKEND_URL...")
-    loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
-    proxy = Proxy(loop, argv[1:])
-    sock = socket.create_server(("127.0.0.1", int(argv[0])), backlog=4096)
+def serve(loop: asyncio.AbstractEventLoop, port: int, urls: list[str]) -> None:
+    """Proxy 127.0.0.1:``port`` to ``urls`` on ``loop`` until SIGTERM or SIGINT."""
+    proxy = Proxy(loop, urls)
+    sock = socket.create_server(("127.0.0.1", port), backlog=4096)
     loop.run_until_complete(loop.create_server(lambda: Client(proxy), sock=sock, backlog=4096))
     loop.add_signal_handler(signal.SIGTERM, loop.stop)
     loop.add_signal_handler(signal.SIGINT, loop.stop)
@@ -317,4 +317,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if len(sys.argv) < 3:
+        sys.exit("usage: bare_uvloop.py PORT BACKEND_URL...")
+    event_loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(event_loop)
+    serve(event_loop, int(sys.argv[1]), sys.argv[2:])
