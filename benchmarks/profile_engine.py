@@ -164,13 +164,15 @@ def _switches(pid: int) -> tuple[int, int]:
     return out["voluntary_ctxt_switches"], out["nonvoluntary_ctxt_switches"]
 
 
-def _snapshot(root: int, worker: int) -> dict[str, Any]:
+def _snapshot(root: int, worker: int, backends: list[int]) -> dict[str, Any]:
     stat = harness._proc_stat(worker)
     on_cpu, waited, slices = _schedstat(worker)
     voluntary, involuntary = _switches(worker)
     return {
         "time": time.monotonic(),
         "tree": harness.process_tree(root),
+        "backends": [harness.process_tree(pid) for pid in backends],
+        "cpu1": harness.cpu_ticks(harness.TARGET_CPU),
         "worker_ticks": stat[1] if stat else 0,
         "main_ns": on_cpu,
         "wait_ns": waited,
@@ -182,7 +184,18 @@ def _snapshot(root: int, worker: int) -> dict[str, Any]:
 
 def _window(before: dict[str, Any], after: dict[str, Any], requests: int) -> dict[str, Any]:
     n = max(requests, 1)
+    wall = after["time"] - before["time"]
+    ours = harness.cpu_seconds(before["tree"], after["tree"]) + sum(
+        harness.cpu_seconds(b, a)
+        for b, a in zip(before["backends"], after["backends"], strict=True)
+    )
+    busy = (after["cpu1"][0] - before["cpu1"][0]) / harness.CLK_TCK
+    steal = (after["cpu1"][2] - before["cpu1"][2]) / harness.CLK_TCK
     return {
+        # CPU the hypervisor gave other machines while CPU 1 wanted it, in % of wall time
+        "steal_pct": steal / wall * 100 if wall else 0.0,
+        # CPU other processes took on the proxy's CPU during the run, in % of its wall time
+        "others_pct": max(busy - ours, 0.0) / wall * 100 if wall else 0.0,
         "requests": requests,
         "wall_s": after["time"] - before["time"],
         "tree_cpu_us": harness.cpu_seconds(before["tree"], after["tree"]) * 1e6 / n,
@@ -269,7 +282,7 @@ Func = tuple[str, int, str]
 
 #: Bucket of a function, by a fragment of its file's path and its qualified name (a regex
 #: that must match the whole name; None: any). The first rule that matches wins. Functions
-#: of no rule (builtins, the stdlib) count for their callers' buckets.
+#: of no rule (builtins, the stdlib) or of the bucket "" count for their callers' buckets.
 PARSE = "httptools: request parsing + its callbacks"
 HANDLING = "request handling (engine glue, deadlines, routing)"
 RETRY = "retry bookkeeping (softlb.retry: Attempts, may_resend)"
@@ -313,7 +326,7 @@ RULES: list[tuple[str, str | None, str]] = [
         RELAY,
     ),
     ("softlb/aio/upstream.py", None, CONNS),
-    ("softlb/http/headers.py", None, FIELDS),
+    ("softlb/http/headers.py", None, ""),  # helpers of both heads: their callers'
     ("softlb/retry.py", None, RETRY),
     ("softlb/pool.py", None, POOL),
     ("softlb/backend.py", None, POOL),
@@ -335,7 +348,8 @@ RULES: list[tuple[str, str | None, str]] = [
         r"|on_message_complete|forward)|Client\.__init__",
         PARSE,
     ),
-    ("bare_uvloop.py", r"Client\.on_headers_complete|named|Request\.__init__", FIELDS),
+    ("bare_uvloop.py", r"named|nodelay", ""),  # helpers: their callers'
+    ("bare_uvloop.py", r"Client\.on_headers_complete|Request\.__init__", FIELDS),
     ("bare_uvloop.py", r"Upstream\.(start|send|pause|connection_made)|Backend\..*", CONNS),
     ("bare_uvloop.py", r"Upstream\..*", RELAY),
     ("bare_uvloop.py", r"Proxy\..*", POOL),
@@ -381,8 +395,19 @@ class Qualnames:
             return {}
         names: dict[int, str] = {}
 
+        comprehensions = {
+            ast.ListComp: "<listcomp>",
+            ast.SetComp: "<setcomp>",
+            ast.DictComp: "<dictcomp>",
+            ast.GeneratorExp: "<genexpr>",
+            ast.Lambda: "<lambda>",
+        }
+
         def visit(node: ast.AST, prefix: str) -> None:
             for child in ast.iter_child_nodes(node):
+                kind = comprehensions.get(type(child))
+                if kind is not None:  # named after the function it is in
+                    names.setdefault(child.lineno, prefix.removesuffix(".<locals>.") + "." + kind)
                 if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     qual = prefix + child.name
                     for line in [child.lineno] + [d.lineno for d in child.decorator_list]:
@@ -401,10 +426,11 @@ def _bucket_of(func: Func, qualname: Qualnames) -> str | None:
     path, _, name = func
     if path == "~":
         return next((b for key, b in BUILTINS if key in name), None)
-    qual = qualname(func)
+    # A comprehension, generator expression or lambda counts as the function it is in.
+    qual = re.sub(r"\.<(listcomp|setcomp|dictcomp|genexpr|lambda)>$", "", qualname(func))
     for fragment, pattern, bucket in RULES:
         if fragment in path and (pattern is None or re.fullmatch(pattern, qual)):
-            return bucket
+            return bucket or None  # "": its callers'
     return None
 
 
@@ -633,9 +659,10 @@ def measure(target: str, mode: str, ctx: Any, seconds: int, body: str) -> dict[s
             if mode == "cprofile":
                 os.kill(worker, signal.SIGUSR2)
                 time.sleep(0.3)
-            before = _snapshot(proc.pid, worker)
+            backends = [b.pid for b in ctx.backends]
+            before = _snapshot(proc.pid, worker, backends)
             load = harness.wrk(url, CONNECTIONS, seconds)
-            after = _snapshot(proc.pid, worker)
+            after = _snapshot(proc.pid, worker, backends)
             if mode == "cprofile":
                 os.kill(worker, signal.SIGUSR2)
         out.update(rps=load["rps"], p50_ms=load["p50_ms"], p99_ms=load["p99_ms"])
@@ -679,6 +706,7 @@ def summarize(runs: list[dict[str, Any]], cost: dict[str, float]) -> dict[str, A
         "rps": _median([r["rps"] for r in plain]),
         "p99_ms": _median([r["p99_ms"] for r in plain]),
         "errors": sum(r["errors"] for r in runs),
+        "others_pct": max(r["window"]["others_pct"] for r in runs),
     }
     loop_us = out["plain"]["loop_cpu_us"]
     if perf:
@@ -762,6 +790,11 @@ def report(summary: dict[str, dict[str, Any]], cost: dict[str, float], args: Any
         lines.append(f"| {label} | " + " | ".join(values) + " |")
 
     row("req/s", "{:,.0f}", lambda s: s["rps"])
+    row(
+        "others % (most CPU other processes took on CPU 1 in any run, in % of its time)",
+        "{:.0f}",
+        lambda s: s["others_pct"],
+    )
     row("p99 ms", "{:.2f}", lambda s: s["p99_ms"])
     row("process tree (run.py's CPU ms/req, in µs)", "{:.1f}", lambda s: s["plain"]["tree_cpu_us"])
     row("the worker process", "{:.1f}", lambda s: s["plain"]["worker_cpu_us"])
@@ -971,7 +1004,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"[{time.monotonic() - started:4.0f} s] {rep + 1}/{args.repeat} "
                             f"{target:6} {mode:8} {r['rps']:8,.0f} req/s  worker "
                             f"{w['worker_cpu_us']:5.1f} µs/req  loop thread "
-                            f"{w['loop_cpu_us']:5.1f} µs/req"
+                            f"{w['loop_cpu_us']:5.1f} µs/req  others {w['others_pct']:3.0f}%"
+                            f"  steal {w['steal_pct']:3.0f}%"
                             + (f"  ERRORS {r['errors']}" if r["errors"] else ""),
                             flush=True,
                         )
