@@ -25,8 +25,8 @@ One command (``python benchmarks/run.py`` or ``benchmarks/run.sh``) that:
 headline row and with ``--engine threads --threads 16`` in ``softlb-1w-lc-threads``; softlb's
 WSGI app also runs under granian (``granian-softlb``). The Python peers run under gunicorn,
 gthread, 1 worker, 16 threads, keep-alive 5 s. All traffic is on 127.0.0.1. Every run is
-bounded (wrk's duration plus a margin, every wait has a deadline). A full run (15 targets x 2
-bodies x 2 connection counts x 3 repeats of 8 s) takes 27 to 30 minutes; ``--quick`` about 3.
+bounded (wrk's duration plus a margin, every wait has a deadline). A full run (16 targets x 2
+bodies x 2 connection counts x 3 repeats of 8 s) takes 29 to 32 minutes; ``--quick`` about 3.
 Not part of CI. ``bench_conns.py`` measures what the engine promises for idle, slow and
 half-open clients.
 """
@@ -440,7 +440,8 @@ def start_backends(ctx: Context) -> None:
 class Target:
     name: str
     label: str
-    #: "baseline" (not a Python proxy), "peer" (a Python proxy), "softlb"
+    #: "baseline" (not a Python proxy), "peer" (a Python proxy under gunicorn), "floor" (the
+    #: bare uvloop + httptools proxy, on softlb's venv), "softlb", "server"
     kind: str
     quick: bool
     #: (ctx, port) -> (argv, extra env); None: no process of its own (direct)
@@ -526,6 +527,13 @@ def _granian_softlb(ctx: Context, port: int) -> tuple[list[str], dict[str, str]]
     return argv, {"BENCH_SOFTLB_SITE": site_dir, "BENCH_SOFTLB_CONFIG": str(config)}
 
 
+def _bare_uvloop(ctx: Context, port: int) -> tuple[list[str], dict[str, str]]:
+    """peers/bare_uvloop.py on softlb's venv's Python: the same uvloop and httptools as the
+    event-loop engine, with nothing but the proxying (the floor)."""
+    python = str(ctx.softlb_venv / "bin" / "python")
+    return [python, str(PEERS_DIR / "bare_uvloop.py"), str(port), *ctx.backend_urls], {}
+
+
 def _nginx_proxy(ctx: Context, port: int) -> tuple[list[str], dict[str, str]]:
     servers = "\n".join(f"        server 127.0.0.1:{p};" for p in ctx.ports)
     conf = ctx.tmp / f"nginx-proxy-{port}.conf"
@@ -562,6 +570,8 @@ TARGETS = [
         _gunicorn_peer("wsgiproxy2_proxy", BENCH_WSGIPROXY_CLIENT="httplib"),
     ),
     Target("toy-flask", "Flask + requests toy", "peer", False, _gunicorn_peer("toy_flask")),
+    # Not a peer people use: what a Python proxy on the engine's libraries costs at least.
+    Target("bare-uvloop", "bare uvloop+httptools (floor)", "floor", True, _bare_uvloop),
     Target("softlb-1w-lc", "softlb 1w least_conn", "softlb", True, _softlb(1, "least_connections")),
     Target(
         "softlb-1w-lc-threads",
@@ -580,6 +590,8 @@ TARGETS = [
 ]
 #: The threaded engine's row, shown next to the event loop's in the check of issue 10.
 THREADS_ROW = "softlb-1w-lc-threads"
+#: The floor: a bare proxy on the event-loop engine's libraries (peers/bare_uvloop.py).
+FLOOR_ROW = "bare-uvloop"
 TARGET_NAMES = [t.name for t in TARGETS]
 #: The peers the issue's ratios name: "the better of werkzeug and WSGIProxy2".
 BETTER_PEERS = ("werkzeug", "wsgiproxy2-urllib3", "wsgiproxy2-httplib")
@@ -830,10 +842,11 @@ def environment(ctx: Context) -> dict[str, str]:
         "import sys, importlib.metadata as m, softlb, os; "
         "print(sys.version.split()[0]); print(m.version('gunicorn')); "
         "print(m.version('urllib3')); print(softlb.__version__); "
-        "print(os.path.dirname(softlb.__file__))"
+        "print(os.path.dirname(softlb.__file__)); "
+        "print(' '.join(f'{p} {m.version(p)}' for p in ('uvloop', 'httptools')))"
     )
     lines = _first_line_all([str(ctx.softlb_venv / "bin" / "python"), "-c", script])
-    py, gunicorn, urllib3, softlb_version, softlb_dir = (lines + ["?"] * 5)[:5]
+    py, gunicorn, urllib3, softlb_version, softlb_dir, loop_libs = (lines + ["?"] * 6)[:6]
     rev = run_quiet(["git", "-C", softlb_dir, "rev-parse", "--short", "HEAD"]).stdout.strip()
     dirty = run_quiet(["git", "-C", softlb_dir, "status", "--porcelain", "."]).stdout.strip()
     peer_script = (
@@ -848,7 +861,7 @@ def environment(ctx: Context) -> dict[str, str]:
         "pinning": f"wrk -t1 on CPU {LOAD_CPU}; proxy and nginx backends on CPU {TARGET_CPU}",
         "python": py,
         "softlb": f"{softlb_version} (git {rev or '?'}{', src modified' if dirty else ''})",
-        "softlb venv": f"{ctx.softlb_venv} (gunicorn {gunicorn}, urllib3 {urllib3})",
+        "softlb venv": f"{ctx.softlb_venv} (gunicorn {gunicorn}, urllib3 {urllib3}, {loop_libs})",
         "peers venv": peers,
         "nginx": _first_line([str(which("nginx")), "-v"]),
         "haproxy": _first_line([str(which("haproxy")), "-v"]),
@@ -1006,9 +1019,9 @@ def engine_checks(
 ) -> tuple[str, list[dict[str, Any]]]:
     """The targets of issue 10 for ``softlb-1w-lc`` (the event loop), as ratios to nginx.
 
-    The verdict is the event loop's; the threaded engine's and granian's values of the same
-    cells stand next to it for comparison. Every number is the median of ``repeat`` runs (the
-    issue asks for 3).
+    The verdict is the event loop's; the bare uvloop proxy's (the floor), the threaded engine's
+    and granian's values of the same cells stand next to it for comparison. Every number is the
+    median of ``repeat`` runs (the issue asks for 3).
     """
 
     def value(name: str, body: str, conns: int, what: str) -> float | None:
@@ -1029,8 +1042,9 @@ def engine_checks(
 
     runs = f"median of {repeat}" + ("" if repeat >= 3 else "; the issue asks for 3")
     lines = [
-        f"| check ({runs}) | event loop | target | result | threads engine | granian |",
-        "|---|---:|---:|---|---:|---:|",
+        f"| check ({runs}) | event loop | target | result | bare uvloop (floor) | threads engine "
+        "| granian |",
+        "|---|---:|---:|---|---:|---:|---:|",
     ]
     results: list[dict[str, Any]] = []
     for what_label, body, conns, what, target in ENGINE_TARGETS:
@@ -1039,18 +1053,44 @@ def engine_checks(
             continue
         ok = measured >= target if what == "rps" else measured <= target
         needed = f"{'≥' if what == 'rps' else '≤'} {target:g}"
-        others = {n: value(n, body, conns, what) for n in (THREADS_ROW, "granian-softlb")}
+        others = {
+            n: value(n, body, conns, what) for n in (FLOOR_ROW, THREADS_ROW, "granian-softlb")
+        }
         results.append(
             {"check": what_label, "measured": measured, "needed": needed, "ok": ok, **others}
         )
         lines.append(
             f"| {what_label} | {show(measured, what)} | {needed} | "
-            f"{'pass' if ok else '**FAIL**'} | {show(others[THREADS_ROW], what)} | "
+            f"{'pass' if ok else '**FAIL**'} | {show(others[FLOOR_ROW], what)} | "
+            f"{show(others[THREADS_ROW], what)} | "
             f"{show(others['granian-softlb'], what)} |"
         )
     if not results:
         return "(needs the softlb-1w-lc and nginx rows)", results
     return "\n".join(lines), results
+
+
+def floor_table(summary: dict[str, dict[str, dict[int, dict[str, Any]]]]) -> str | None:
+    """softlb's CPU per request over the floor's (the bare uvloop proxy), cell by cell."""
+    floor, ref = summary.get(FLOOR_ROW), summary.get(REFERENCE)
+    if not floor or not ref:
+        return None
+    lines = [
+        "| cell | softlb-1w-lc CPU ms/req | bare-uvloop CPU ms/req | softlb − floor | "
+        "softlb ÷ floor | req/s softlb ÷ floor |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for body in BODIES:
+        for conns in CONNECTIONS:
+            a, b = ref.get(body, {}).get(conns), floor.get(body, {}).get(conns)
+            if not a or not b:
+                continue
+            cpu_a, cpu_b = a["cpu_ms_per_req"], b["cpu_ms_per_req"]
+            lines.append(
+                f"| /{body} c{conns} | {cpu_a:.3f} | {cpu_b:.3f} | {cpu_a - cpu_b:.3f} | "
+                f"{cpu_a / cpu_b:.2f} | {a['rps'] / b['rps']:.2f} |"
+            )
+    return "\n".join(lines)
 
 
 def memory_table(memory: dict[str, Any]) -> str:
@@ -1133,6 +1173,10 @@ def main(argv: list[str] | None = None) -> int:
     softlb_bin = args.venv / "bin" / "softlb"
     if (any(t.kind == "softlb" for t in targets) or want_memory) and not softlb_bin.exists():
         sys.exit(f"run.py: no {softlb_bin}; pass --venv PATH of a venv with softlb installed")
+    if any(t.kind == "floor" for t in targets):
+        probe = run_quiet([str(args.venv / "bin" / "python"), "-c", "import uvloop, httptools"])
+        if probe.returncode != 0:
+            sys.exit(f"run.py: bare-uvloop needs uvloop and httptools in {args.venv}")
     if (os.cpu_count() or 1) < 2:
         sys.exit("run.py: needs 2 CPUs (one for wrk, one for the proxy and its backends)")
 
@@ -1141,7 +1185,9 @@ def main(argv: list[str] | None = None) -> int:
         + (["haproxy"] if any(t.name == "haproxy" for t in targets) else [])
     )
     if any(
-        t.command is not None and t.kind != "softlb" and t.name not in ("nginx", "haproxy")
+        t.command is not None
+        and t.kind not in ("softlb", "floor")
+        and t.name not in ("nginx", "haproxy")
         for t in targets
     ):
         ensure_peers()
@@ -1218,6 +1264,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if memory:
         report += ["### Memory: 1 GiB streamed through one request", "", memory_table(memory), ""]
+    floor = floor_table(summary)
+    if floor:
+        report += ["### softlb over the floor (the bare uvloop + httptools proxy)", "", floor, ""]
     report += ["### Targets of issue 10 (the event-loop engine, ratios to nginx)", ""]
     report += [engine_text, ""]
     report += ["### Targets of issue 5 (against the Python peers)", "", check_text, ""]
