@@ -40,7 +40,10 @@ class _Bucket:
 
     An entry is live while it is its backend's current entry (``LeastConnections._entry``);
     others are dropped when they reach the top, or all at once when they outnumber the live
-    ones (so a bucket never holds more than about twice its backends).
+    ones (so a bucket never holds more than about twice its backends). A bucket that empties
+    stays until its load reaches the top of the heap of loads, so that a backend going back
+    and forth between two loads (every lease and release) does not make and drop one each
+    time; each bucket's load is on that heap exactly once.
     """
 
     __slots__ = ("heap", "live")
@@ -102,12 +105,14 @@ class LeastConnections(Balancer):
     def _insert(self, backend: Backend, load: float) -> None:
         bucket = self._buckets.get(load)
         if bucket is None:
-            bucket = self._buckets[load] = _Bucket()
-            heapq.heappush(self._heap, load)
-            if len(self._heap) > 2 * len(self._buckets) + 64:
-                # Too many stale loads left behind by emptied buckets: start the heap afresh.
+            if len(self._buckets) > 2 * len(self._entry) + 64:
+                # Too many emptied buckets wait for their load to reach the top: drop them
+                # and start the heap of loads afresh.
+                self._buckets = {k: b for k, b in self._buckets.items() if b.live}
                 self._heap = list(self._buckets)
                 heapq.heapify(self._heap)
+            bucket = self._buckets[load] = _Bucket()
+            heapq.heappush(self._heap, load)
         position = self._pass[backend]
         if position < self._vtime:
             position = self._pass[backend] = self._vtime
@@ -122,19 +127,40 @@ class LeastConnections(Balancer):
         del self._entry[backend]
         bucket = self._buckets[load]
         bucket.live -= 1
-        if not bucket.live:
-            del self._buckets[load]
-        elif len(bucket.heap) > 2 * bucket.live + 16:
+        if len(bucket.heap) > 2 * bucket.live + 16:
             entries = self._entry
             bucket.heap = [e for e in bucket.heap if entries.get(e[2]) is e]
             heapq.heapify(bucket.heap)
 
     def _move(self, backend: Backend) -> None:
+        """Re-index ``backend`` at its new load: :meth:`_remove` then :meth:`_insert`, written
+        out in one body because it runs twice per request (lease and release)."""
         old = backend._lc_key
         if old is None:  # not eligible: nothing indexed
             return
-        self._remove(backend, old)
-        self._insert(backend, least_load(backend))
+        entries = self._entry
+        buckets = self._buckets
+        # _remove
+        del entries[backend]
+        bucket = buckets[old]
+        bucket.live -= 1
+        if len(bucket.heap) > 2 * bucket.live + 16:
+            bucket.heap = [e for e in bucket.heap if entries.get(e[2]) is e]
+            heapq.heapify(bucket.heap)
+        # _insert
+        load = (backend.active + backend.shared_active) / backend.eff_weight  # least_load()
+        into = buckets.get(load)
+        if into is None:
+            self._insert(backend, load)  # a new load: the heap of loads changes too
+            return
+        position = self._pass[backend]
+        if position < self._vtime:
+            position = self._pass[backend] = self._vtime
+        entry = (position, next(self._arrivals), backend)
+        heapq.heappush(into.heap, entry)
+        into.live += 1
+        entries[backend] = entry
+        backend._lc_key = load
 
     acquired = _move
     released = _move
@@ -146,8 +172,12 @@ class LeastConnections(Balancer):
         entries = self._entry
         while heap:
             bucket = buckets.get(heap[0])
-            if bucket is None:
-                heapq.heappop(heap)
+            if bucket is None or not bucket.live:
+                # An emptied bucket is dropped when its load reaches the top (kept until
+                # then, so a backend moving back to that load reuses it).
+                load = heapq.heappop(heap)
+                if bucket is not None:  # each bucket's load is on the heap once
+                    del buckets[load]
                 continue
             passes = bucket.heap
             while True:
