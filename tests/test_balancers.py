@@ -481,6 +481,28 @@ def test_least_connections_picks_the_least_loaded() -> None:
     busy[1].release()
 
 
+def test_least_connections_many_loads_stay_bounded_and_correct() -> None:
+    """A backend coming down through many loads leaves emptied buckets above the lowest load
+    behind; they are dropped (the index stays bounded) and every pick is still the least
+    loaded backend."""
+    pool = Pool(["http://a:1", "http://b:1"], balancer="least_connections")
+    balancer = pool.balancer
+    assert isinstance(balancer, LeastConnections)
+    held = [pool.lease() for _ in range(400)]
+    assert [b.active for b in pool.backends] == [200, 200]
+    most = 0
+    for lease in held[::2]:  # one backend's leases: it comes down from 200 to 0
+        lease.release()
+        most = max(most, len(balancer._buckets))
+    assert most <= 2 * 2 + 64 + 1
+    down, up = pool.backends
+    assert (down.active, up.active) == (0, 200)
+    for n in range(200):
+        lease = pool.lease()
+        assert lease.backend is down, n  # the least loaded, until they are level
+    assert Counter(pool.lease().backend.url for _ in range(4)) == {"http://a:1": 2, "http://b:1": 2}
+
+
 def test_least_connections_prefers_weight() -> None:
     """Idle, one request at a time splits 3 to 1 by weight; with leases held, load divides
     as 3 to 1 too."""
