@@ -1287,25 +1287,17 @@ def _target(request: _Request) -> bytes | None:
 def _answer_head(
     answer: UpstreamAnswer, *, client_chunked: bool, close: bool, extra: bytes = b""
 ) -> bytes:
-    """The answer's head for the client: hop-by-hop fields (and those its Connection names)
-    dropped, framing re-made for this hop."""
-    skip = _HOP
-    connection = [v.decode("latin-1") for n, v in answer.headers if n.lower() == b"connection"]
-    if connection:
-        skip = skip | {t.encode() for t in connection_tokens(connection)}
-    out = [b"HTTP/1.1 %d " % answer.status, answer.reason, b"\r\n"]
-    for name, value in answer.headers:
-        if name.lower() in skip:
-            continue
-        out += (name, b": ", value, b"\r\n")
-    if extra:
-        out.append(extra)
-    if client_chunked:
-        out.append(b"Transfer-Encoding: chunked\r\n")
-    if close:
-        out.append(b"Connection: close\r\n")
-    out.append(b"\r\n")
-    return b"".join(out)
+    """The answer's head for the client: its field block as the upstream connection made it
+    (hop-by-hop fields and those its Connection names dropped), framing re-made for this
+    hop."""
+    return b"HTTP/1.1 %d %b\r\n%b%b%b%b\r\n" % (
+        answer.status,
+        answer.reason,
+        answer.fields,
+        extra,
+        b"Transfer-Encoding: chunked\r\n" if client_chunked else b"",
+        b"Connection: close\r\n" if close else b"",
+    )
 
 
 def _call_wsgi(app: Any, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
