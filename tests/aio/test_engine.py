@@ -751,3 +751,93 @@ def test_answer_head_above_the_limit_is_a_502(serve: Served, split: bool) -> Non
         status, headers, body = get(port, "/")
         assert (status, body) == (200, b"ok")
         assert len(headers["x-fits"]) == MAX_HEAD - 1000
+
+
+# -- the request's header block, made in the pass over its head ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "expected"),
+    [
+        (  # no Connection header: the fields as sent, less hop-by-hop and X-Forwarded-*
+            b"Host: x.example\r\nUser-Agent: t\r\nX-Forwarded-For: 10.0.0.1\r\n"
+            b"x-forwarded-for: 10.0.0.2\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: e\r\n"
+            b"Keep-Alive: 5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n"
+            b"Proxy-Authorization: x\r\nIdempotency-Key: k1\r\nAccept: */*\r\n",
+            [
+                b"Host: x.example",
+                b"User-Agent: t",
+                b"Idempotency-Key: k1",
+                b"Accept: */*",
+                b"X-Forwarded-For: 10.0.0.1, 10.0.0.2, 127.0.0.1",
+                b"X-Forwarded-Proto: http",
+                b"X-Forwarded-Host: x.example",
+            ],
+        ),
+        (  # Connection names only fields that go anyway
+            b"Connection: keep-alive, TE, Host\r\nHOST: h\r\nTE: trailers\r\nX-A: 1\r\n",
+            [
+                b"HOST: h",
+                b"X-A: 1",
+                b"X-Forwarded-For: 127.0.0.1",
+                b"X-Forwarded-Proto: http",
+                b"X-Forwarded-Host: h",
+            ],
+        ),
+        (  # Connection names a field that would go, and X-Forwarded-For
+            b"Host: h\r\nConnection: X-Private, x-forwarded-for\r\nX-Private: p\r\n"
+            b"X-Forwarded-For: 10.0.0.1\r\nX-A: 1\r\n",
+            [
+                b"Host: h",
+                b"X-A: 1",
+                b"X-Forwarded-For: 127.0.0.1",
+                b"X-Forwarded-Proto: http",
+                b"X-Forwarded-Host: h",
+            ],
+        ),
+        (  # Connection: close names no field that is there
+            b"Host: h\r\nConnection: close\r\nX-A: 1\r\n",
+            [
+                b"Host: h",
+                b"X-A: 1",
+                b"X-Forwarded-For: 127.0.0.1",
+                b"X-Forwarded-Proto: http",
+                b"X-Forwarded-Host: h",
+            ],
+        ),
+    ],
+)
+def test_request_fields_for_the_backend(
+    serve: Served, request_fields: bytes, expected: list[bytes]
+) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    with RawBackend([answer]) as backend:
+        _, port = serve(servers=[backend.url])
+        data = raw(port, b"GET /p HTTP/1.1\r\n" + request_fields + b"\r\n", until=b"\r\n\r\nok")
+        assert data.startswith(b"HTTP/1.1 200"), data[:80]
+        assert backend.requests[0].header_lines == expected
+
+
+def test_http10_request_without_host_gets_the_listeners_address(serve: Served) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    with RawBackend([answer]) as backend:
+        _, port = serve(servers=[backend.url])
+        data = raw(port, b"GET /p HTTP/1.0\r\nX-A: 1\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 200"), data[:80]
+        assert backend.requests[0].header_lines == [
+            b"X-A: 1",
+            b"X-Forwarded-For: 127.0.0.1",
+            b"X-Forwarded-Proto: http",
+            b"X-Forwarded-Host: 127.0.0.1:%d" % port,
+        ]
+
+
+def test_post_with_idempotency_key_is_retried(serve: Served) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    with RawBackend([CLOSE]) as one, RawBackend([answer]) as two:
+        _, port = serve(servers=[one.url, two.url], algorithm="round_robin")
+        for _ in range(2):
+            status, _, body = get(
+                port, "/x", method="POST", body=b"data", headers={"idempotency-KEY": "k"}
+            )
+            assert (status, body) == (200, b"ok")
