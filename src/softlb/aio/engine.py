@@ -96,6 +96,7 @@ _SPECIAL: Final[dict[bytes, int]] = {
 _METHOD_NAMES: Final = {
     m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 }
+_PROTOCOLS: Final = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 #: Connection header values (as sent) -> the field names they list, less the ones that stay.
 _named_cache: dict[bytes, frozenset[bytes]] = {}
 
@@ -1249,10 +1250,11 @@ class Engine:
             lease.release()
             complete = True
         logged = self.proxy.access_log is not None  # the only reader of referer and agent
+        protocol = _PROTOCOLS.get(request.version) or f"HTTP/{request.version}"
         self.proxy.answered(
             lease, key, status=status, first_byte=first_byte, complete=complete,
             method=request.method, target=target.decode("latin-1"), bytes_sent=sent,
-            client=conn.peer[0], protocol=f"HTTP/{request.version}",
+            client=conn.peer[0], protocol=protocol,
             referer=_text(request.header(b"referer")) if logged else None,
             user_agent=_text(request.header(b"user-agent")) if logged else None,
         )  # fmt: skip

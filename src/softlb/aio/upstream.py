@@ -538,11 +538,22 @@ class _HeadTooLarge(Exception):
     pass
 
 
+#: Connection header values (as sent) -> :func:`_named`: backends send few distinct ones.
+_named_cache: dict[bytes, frozenset[bytes]] = {}
+
+
 def _named(connection: list[bytes]) -> frozenset[bytes]:
     """The field names a Connection header's values list, less the hop-by-hop ones (which
-    go anyway)."""
-    tokens = connection_tokens(value.decode("latin-1") for value in connection)
-    return frozenset(token.encode("latin-1") for token in tokens) - _HOP
+    go anyway); a few distinct values are remembered."""
+    key = connection[0] if len(connection) == 1 else b"\n".join(connection)
+    named = _named_cache.get(key)
+    if named is None:
+        tokens = connection_tokens(value.decode("latin-1") for value in connection)
+        named = frozenset(token.encode("latin-1") for token in tokens) - _HOP
+        if len(_named_cache) >= 256:
+            _named_cache.clear()
+        _named_cache[key] = named
+    return named
 
 
 def _client_fields(headers: list[tuple[bytes, bytes]]) -> bytes:
