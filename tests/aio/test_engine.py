@@ -681,3 +681,163 @@ def test_http10_keep_alive_is_answered_in_kind(serve: Served, backend: TestBacke
             while b"ok from" not in answer:
                 answer += sock.recv(4096)
             assert b"connection: keep-alive" in answer.lower()
+
+
+# -- the answer's head, as the upstream connection builds it ----------------------------------
+
+
+def test_answer_fields_drop_hop_by_hop_and_connection_named(serve: Served) -> None:
+    answer = (
+        b"HTTP/1.1 200 Fine\r\nX-A: 1\r\nConnection: keep-alive, X-Named\r\nKeep-Alive: t=5\r\n"
+        b"X-Named: secret\r\nTrailer: X-T\r\nContent-Length: 2\r\nSet-Cookie: a=1\r\n"
+        b"Set-Cookie: b=2\r\nUpgrade: h2c\r\nX-B:\r\n\r\nok"
+    )
+    with RawBackend([answer]) as backend:
+        _, port = serve(servers=[backend.url])
+        data = raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until=b"\r\n\r\nok")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n") == [
+        b"HTTP/1.1 200 Fine",
+        b"X-A: 1",
+        b"Content-Length: 2",
+        b"Set-Cookie: a=1",
+        b"Set-Cookie: b=2",
+        b"X-B: ",
+    ]
+    assert body == b"ok"
+
+
+def test_answer_trailers_and_interim_answers_are_not_forwarded(serve: Served) -> None:
+    answer = (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
+        b"2\r\nok\r\n0\r\nX-Trailer: t\r\nX-Other: o\r\n\r\n"
+    )
+    with RawBackend([answer]) as backend:
+        _, port = serve(servers=[backend.url])
+        for _ in range(2):  # the second goes on the pooled connection
+            status, headers, body = get(port, "/")
+            assert (status, body) == (200, b"ok")
+            assert "link" not in headers
+            assert "x-trailer" not in headers
+            assert "x-other" not in headers
+            assert headers["x-a"] == "1"
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_answer_head_above_the_limit_is_a_502(serve: Served, split: bool) -> None:
+    from softlb.aio.upstream import MAX_HEAD
+
+    # Fields counted as name + value + 4 each: "a:" lines are 4 bytes on the wire, counted 5.
+    small = b"a:\r\n" * (MAX_HEAD // 5 + 1)
+    fits = b"X-Fits: " + b"v" * (MAX_HEAD - 1000) + b"\r\n"
+
+    def send(fields: bytes) -> Callable[[socket.socket], None]:
+        def answer(sock: socket.socket) -> None:
+            head = b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: 2\r\n\r\nok"
+            if split:
+                for at in range(0, len(head), 4096):
+                    sock.sendall(head[at : at + 4096])
+                    time.sleep(0.001)
+            else:
+                sock.sendall(head)
+
+        return answer
+
+    with RawBackend([send(small), send(fits)]) as backend:
+        _, port = serve(servers=[backend.url], retries=0)
+        status, _, _ = get(port, "/")
+        assert status == 502
+        status, headers, body = get(port, "/")
+        assert (status, body) == (200, b"ok")
+        assert len(headers["x-fits"]) == MAX_HEAD - 1000
+
+
+# -- the request's header block, made in the pass over its head ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "expected"),
+    [
+        (  # no Connection header: the fields as sent, less hop-by-hop and X-Forwarded-*
+            b"Host: x.example\r\nUser-Agent: t\r\nX-Forwarded-For: 10.0.0.1\r\n"
+            b"x-forwarded-for: 10.0.0.2\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: e\r\n"
+            b"Keep-Alive: 5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n"
+            b"Proxy-Authorization: x\r\nIdempotency-Key: k1\r\nAccept: */*\r\n",
+            [
+                b"Host: x.example",
+                b"User-Agent: t",
+                b"Idempotency-Key: k1",
+                b"Accept: */*",
+                b"X-Forwarded-For: 10.0.0.1, 10.0.0.2, 127.0.0.1",
+                b"X-Forwarded-Proto: http",
+                b"X-Forwarded-Host: x.example",
+            ],
+        ),
+        (  # Connection names only fields that go anyway
+            b"Connection: keep-alive, TE, Host\r\nHOST: h\r\nTE: trailers\r\nX-A: 1\r\n",
+            [
+                b"HOST: h",
+                b"X-A: 1",
+                b"X-Forwarded-For: 127.0.0.1",
+                b"X-Forwarded-Proto: http",
+                b"X-Forwarded-Host: h",
+            ],
+        ),
+        (  # Connection names a field that would go, and X-Forwarded-For
+            b"Host: h\r\nConnection: X-Private, x-forwarded-for\r\nX-Private: p\r\n"
+            b"X-Forwarded-For: 10.0.0.1\r\nX-A: 1\r\n",
+            [
+                b"Host: h",
+                b"X-A: 1",
+                b"X-Forwarded-For: 127.0.0.1",
+                b"X-Forwarded-Proto: http",
+                b"X-Forwarded-Host: h",
+            ],
+        ),
+        (  # Connection: close names no field that is there
+            b"Host: h\r\nConnection: close\r\nX-A: 1\r\n",
+            [
+                b"Host: h",
+                b"X-A: 1",
+                b"X-Forwarded-For: 127.0.0.1",
+                b"X-Forwarded-Proto: http",
+                b"X-Forwarded-Host: h",
+            ],
+        ),
+    ],
+)
+def test_request_fields_for_the_backend(
+    serve: Served, request_fields: bytes, expected: list[bytes]
+) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    with RawBackend([answer]) as backend:
+        _, port = serve(servers=[backend.url])
+        data = raw(port, b"GET /p HTTP/1.1\r\n" + request_fields + b"\r\n", until=b"\r\n\r\nok")
+        assert data.startswith(b"HTTP/1.1 200"), data[:80]
+        assert backend.requests[0].header_lines == expected
+
+
+def test_http10_request_without_host_gets_the_listeners_address(serve: Served) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    with RawBackend([answer]) as backend:
+        _, port = serve(servers=[backend.url])
+        data = raw(port, b"GET /p HTTP/1.0\r\nX-A: 1\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 200"), data[:80]
+        assert backend.requests[0].header_lines == [
+            b"X-A: 1",
+            b"X-Forwarded-For: 127.0.0.1",
+            b"X-Forwarded-Proto: http",
+            b"X-Forwarded-Host: 127.0.0.1:%d" % port,
+        ]
+
+
+def test_post_with_idempotency_key_is_retried(serve: Served) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    with RawBackend([CLOSE]) as one, RawBackend([answer]) as two:
+        _, port = serve(servers=[one.url, two.url], algorithm="round_robin")
+        for _ in range(2):
+            status, _, body = get(
+                port, "/x", method="POST", body=b"data", headers={"idempotency-KEY": "k"}
+            )
+            assert (status, body) == (200, b"ok")

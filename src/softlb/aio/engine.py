@@ -67,6 +67,54 @@ _REPLACED: Final = frozenset(
 )
 _UNREMOVABLE: Final = frozenset({b"host", b"content-length"})
 _DROPPED: Final = _HOP | _REPLACED
+#: What a request's Connection header may name and still leave the field block made while
+#: its head was parsed as it is: fields dropped anyway (X-Forwarded-For is not: naming it
+#: drops the client's value too).
+_NAMED_ANYWAY: Final = (_DROPPED | _UNREMOVABLE) - {b"x-forwarded-for"}
+
+#: Request field names that are more than passed on, for the one pass over a request's head
+#: (ClientConnection.on_headers_complete); every other field goes to the backend as it came.
+_HOST: Final = 1
+_TRANSFER_ENCODING: Final = 2
+_CONTENT_LENGTH: Final = 3
+_EXPECT: Final = 4
+_FORWARDED_FOR: Final = 5
+_CONNECTION: Final = 6
+_IDEMPOTENCY_KEY: Final = 7
+_DROP: Final = 8
+_SPECIAL: Final[dict[bytes, int]] = {
+    **dict.fromkeys(_DROPPED, _DROP),
+    b"host": _HOST,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"content-length": _CONTENT_LENGTH,
+    b"expect": _EXPECT,
+    b"x-forwarded-for": _FORWARDED_FOR,
+    b"connection": _CONNECTION,
+    b"idempotency-key": _IDEMPOTENCY_KEY,
+}
+#: The usual methods' names, not decoded anew for each request.
+_METHOD_NAMES: Final = {
+    m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+}
+_PROTOCOLS: Final = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
+#: Connection header values (as sent) -> the field names they list, less the ones that stay.
+_named_cache: dict[bytes, frozenset[bytes]] = {}
+
+
+def _connection_named(values: list[bytes]) -> frozenset[bytes]:
+    """The field names the request's Connection header(s) list, that must not go on (Host
+    and Content-Length always do); a few distinct values are remembered."""
+    key = values[0] if len(values) == 1 else b"\n".join(values)
+    named = _named_cache.get(key)
+    if named is None:
+        tokens = connection_tokens(value.decode("latin-1") for value in values)
+        named = frozenset(t.encode("latin-1") for t in tokens) - _UNREMOVABLE
+        if len(_named_cache) >= 256:
+            _named_cache.clear()
+        _named_cache[key] = named
+    return named
+
+
 _METHODS_WITH_BODY: Final = frozenset({"POST", "PUT", "PATCH"})
 
 _REASONS: Final = {
@@ -148,6 +196,8 @@ class _Request:
         "conn",
         "error",
         "expect_continue",
+        "fields",
+        "has_key",
         "headers",
         "keep_alive",
         "length",
@@ -175,6 +225,9 @@ class _Request:
         self.complete = False
         self.error: _ClientError | None = None
         self.expect_continue = False
+        #: The header block for the backend when it was made in the pass over the head.
+        self.fields: bytes | None = None
+        self.has_key = False  # an Idempotency-Key header came
         self.upgrade = False
         self.sink: Callable[[bytes], None] | None = None
         self.on_body: Callable[[], None] | None = None
@@ -225,6 +278,10 @@ class ClientConnection(asyncio.Protocol):
         self.upstream: UpstreamConnection | None = None  # while its answer streams to us
         self.tunnel: UpstreamConnection | None = None
         self.task: asyncio.Task[None] | None = None
+        #: The fields after a request's own that this connection adds to each (peer, scheme).
+        self._forwarded = b""
+        self._forwarded_proto = b""
+        self._default_host = b""
         self._deadline = 0.0
         self._deadline_kind = ""
         self._lost: asyncio.Future[None] | None = None
@@ -249,12 +306,23 @@ class ClientConnection(asyncio.Protocol):
         local = transport.get_extra_info("sockname")
         if isinstance(local, tuple):
             self.local = (str(local[0]), int(local[1]))
+        self._forwarded_fields()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.engine._opened(self)
         self._set_deadline("header", self.engine.limits.client_header)
+
+    def _forwarded_fields(self) -> None:
+        peer = self.peer[0].encode()
+        self._forwarded_proto = b"X-Forwarded-Proto: %b\r\n" % self.scheme.encode()
+        self._forwarded = (b"X-Forwarded-For: %b\r\n" % peer if peer else b"") + (
+            self._forwarded_proto
+        )
+        port = self.local[1]
+        default = 443 if self.scheme == "https" else 80
+        self._default_host = self.local[0].encode() + (b"" if port == default else b":%d" % port)
 
     def data_received(self, data: bytes) -> None:
         tunnel = self.tunnel
@@ -352,24 +420,59 @@ class ClientConnection(asyncio.Protocol):
         request = self.current
         assert request is not None
         parser = self.parser
-        request.method = parser.get_method().decode("ascii", "replace")
+        method = parser.get_method()
+        request.method = _METHOD_NAMES.get(method) or method.decode("ascii", "replace")
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
+        # One pass: the request's framing and checks, and its header block for the backend
+        # (Engine._fields, which makes it when the Connection header names other fields).
         host_seen = 0
+        host = b""
+        lines: list[bytes] = []
+        forwarded_for: list[bytes] | None = None
+        connection: list[bytes] | None = None
         for name, value in request.headers:
             lname = name.lower()
-            if lname == b"host":
+            kind = _SPECIAL.get(lname)
+            if kind is None:
+                lines += (name, b": ", value, b"\r\n")
+            elif kind == _HOST:
                 host_seen += 1
-            elif lname == b"transfer-encoding":
+                host = value
+                lines += (name, b": ", value, b"\r\n")
+            elif kind == _TRANSFER_ENCODING:
                 if value.strip().lower() != b"chunked" or request.chunked:
                     request.error = _ClientError(
                         501, "only Transfer-Encoding: chunked is supported"
                     )
                 request.chunked = True
-            elif lname == b"content-length":
+            elif kind == _CONTENT_LENGTH:
                 request.length = int(value)  # llhttp checked: digits, below 2^64, no conflict
-            elif lname == b"expect" and value.strip().lower() == b"100-continue":
-                request.expect_continue = True
+            elif kind == _EXPECT:
+                if value.strip().lower() == b"100-continue":
+                    request.expect_continue = True
+            elif kind == _FORWARDED_FOR:
+                if forwarded_for is None:
+                    forwarded_for = []
+                forwarded_for.append(value)
+            elif kind == _CONNECTION:
+                if connection is None:
+                    connection = []
+                connection.append(value)
+            elif kind == _IDEMPOTENCY_KEY:
+                request.has_key = True
+                lines += (name, b": ", value, b"\r\n")
+        if connection is None or _connection_named(connection) <= _NAMED_ANYWAY:
+            if forwarded_for is None:
+                lines.append(self._forwarded)
+            else:
+                peer = self.peer[0].encode()
+                if peer:
+                    forwarded_for.append(peer)
+                lines += (b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n")
+                lines.append(self._forwarded_proto)
+            lines += (b"X-Forwarded-Host: ", host or self._default_host, b"\r\n")
+            request.fields = b"".join(lines)
         if request.length is not None and request.length >= 1 << 63:
             request.error = _ClientError(400, "Content-Length is too large")
         if request.version == "1.1" and host_seen != 1:
@@ -862,9 +965,10 @@ class Engine:
             conn.send_error(400, "bad request target", close=True)
             return
         key = self._key(conn, request) if (pool.balancer.uses_key or proxy.access_log) else None
-        has_key = request.header(b"idempotency-key") is not None
-        resend = may_resend(request.method, has_key)
-        head_fields = self._fields(conn, request)
+        resend = may_resend(request.method, request.has_key)
+        head_fields = request.fields
+        if head_fields is None:
+            head_fields = self._fields(conn, request)
         sticky = proxy.sticky
         wanted = None
         if sticky is not None:
@@ -1146,10 +1250,11 @@ class Engine:
             lease.release()
             complete = True
         logged = self.proxy.access_log is not None  # the only reader of referer and agent
+        protocol = _PROTOCOLS.get(request.version) or f"HTTP/{request.version}"
         self.proxy.answered(
             lease, key, status=status, first_byte=first_byte, complete=complete,
             method=request.method, target=target.decode("latin-1"), bytes_sent=sent,
-            client=conn.peer[0], protocol=f"HTTP/{request.version}",
+            client=conn.peer[0], protocol=protocol,
             referer=_text(request.header(b"referer")) if logged else None,
             user_agent=_text(request.header(b"user-agent")) if logged else None,
         )  # fmt: skip
@@ -1201,7 +1306,9 @@ class Engine:
 
     def _fields(self, conn: ClientConnection, request: _Request) -> bytes:
         """The request's header block for the backend: hop-by-hop fields (and the ones the
-        Connection header names) dropped, ``X-Forwarded-*`` set (SPEC §3)."""
+        Connection header names) dropped, ``X-Forwarded-*`` set (SPEC §3). The pass over the
+        head (:meth:`ClientConnection.on_headers_complete`) makes the same block unless the
+        Connection header names a field it kept."""
         lines: list[tuple[bytes, bytes]] = []
         forwarded_for: list[bytes] = []
         connection: list[str] = []
@@ -1287,25 +1394,17 @@ def _target(request: _Request) -> bytes | None:
 def _answer_head(
     answer: UpstreamAnswer, *, client_chunked: bool, close: bool, extra: bytes = b""
 ) -> bytes:
-    """The answer's head for the client: hop-by-hop fields (and those its Connection names)
-    dropped, framing re-made for this hop."""
-    skip = _HOP
-    connection = [v.decode("latin-1") for n, v in answer.headers if n.lower() == b"connection"]
-    if connection:
-        skip = skip | {t.encode() for t in connection_tokens(connection)}
-    out = [b"HTTP/1.1 %d " % answer.status, answer.reason, b"\r\n"]
-    for name, value in answer.headers:
-        if name.lower() in skip:
-            continue
-        out += (name, b": ", value, b"\r\n")
-    if extra:
-        out.append(extra)
-    if client_chunked:
-        out.append(b"Transfer-Encoding: chunked\r\n")
-    if close:
-        out.append(b"Connection: close\r\n")
-    out.append(b"\r\n")
-    return b"".join(out)
+    """The answer's head for the client: its field block as the upstream connection made it
+    (hop-by-hop fields and those its Connection names dropped), framing re-made for this
+    hop."""
+    return b"HTTP/1.1 %d %b\r\n%b%b%b%b\r\n" % (
+        answer.status,
+        answer.reason,
+        answer.fields,
+        extra,
+        b"Transfer-Encoding: chunked\r\n" if client_chunked else b"",
+        b"Connection: close\r\n" if close else b"",
+    )
 
 
 def _call_wsgi(app: Any, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:

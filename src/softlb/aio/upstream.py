@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from softlb.errors import UpstreamBroken, UpstreamConnectError, UpstreamError, UpstreamTimeout
+from softlb.http.headers import HOP_BY_HOP, connection_tokens
 from softlb.retry import may_resend
 
 __all__ = ["BackendAddress", "UpstreamConnection", "UpstreamPool", "UpstreamAnswer"]
@@ -53,6 +54,28 @@ _UNSAFE: Final = re.compile(r"[\r\n\x00]")
 
 #: Statuses whose answers never have a body (RFC 9110 §6.4.1), besides every answer to HEAD.
 _BODILESS: Final = frozenset({204, 304})
+
+#: Hop-by-hop field names, lower-cased bytes: never passed on to the client.
+_HOP: Final = frozenset(name.encode() for name in HOP_BY_HOP)
+
+#: Received answer-head bytes (status line, fields, their CRLFs) beyond which the exact size
+#: of the fields (each counted as name + value + 4) is worked out. A field line of n wire
+#: bytes counts at most n + 1 (``a:\r\n`` is 4 bytes, counted 5), so the fields cannot pass
+#: :data:`MAX_HEAD` before this many bytes have come.
+_HEAD_CHECK: Final = MAX_HEAD * 4 // 5
+
+
+class _Discard(list[tuple[bytes, bytes]]):
+    """Where trailer fields go once the head is complete: nowhere (they are not forwarded,
+    nor announced: Trailer is hop-by-hop)."""
+
+    __slots__ = ()
+
+    def append(self, item: tuple[bytes, bytes], /) -> None:
+        pass
+
+
+_TRAILERS: Final = _Discard()
 
 
 class _Unset:
@@ -79,18 +102,37 @@ class BackendAddress:
 class UpstreamAnswer:
     """The head of a backend's answer, as the client will get it (hop-by-hop not yet removed).
 
-    ``headers`` are raw ``(name, value)`` byte pairs in the order the backend sent them.
+    ``headers`` are raw ``(name, value)`` byte pairs in the order the backend sent them;
+    ``fields`` is the field block for the client, made in the same pass that read the
+    framing: ``Name: value\r\n`` lines in that order, hop-by-hop fields and the ones the
+    answer's Connection header names left out.
     ``length`` is the Content-Length when the backend framed the body by length, else ``None``;
     ``chunked`` says it framed it in chunks; neither means no body or one that runs to the
     end of the connection (``until_close``).
     """
 
-    __slots__ = ("chunked", "headers", "keep_alive", "length", "reason", "status", "until_close")
+    __slots__ = (
+        "chunked",
+        "fields",
+        "headers",
+        "keep_alive",
+        "length",
+        "reason",
+        "status",
+        "until_close",
+    )
 
-    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        fields: bytes | None = None,
+    ) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
+        self.fields = _client_fields(headers) if fields is None else fields
         self.length: int | None = None
         self.chunked = False
         self.until_close = False
@@ -124,7 +166,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._answer: UpstreamAnswer | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes received while the head was not complete
+        self._interim_bytes = 0  # the fields of the interim answers skipped, as counted
         self._head_done = False
         self._body: list[bytes] = []
         self._interim = 0
@@ -161,6 +204,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._last_read = self.loop.time()
         try:
             parser.feed_data(data)
+            if not self._head_done:
+                self._head_bytes += len(data)
+                if self._head_bytes > _HEAD_CHECK and self._head_size() > MAX_HEAD:
+                    raise _HeadTooLarge
         except httptools.HttpParserUpgrade as exc:
             if self._answer is not None and self._answer.status == 101 and self._want_upgrade:
                 self.upgraded = True
@@ -234,36 +281,64 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
-        self._head_bytes += len(status)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._head_done:
-            return  # a trailer field: not forwarded (nor announced: Trailer is hop-by-hop)
+        # The size limit is checked in data_received and on_headers_complete; once the head
+        # is complete, the fields are trailers and go to _TRAILERS, which drops them.
         self._headers.append((name, value))
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > MAX_HEAD:
-            raise _HeadTooLarge
+
+    def _head_size(self) -> int:
+        """The head received so far as :data:`MAX_HEAD` counts it: the reason phrase, and
+        name + value + 4 per field (interim answers' fields included)."""
+        size = self._interim_bytes + len(self._reason)
+        for name, value in self._headers:
+            size += len(name) + len(value) + 4
+        return size
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         assert parser is not None
         status = parser.get_status_code()
+        headers = self._headers
         if 100 <= status < 200 and status != 101:
             self._interim += 1
             if self._interim > MAX_INTERIM:
                 raise httptools.HttpParserError("too many interim answers")
+            self._interim_bytes = self._head_size()
+            if self._interim_bytes > MAX_HEAD:
+                raise _HeadTooLarge
             self._headers = []
             self._reason = b""
             return  # an interim answer (103 Early Hints...): skipped, as the threaded engine
-        answer = UpstreamAnswer(status, self._reason, self._headers)
-        answer.keep_alive = parser.should_keep_alive()
+        self._headers = _TRAILERS
+        # One pass: the framing, the size, and the field block for the client.
+        size = self._interim_bytes + len(self._reason)
         length: int | None = None
         chunked = False
-        for name, value in self._headers:
-            if len(name) == 14 and name.lower() == b"content-length":
+        connection: list[bytes] | None = None
+        lines: list[bytes] = []
+        for name, value in headers:
+            size += len(name) + len(value) + 4
+            lname = name.lower()
+            if lname in _HOP:
+                if lname == b"transfer-encoding":
+                    chunked = value.strip().lower().endswith(b"chunked")
+                elif lname == b"connection":
+                    if connection is None:
+                        connection = []
+                    connection.append(value)
+                continue
+            if lname == b"content-length":
                 length = int(value)  # llhttp checked it: digits, no conflict
-            elif len(name) == 17 and name.lower() == b"transfer-encoding":
-                chunked = value.strip().lower().endswith(b"chunked")
+            lines += (name, b": ", value, b"\r\n")
+        if size > MAX_HEAD:
+            raise _HeadTooLarge
+        if connection is not None and _named(connection):
+            fields = _client_fields(headers)  # it names more fields to drop: the slow way
+        else:
+            fields = b"".join(lines)
+        answer = UpstreamAnswer(status, self._reason, headers, fields)
+        answer.keep_alive = parser.should_keep_alive()
         if self._head_request or status in _BODILESS or status == 101:
             length = 0
         elif chunked:
@@ -316,6 +391,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers = []
         self._reason = b""
         self._head_bytes = 0
+        self._interim_bytes = 0
         self._head_done = False
         self._body = []
         self._interim = 0
@@ -460,6 +536,36 @@ class UpstreamConnection(asyncio.Protocol):
 
 class _HeadTooLarge(Exception):
     pass
+
+
+#: Connection header values (as sent) -> :func:`_named`: backends send few distinct ones.
+_named_cache: dict[bytes, frozenset[bytes]] = {}
+
+
+def _named(connection: list[bytes]) -> frozenset[bytes]:
+    """The field names a Connection header's values list, less the hop-by-hop ones (which
+    go anyway); a few distinct values are remembered."""
+    key = connection[0] if len(connection) == 1 else b"\n".join(connection)
+    named = _named_cache.get(key)
+    if named is None:
+        tokens = connection_tokens(value.decode("latin-1") for value in connection)
+        named = frozenset(token.encode("latin-1") for token in tokens) - _HOP
+        if len(_named_cache) >= 256:
+            _named_cache.clear()
+        _named_cache[key] = named
+    return named
+
+
+def _client_fields(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The field block of an answer for the client: ``Name: value\r\n`` lines, hop-by-hop
+    fields and the ones its Connection header names (RFC 9110 §7.6.1) left out."""
+    connection = [value for name, value in headers if name.lower() == b"connection"]
+    skip = _HOP | _named(connection) if connection else _HOP
+    lines: list[bytes] = []
+    for name, value in headers:
+        if name.lower() not in skip:
+            lines += (name, b": ", value, b"\r\n")
+    return b"".join(lines)
 
 
 class _ConnectionGone(UpstreamBroken):
