@@ -707,6 +707,28 @@ def test_answer_fields_drop_hop_by_hop_and_connection_named(serve: Served) -> No
     assert body == b"ok"
 
 
+def test_answer_content_length_survives_a_connection_header_naming_it(serve: Served) -> None:
+    """A backend whose Connection header names Content-Length keeps its framing: the body goes
+    to the client in the backend's framing, so the client needs the length to find the next
+    answer on its keep-alive connection."""
+    answer = b"HTTP/1.1 200 OK\r\nConnection: Content-Length, X-Gone\r\nX-Gone: 1\r\n"
+    answer += b"Content-Length: 5\r\n\r\nhello"
+    with RawBackend([answer, answer]) as backend:
+        _, port = serve(servers=[backend.url])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            for _ in range(2):  # the second answer is read on the same client connection
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += sock.recv(4096)
+                head, _, body = data.partition(b"\r\n\r\n")
+                assert b"content-length: 5" in head.lower()
+                assert b"x-gone" not in head.lower()
+                while len(body) < 5:
+                    body += sock.recv(4096)
+                assert body == b"hello"
+
+
 def test_answer_trailers_and_interim_answers_are_not_forwarded(serve: Served) -> None:
     answer = (
         b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"

@@ -57,6 +57,10 @@ _BODILESS: Final = frozenset({204, 304})
 
 #: Hop-by-hop field names, lower-cased bytes: never passed on to the client.
 _HOP: Final = frozenset(name.encode() for name in HOP_BY_HOP)
+#: Fields an answer's Connection header cannot take away: the engine relays the body in the
+#: backend's framing, so the client needs its Content-Length (as the request side keeps Host
+#: and Content-Length; RFC 9112 §6.3 framing outranks a hop-by-hop claim).
+_FRAMING: Final = frozenset({b"content-length"})
 
 #: Received answer-head bytes (status line, fields, their CRLFs) beyond which the exact size
 #: of the fields (each counted as name + value + 4) is worked out. A field line of n wire
@@ -544,12 +548,13 @@ _named_cache: dict[bytes, frozenset[bytes]] = {}
 
 def _named(connection: list[bytes]) -> frozenset[bytes]:
     """The field names a Connection header's values list, less the hop-by-hop ones (which
-    go anyway); a few distinct values are remembered."""
+    go anyway) and Content-Length (kept: the client frames the body by it); a few distinct
+    values are remembered."""
     key = connection[0] if len(connection) == 1 else b"\n".join(connection)
     named = _named_cache.get(key)
     if named is None:
         tokens = connection_tokens(value.decode("latin-1") for value in connection)
-        named = frozenset(token.encode("latin-1") for token in tokens) - _HOP
+        named = frozenset(token.encode("latin-1") for token in tokens) - _HOP - _FRAMING
         if len(_named_cache) >= 256:
             _named_cache.clear()
         _named_cache[key] = named
