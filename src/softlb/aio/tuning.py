@@ -7,12 +7,12 @@ Both are set once per worker process, after the fork and after the app is built,
   taking it again for every large buffer. A 256 KiB answer passes through a few bytes objects
   of 64-256 KiB; by default glibc serves blocks above 128 KiB with ``mmap`` and returns them
   with ``munmap`` (or trims the heap's top with ``brk``), so each one costs page faults and
-  zeroed pages. Measured on ``/big`` (256 KiB, c16, 1 worker): proxy CPU 0.407 ms → 0.166 ms
-  per request, 0.30 → 0.67 of nginx's throughput (``docs/performance.rst``).
+  zeroed pages. Measured on ``/big`` (256 KiB, c16, 1 worker): proxy CPU 0.457 ms → 0.212 ms
+  per request, 0.32 → 0.57 of nginx's throughput (``docs/performance.rst``).
 - :func:`tune_gc` moves what the app built at start-up out of the collector's sight
   (:func:`gc.freeze`) and lets the youngest generation grow before a collection, so a worker's
-  collections are rare and short: the longest pause measured under load fell from 12.3 ms to
-  0.15 ms, and p99 latency at c64 with it.
+  collections are rare and short. With both, p99 latency at /small c64 went from 3.31 to 2.58
+  times nginx's in a side-by-side run.
 
 An operator who sets glibc's own variables (``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_``, or ``GLIBC_TUNABLES``) keeps them: :func:`tune_malloc` leaves a
