@@ -107,6 +107,11 @@ def test_sigterm_refuses_new_connections_and_finishes_the_one_in_flight(
                 # closed. Either way it is not left hanging.
                 refused_after = time.monotonic() - signalled
                 break
+            except TimeoutError:
+                # A SYN that met the listener in the middle of closing is dropped and would
+                # be sent again in 1 s (seen once under a loaded CI run): not accepted; the
+                # next attempt must be refused.
+                continue
             time.sleep(0.02)
         still_in_flight = client.is_alive()
     finally:
