@@ -65,7 +65,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run as harness  # noqa: E402  (benchmarks/ is not a package)
+from profiling import Func, caller_attribution  # noqa: E402
 
 CONNECTIONS = 16
 #: perf's sampling frequency (Hz): some 5,000 samples of the worker in an 8 s run.
@@ -278,7 +279,6 @@ def _perf_report(data: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- cProfile
 
-Func = tuple[str, int, str]
 
 #: Bucket of a function, by a fragment of its file's path and its qualified name (a regex
 #: that must match the whole name; None: any). The first rule that matches wins. Functions
@@ -452,29 +452,12 @@ def buckets(stats: pstats.Stats) -> tuple[Counter[str], Counter[str], Counter[st
     for its callers'."""
     table: dict[Func, Any] = stats.stats  # type: ignore[attr-defined]
     qualname = Qualnames()
-    memo: dict[tuple[Func, int], dict[str, float]] = {}
-
-    def owner(func: Func, by: int, depth: int = 0) -> dict[str, float]:
-        key = (func, by)
-        if key in memo:
-            return memo[key]
-        label = _bucket_of(func, qualname)
-        if label is not None:
-            memo[key] = {label: 1.0}
-            return memo[key]
-        callers = table.get(func, (0, 0, 0.0, 0.0, {}))[4]
-        column = by if sum(c[by] for c in callers.values()) else 1
-        total = sum(c[column] for c in callers.values())
-        if not callers or depth > 40 or not total:
-            memo[key] = {f"{OTHER}: {_short(func, qualname)}": 1.0}
-            return memo[key]
-        memo[key] = {f"{OTHER} (recursion)": 1.0}  # while resolving: a cycle's guard
-        share: dict[str, float] = defaultdict(float)
-        for caller, numbers in callers.items():
-            for label, fraction in owner(caller, by, depth + 1).items():
-                share[label] += numbers[column] / total * fraction
-        memo[key] = dict(share)
-        return memo[key]
+    owner = caller_attribution(
+        table,
+        lambda func: _bucket_of(func, qualname),
+        lambda func: f"{OTHER}: {_short(func, qualname)}",
+        f"{OTHER} (recursion)",
+    )
 
     seconds: Counter[str] = Counter()
     calls: Counter[str] = Counter()

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run as harness  # noqa: E402  (benchmarks/ is not a package)
+from profiling import Func, caller_attribution  # noqa: E402
 
 #: Bucket of a function by its file and name; the first rule that matches wins. A rule is
 #: (path fragment, function names or None for any, bucket). The own time of a function that
@@ -188,8 +189,6 @@ SYSCALLS = {
     "'setblocking'": "setblocking",
 }
 
-Func = tuple[str, int, str]
-
 
 def _rule(func: Func) -> str | None:
     path, _, name = func
@@ -210,31 +209,9 @@ def _syscall(func: Func) -> str | None:
 def buckets(stats: pstats.Stats) -> tuple[Counter[str], Counter[str]]:
     """Seconds of own time and calls per bucket; unbucketed functions' go to their callers."""
     table: dict[Func, Any] = stats.stats  # type: ignore[attr-defined]
-    memo: dict[tuple[Func, int], dict[str, float]] = {}
-
-    def owner(func: Func, by: int, depth: int = 0) -> dict[str, float]:
-        """The buckets ``func``'s own time (``by=2``) or calls (``by=1``) belong to."""
-        key = (func, by)
-        if key in memo:
-            return memo[key]
-        label = _rule(func)
-        if label is not None:
-            memo[key] = {label: 1.0}
-            return memo[key]
-        callers = table.get(func, (0, 0, 0.0, 0.0, {}))[4]
-        column = by if sum(c[by] for c in callers.values()) else 1
-        total = sum(c[column] for c in callers.values())
-        if not callers or depth > 40 or not total:
-            memo[key] = {f"other ({Path(func[0]).name}:{func[2]})": 1.0}
-            return memo[key]
-        memo[key] = {"other (recursion)": 1.0}  # while resolving: cycle guard
-        share: dict[str, float] = defaultdict(float)
-        for caller, numbers in callers.items():
-            weight = numbers[column] / total
-            for label, fraction in owner(caller, by, depth + 1).items():
-                share[label] += weight * fraction
-        memo[key] = dict(share)
-        return memo[key]
+    owner = caller_attribution(
+        table, _rule, lambda func: f"other ({Path(func[0]).name}:{func[2]})", "other (recursion)"
+    )
 
     seconds: Counter[str] = Counter()
     calls: Counter[str] = Counter()
