@@ -122,45 +122,20 @@ class LeastConnections(Balancer):
         self._entry[backend] = entry
         backend._lc_key = load
 
-    def _remove(self, backend: Backend, load: float) -> None:
-        """Take ``backend``'s live entry out of the bucket at ``load`` (lazily)."""
-        del self._entry[backend]
-        bucket = self._buckets[load]
-        bucket.live -= 1
-        if len(bucket.heap) > 2 * bucket.live + 16:
-            entries = self._entry
-            bucket.heap = [e for e in bucket.heap if entries.get(e[2]) is e]
-            heapq.heapify(bucket.heap)
-
     def _move(self, backend: Backend) -> None:
-        """Re-index ``backend`` at its new load: :meth:`_remove` then :meth:`_insert`, written
-        out in one body because it runs twice per request (lease and release)."""
+        """Take ``backend``'s live entry out of its bucket (lazily) and index it again at its
+        load now; runs twice per request (lease and release)."""
         old = backend._lc_key
         if old is None:  # not eligible: nothing indexed
             return
         entries = self._entry
-        buckets = self._buckets
-        # _remove
         del entries[backend]
-        bucket = buckets[old]
+        bucket = self._buckets[old]
         bucket.live -= 1
         if len(bucket.heap) > 2 * bucket.live + 16:
             bucket.heap = [e for e in bucket.heap if entries.get(e[2]) is e]
             heapq.heapify(bucket.heap)
-        # _insert
-        load = (backend.active + backend.shared_active) / backend.eff_weight  # least_load()
-        into = buckets.get(load)
-        if into is None:
-            self._insert(backend, load)  # a new load: the heap of loads changes too
-            return
-        position = self._pass[backend]
-        if position < self._vtime:
-            position = self._pass[backend] = self._vtime
-        entry = (position, next(self._arrivals), backend)
-        heapq.heappush(into.heap, entry)
-        into.live += 1
-        entries[backend] = entry
-        backend._lc_key = load
+        self._insert(backend, least_load(backend))
 
     acquired = _move
     released = _move
