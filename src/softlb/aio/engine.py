@@ -46,7 +46,12 @@ from softlb.aio.upstream import (
     UpstreamPool,
 )
 from softlb.errors import UpstreamError
-from softlb.http.headers import HOP_BY_HOP, _origin_form, connection_tokens
+from softlb.http.headers import (
+    HOP_BY_HOP_BYTES,
+    _origin_form,
+    connection_token_bytes,
+    connection_tokens,
+)
 from softlb.http.upstream import SMALL_BODY
 from softlb.retry import Attempts, failure_kind, may_resend
 
@@ -59,7 +64,7 @@ __all__ = ["Engine", "Limits"]
 
 log = logging.getLogger("softlb.proxy")
 
-_HOP: Final = frozenset(name.encode() for name in HOP_BY_HOP)
+_HOP: Final = HOP_BY_HOP_BYTES
 #: Request fields the engine writes itself (X-Forwarded-*), or never sends on (Expect: the
 #: engine answers 100-continue; framing: re-made per hop).
 _REPLACED: Final = frozenset(
@@ -97,24 +102,6 @@ _METHOD_NAMES: Final = {
     m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 }
 _PROTOCOLS: Final = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
-#: Connection header values (as sent) -> the field names they list, less the ones that stay.
-_named_cache: dict[bytes, frozenset[bytes]] = {}
-
-
-def _connection_named(values: list[bytes]) -> frozenset[bytes]:
-    """The field names the request's Connection header(s) list, that must not go on (Host
-    and Content-Length always do); a few distinct values are remembered."""
-    key = values[0] if len(values) == 1 else b"\n".join(values)
-    named = _named_cache.get(key)
-    if named is None:
-        tokens = connection_tokens(value.decode("latin-1") for value in values)
-        named = frozenset(t.encode("latin-1") for t in tokens) - _UNREMOVABLE
-        if len(_named_cache) >= 256:
-            _named_cache.clear()
-        _named_cache[key] = named
-    return named
-
-
 _METHODS_WITH_BODY: Final = frozenset({"POST", "PUT", "PATCH"})
 
 _REASONS: Final = {
@@ -462,7 +449,7 @@ class ClientConnection(asyncio.Protocol):
             elif kind == _IDEMPOTENCY_KEY:
                 request.has_key = True
                 lines += (name, b": ", value, b"\r\n")
-        if connection is None or _connection_named(connection) <= _NAMED_ANYWAY:
+        if connection is None or connection_token_bytes(connection) <= _NAMED_ANYWAY:
             if forwarded_for is None:
                 lines.append(self._forwarded)
             else:

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from softlb.errors import UpstreamBroken, UpstreamConnectError, UpstreamError, UpstreamTimeout
-from softlb.http.headers import HOP_BY_HOP, connection_tokens
+from softlb.http.headers import HOP_BY_HOP_BYTES, connection_token_bytes
 from softlb.retry import may_resend
 
 __all__ = ["BackendAddress", "UpstreamConnection", "UpstreamPool", "UpstreamAnswer"]
@@ -56,11 +56,13 @@ _UNSAFE: Final = re.compile(r"[\r\n\x00]")
 _BODILESS: Final = frozenset({204, 304})
 
 #: Hop-by-hop field names, lower-cased bytes: never passed on to the client.
-_HOP: Final = frozenset(name.encode() for name in HOP_BY_HOP)
+_HOP: Final = HOP_BY_HOP_BYTES
 #: Fields an answer's Connection header cannot take away: the engine relays the body in the
 #: backend's framing, so the client needs its Content-Length (as the request side keeps Host
 #: and Content-Length; RFC 9112 §6.3 framing outranks a hop-by-hop claim).
 _FRAMING: Final = frozenset({b"content-length"})
+#: What a Connection header may name and leave the answer's field block as it is.
+_GONE_OR_KEPT: Final = _HOP | _FRAMING
 
 #: Received answer-head bytes (status line, fields, their CRLFs) beyond which the exact size
 #: of the fields (each counted as name + value + 4) is worked out. A field line of n wire
@@ -337,7 +339,7 @@ class UpstreamConnection(asyncio.Protocol):
             lines += (name, b": ", value, b"\r\n")
         if size > MAX_HEAD:
             raise _HeadTooLarge
-        if connection is not None and _named(connection):
+        if connection is not None and not connection_token_bytes(connection) <= _GONE_OR_KEPT:
             fields = _client_fields(headers)  # it names more fields to drop: the slow way
         else:
             fields = b"".join(lines)
@@ -542,30 +544,13 @@ class _HeadTooLarge(Exception):
     pass
 
 
-#: Connection header values (as sent) -> :func:`_named`: backends send few distinct ones.
-_named_cache: dict[bytes, frozenset[bytes]] = {}
-
-
-def _named(connection: list[bytes]) -> frozenset[bytes]:
-    """The field names a Connection header's values list, less the hop-by-hop ones (which
-    go anyway) and Content-Length (kept: the client frames the body by it); a few distinct
-    values are remembered."""
-    key = connection[0] if len(connection) == 1 else b"\n".join(connection)
-    named = _named_cache.get(key)
-    if named is None:
-        tokens = connection_tokens(value.decode("latin-1") for value in connection)
-        named = frozenset(token.encode("latin-1") for token in tokens) - _HOP - _FRAMING
-        if len(_named_cache) >= 256:
-            _named_cache.clear()
-        _named_cache[key] = named
-    return named
-
-
 def _client_fields(headers: list[tuple[bytes, bytes]]) -> bytes:
     """The field block of an answer for the client: ``Name: value\r\n`` lines, hop-by-hop
     fields and the ones its Connection header names (RFC 9110 §7.6.1) left out."""
     connection = [value for name, value in headers if name.lower() == b"connection"]
-    skip = _HOP | _named(connection) if connection else _HOP
+    # The fields it names go too, but never Content-Length: the body keeps the backend's
+    # framing.
+    skip = (_HOP | connection_token_bytes(connection)) - _FRAMING if connection else _HOP
     lines: list[bytes] = []
     for name, value in headers:
         if name.lower() not in skip:

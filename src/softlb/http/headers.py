@@ -62,6 +62,27 @@ def connection_tokens(values: Iterable[str]) -> frozenset[str]:
     return frozenset(tokens)
 
 
+#: :data:`HOP_BY_HOP` as bytes, for the event loop, which reads heads as bytes.
+HOP_BY_HOP_BYTES: Final[frozenset[bytes]] = frozenset(name.encode() for name in HOP_BY_HOP)
+
+#: ``Connection`` values as sent -> :func:`connection_token_bytes`: peers send few distinct ones.
+_token_cache: dict[bytes, frozenset[bytes]] = {}
+
+
+def connection_token_bytes(values: list[bytes]) -> frozenset[bytes]:
+    """:func:`connection_tokens` of raw (bytes) ``Connection`` values, as bytes; the last
+    256 distinct values are remembered, so the usual ``keep-alive`` costs a lookup."""
+    key = values[0] if len(values) == 1 else b"\n".join(values)
+    tokens = _token_cache.get(key)
+    if tokens is None:
+        text = connection_tokens(value.decode("latin-1") for value in values)
+        tokens = frozenset(token.encode("latin-1") for token in text)
+        if len(_token_cache) >= 256:
+            _token_cache.clear()
+        _token_cache[key] = tokens
+    return tokens
+
+
 # --------------------------------------------------------------------------- request target
 
 #: Characters left as they are when re-quoting a decoded path: RFC 3986 ``pchar`` (sub-delims,
