@@ -13,7 +13,7 @@ from softlb.client import RetryBudget
 from softlb.errors import NoBackendAvailable, QueueTimeout, UpstreamBroken, UpstreamConnectError
 from softlb.http.transport import Exchange, SchemeRouter, UpstreamRequest, round_trip
 from softlb.http.wire import ProxyUpstream
-from softlb.pool import Pool, PoolEvent
+from softlb.pool import Lease, Pool, PoolEvent
 from softlb.retry import Attempts, ClientAbort, may_resend
 from tests.helpers.hostile import reset_step
 from tests.helpers.raw_backend import RawBackend
@@ -266,6 +266,28 @@ def test_next_async_without_a_wait_reports_a_full_pool(backend: TestBackend) -> 
     assert asyncio.run(attempts.next_async()) is None
     assert isinstance(attempts.error, QueueTimeout)
     held.release()
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["next", "next_async"])
+def test_a_lease_taken_before_the_loop_is_its_first_try(use_async: bool) -> None:
+    """``first``: the loop's first try is the lease the caller took (nothing else is leased),
+    and after that try fails the next one excludes its backend, as if the loop had taken it."""
+    pool = Pool(["http://a:1", "http://b:1"], balancer="round_robin")
+    taken = pool.try_lease()
+    assert taken is not None
+    attempts = attempts_for(pool, first=taken)
+
+    def next_lease() -> Lease | None:
+        return asyncio.run(attempts.next_async()) if use_async else attempts.next()
+
+    assert next_lease() is taken
+    assert pool.in_flight == 1  # the first try leased nothing more
+    assert attempts.failed(UpstreamConnectError("refused", backend=taken.backend.url))
+    second = next_lease()
+    assert second is not None and second.backend is not taken.backend
+    attempts.succeeded().release()
+    assert pool.in_flight == 0
+    assert taken.backend.failures == 1
 
 
 def test_abort_before_next_is_a_programming_error() -> None:

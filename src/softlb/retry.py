@@ -133,9 +133,15 @@ class Attempts:
     When :meth:`next` returns ``None`` nothing more is tried, and :attr:`error` is why: the
     last backend's failure, or :class:`~softlb.errors.NoBackendAvailable` when nothing was in
     rotation. Not thread-safe: one request, one thread or task.
+
+    ``first`` is a lease the caller took already (with :meth:`Pool.try_lease`, no exclusions,
+    no preference): the first :meth:`next` returns it instead of leasing, so a front end that
+    starts the usual request without the loop (the event-loop engine's fast path) can hand it
+    over when its first try fails, and the loop goes on as if it had taken that lease itself.
     """
 
     __slots__ = (
+        "_first",
         "_stopped",
         "budget",
         "error",
@@ -167,6 +173,7 @@ class Attempts:
         budget: Budget | None = None,
         on_retry: Callable[[], object] | None = None,
         logger: logging.Logger = log,
+        first: Lease | None = None,
     ) -> None:
         self.pool = pool
         self.key = key
@@ -190,6 +197,8 @@ class Attempts:
         self.error: ProxyError | None = None
         #: The lease of the try under way, owned by the loop until :meth:`succeeded`.
         self.lease: Lease | None = None
+        #: A lease taken before the loop began, for its first try (:meth:`next` returns it).
+        self._first = first
         self._stopped = False
 
     def next(self) -> Lease | None:
@@ -197,6 +206,8 @@ class Attempts:
         ``None`` when nothing more is to be tried."""
         if self._stopped:
             return None
+        if self._first is not None:
+            return self._take_first()
         try:
             lease = self.pool.lease(
                 self.key, exclude=self.tried, prefer=self.prefer, wait=self.wait
@@ -211,6 +222,8 @@ class Attempts:
         """:meth:`next` for an asyncio event loop: the queue is waited in without blocking it."""
         if self._stopped:
             return None
+        if self._first is not None:
+            return self._take_first()
         pool = self.pool
         try:
             lease = pool.try_lease(self.key, exclude=self.tried, prefer=self.prefer)
@@ -221,6 +234,13 @@ class Attempts:
         except NoBackendAvailable as exc:
             self._none_left(exc)
             return None
+        self.lease = lease
+        return lease
+
+    def _take_first(self) -> Lease:
+        lease = self._first
+        assert lease is not None
+        self._first = None
         self.lease = lease
         return lease
 
