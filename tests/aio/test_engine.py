@@ -863,3 +863,93 @@ def test_post_with_idempotency_key_is_retried(serve: Served) -> None:
                 port, "/x", method="POST", body=b"data", headers={"idempotency-KEY": "k"}
             )
             assert (status, body) == (200, b"ok")
+
+
+# -- the fast path (Engine.start_forward): a request on an idle pooled connection ----------
+
+
+OK_KEEP_ALIVE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def test_reused_connection_closed_under_a_request_is_retried_on_a_fresh_one(
+    serve: Served,
+) -> None:
+    """The backend takes the second request on its kept-alive connection and closes it without
+    a byte of answer (its keep-alive ended as the request came): the request goes again on a
+    fresh connection, the backend is not blamed, and no retry is spent (retries 0)."""
+    with RawBackend([OK_KEEP_ALIVE, CLOSE, OK_KEEP_ALIVE]) as raw_backend:
+        _, port = serve(servers=[raw_backend.url], retries=0)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        for _ in range(2):
+            conn.request("GET", "/x")
+            resp = conn.getresponse()
+            assert (resp.status, resp.read()) == (200, b"ok")
+        conn.close()
+        assert [r.connection for r in raw_backend.requests] == [1, 1, 2]
+        assert servers_json(port)[0]["failures"] == 0
+
+
+def test_a_bad_answer_on_a_pooled_connection_fails_over(serve: Served) -> None:
+    """A backend answers garbage on its pooled connection: that try is charged to it and the
+    request goes to the other backend, as any first try's failure."""
+    garbage = b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n"
+    with RawBackend([OK_KEEP_ALIVE, garbage]) as bad, RawBackend([OK_KEEP_ALIVE]) as good:
+        _, port = serve(servers=[bad.url, good.url], algorithm="round_robin", retries=1)
+        for _ in range(2):  # one each: both now have an idle pooled connection
+            assert get(port, "/x")[:3:2] == (200, b"ok")
+        assert get(port, "/x")[:3:2] == (200, b"ok")  # bad's turn: garbage, then good
+        assert len(bad.requests) == 2 and len(good.requests) == 2
+        failures = {s["url"]: s["failures"] for s in servers_json(port)}
+        assert failures == {bad.url: 1, good.url: 0}
+
+
+@pytest.mark.parametrize("pooled", [True, False], ids=["fast-path", "new-connection"])
+def test_an_internal_error_while_relaying_is_a_500_and_frees_the_lease(
+    serve: Served, monkeypatch: pytest.MonkeyPatch, pooled: bool
+) -> None:
+    """A bug in the relay of a whole answer reaches the client as a plain 500 (never a
+    traceback, never a hung connection), and the request is no longer counted in flight:
+    on the fast path (a pooled connection waits) and on the general one (a new connection)."""
+    from softlb.aio.engine import Engine
+
+    with RawBackend([OK_KEEP_ALIVE]) as raw_backend:
+        _, port = serve(servers=[raw_backend.url])
+        if pooled:
+            assert get(port, "/x")[0] == 200  # a pooled connection now waits
+
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(Engine, "_relay_whole", broken)
+        status, headers, body = get(port, "/x")
+        assert (status, headers.get("connection")) == (500, "close")
+        assert body.startswith(b"500 Internal Server Error")
+        monkeypatch.undo()
+        assert servers_json(port)[0]["active"] == 0
+        assert get(port, "/x")[:3:2] == (200, b"ok")
+
+
+def test_an_internal_error_while_starting_falls_back_to_the_general_path(
+    serve: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the fast path's start leaves nothing held and the request is served by the
+    general path (here the bug strikes once, so it answers)."""
+    from softlb.aio import engine
+
+    with RawBackend([OK_KEEP_ALIVE]) as raw_backend:
+        _, port = serve(servers=[raw_backend.url])
+        assert get(port, "/x")[0] == 200
+        real = engine._outgoing
+        calls = []
+
+        def once(request: Any) -> tuple[bytes, bytes, bytes]:
+            calls.append(request)
+            if len(calls) == 1:
+                raise RuntimeError("a bug")
+            return real(request)
+
+        monkeypatch.setattr(engine, "_outgoing", once)
+        assert get(port, "/x")[:3:2] == (200, b"ok")
+        assert len(calls) == 2  # the fast path's try, then the general path's
+        monkeypatch.undo()
+        assert servers_json(port)[0]["active"] == 0

@@ -45,7 +45,7 @@ from softlb.aio.upstream import (
     UpstreamConnection,
     UpstreamPool,
 )
-from softlb.errors import UpstreamError
+from softlb.errors import NoBackendAvailable, UpstreamError
 from softlb.http.headers import (
     HOP_BY_HOP_BYTES,
     _origin_form,
@@ -471,7 +471,8 @@ class ClientConnection(asyncio.Protocol):
         if request.length == 0 or (request.length is None and not request.chunked):
             request.complete = True  # no body; httptools still calls on_message_complete
         self.queue.append(request)
-        self._set_deadline("body", self.engine.limits.client_body)
+        if not request.complete:  # (else on_message_complete follows at once)
+            self._set_deadline("body", self.engine.limits.client_body)
         if len(self.queue) > 1:
             self._pause_reading()  # pipelined: read no further until the ones ahead are answered
         if not self.busy:
@@ -496,7 +497,10 @@ class ClientConnection(asyncio.Protocol):
         assert request is not None
         self.current = None
         request.complete = True
-        self._set_deadline("idle" if not self.busy else "", self.engine.limits.keepalive)
+        if self.busy:
+            self._deadline_kind = ""  # being answered: the backend's read timeout applies
+        else:
+            self._set_deadline("idle", self.engine.limits.keepalive)
         request.wake()
 
     # -- answering ------------------------------------------------------------------------
@@ -506,16 +510,27 @@ class ClientConnection(asyncio.Protocol):
             return
         self.busy = True
         request = self.queue[0]
+        if request.complete and request.error is None and not request.upgrade:
+            try:
+                if self.engine.start_forward(self, request):
+                    return  # on its way without a task (Engine.start_forward)
+            except Exception:
+                log.exception("internal error while starting %s", request.url[:200])
         self.task = self.loop.create_task(self._answer(request))
 
-    async def _answer(self, request: _Request) -> None:
+    async def _answer(
+        self,
+        request: _Request,
+        first: Lease | None = None,
+        started: UpstreamConnection | None = None,
+    ) -> None:
         try:
             if request.error is not None:
                 self.send_error(request.error.status, request.error.why, close=True)
-            elif self.engine.is_admin(request, self):
+            elif first is None and self.engine.is_admin(request, self):
                 await self.engine.admin(self, request)
             else:
-                await self.engine.forward(self, request)
+                await self.engine.forward(self, request, first=first, started=started)
         except Exception:  # never a traceback to the client
             log.exception("internal error while proxying %s", request.url[:200])
             self.send_error(500, "internal error", close=True)
@@ -933,8 +948,98 @@ class Engine:
 
     # -- the proxy --------------------------------------------------------------------------
 
-    async def forward(self, conn: ClientConnection, request: _Request) -> None:
-        """Forward one request, with the retry rules of SPEC §3, and relay the answer."""
+    def start_forward(self, conn: ClientConnection, request: _Request) -> bool:
+        """Start forwarding the usual request without a task: one whose body (if any) is read
+        whole, for the proxy (not the admin API), with no sticky sessions. The backend is
+        leased without waiting and the request goes on an idle pooled connection; an answer
+        that arrives whole is relayed from the backend connection's callback
+        (:meth:`_answered`), with no coroutine in between. Anything else, a first try that
+        fails included, continues in :meth:`forward` with the lease and the connection
+        already taken, under the same rules. ``False`` (nothing done) when the request needs
+        :meth:`forward` from the start."""
+        proxy = self.proxy
+        if proxy.sticky is not None or self.is_admin(request, conn):
+            return False
+        target = _target(request)
+        if target is None:
+            return False
+        pool = self.pool
+        key = self._key(conn, request) if (pool.balancer.uses_key or proxy.access_log) else None
+        try:
+            lease = pool.try_lease(key)
+        except NoBackendAvailable:
+            return False
+        if lease is None:
+            return False  # every backend is full: forward() waits in the queue
+        try:
+            upstream = self.upstreams.take_idle(lease.backend.url)
+            if upstream is None:  # a new connection is awaited: the general path
+                conn.task = self.loop.create_task(conn._answer(request, first=lease))
+                return True
+            fields = request.fields
+            if fields is None:
+                fields = self._fields(conn, request)
+            method, framing, body = _outgoing(request)
+            upstream.start(
+                _request_head(method, upstream.address, target, fields, framing) + body,
+                head_request=request.method == "HEAD",
+                upgrade=False,
+            )
+        except BaseException:
+            lease.release("error")
+            raise
+
+        def answered() -> None:
+            self._answered(conn, request, upstream, lease, key=key, target=target)
+
+        upstream.on_head = answered
+        return True
+
+    def _answered(
+        self,
+        conn: ClientConnection,
+        request: _Request,
+        upstream: UpstreamConnection,
+        lease: Lease,
+        *,
+        key: str | None,
+        target: bytes,
+    ) -> None:
+        """The head of the answer to a request :meth:`start_forward` sent has come, or its
+        exchange failed: a whole answer goes to the client at once; the rest (a failure to
+        retry, a body still streaming) goes on in :meth:`forward`."""
+        try:
+            if upstream.complete and upstream.failed is None and not upstream.upgraded:
+                assert upstream.head is not None
+                answer = upstream.head.result()
+                if answer.status != 101:
+                    self.proxy.stats.observe(time.perf_counter() - request.started)
+                    self._relay_whole(
+                        conn, request, upstream, lease, answer, key=key, target=target
+                    )
+                    conn._done(request)
+                    return
+        except Exception:  # never a traceback to the client, nor into the backend's protocol
+            log.exception("internal error while proxying %s", request.url[:200])
+            lease.release("error")
+            upstream.abort()
+            conn.send_error(500, "internal error", close=True)
+            conn._done(request)
+            return
+        conn.task = self.loop.create_task(conn._answer(request, first=lease, started=upstream))
+
+    async def forward(
+        self,
+        conn: ClientConnection,
+        request: _Request,
+        *,
+        first: Lease | None = None,
+        started: UpstreamConnection | None = None,
+    ) -> None:
+        """Forward one request, with the retry rules of SPEC §3, and relay the answer.
+
+        ``first`` and ``started`` go on from :meth:`start_forward`: the first try's lease, and
+        the connection its exchange was started on."""
         proxy = self.proxy
         pool = self.pool
         if request.expect_continue and not request.complete:
@@ -971,11 +1076,13 @@ class Engine:
             prefer=wanted,
             wait=proxy.queue_timeout,
             on_retry=proxy.stats.retried,
+            first=first,
         )
         while (lease := await attempts.next_async()) is not None:
+            on, started = started, None  # a connection start_forward began on: first try only
             try:
                 upstream = await self._exchange(
-                    lease.backend.url, request, target, head_fields, resend=resend
+                    lease.backend.url, request, target, head_fields, resend=resend, started=on
                 )
                 if upstream.failed is not None and not upstream.upgraded:
                     # The answer broke before a byte of it went to the client (a bad first
@@ -1003,9 +1110,14 @@ class Engine:
             cookie_line = b""
             if sticky is not None and lease.backend is not wanted:
                 cookie_line = b"Set-Cookie: %b\r\n" % sticky.set_cookie(lease.backend).encode()
-            await self._relay(
-                conn, request, upstream, lease, key=key, target=target, extra=cookie_line
-            )
+            try:
+                await self._relay(
+                    conn, request, upstream, lease, key=key, target=target, extra=cookie_line
+                )
+            except BaseException:  # a bug, or the task cancelled: hold nothing
+                lease.release("error")
+                upstream.abort()
+                raise
             return
         if request.error is not None:
             conn.send_error(request.error.status, request.error.why, close=True)
@@ -1031,34 +1143,17 @@ class Engine:
         fields: bytes,
         *,
         resend: bool,
+        started: UpstreamConnection | None = None,
     ) -> UpstreamConnection:
         """Send the request to ``url`` and wait for the head of its answer (the transport's
         :meth:`~softlb.aio.upstream.UpstreamPool.exchange`: a stale pooled connection is
         retried there, unblamed). A body read ahead whole goes with the head, and is kept for
-        a retry on another backend; a longer one is streamed."""
-        method = request.method.encode("ascii")
-        if request.complete:
-            body = request.take_body()
-            request.body = [body] if body else []  # kept for a retry
-            if body or request.method in _METHODS_WITH_BODY:
-                framing = b"Content-Length: %d\r\n" % len(body)
-            else:
-                framing = b""
-        else:
-            body = b""
-            if request.chunked:
-                framing = b"Transfer-Encoding: chunked\r\n"
-            else:
-                framing = b"Content-Length: %d\r\n" % (request.length or 0)
-        if request.upgrade:
-            value = request.header(b"upgrade") or b""
-            framing += b"Upgrade: " + value + b"\r\nConnection: upgrade\r\n"
-            body = b""  # bytes after an upgrade request's head belong to the new protocol
+        a retry on another backend; a longer one is streamed. ``started``: the exchange was
+        started on that connection already (:meth:`start_forward`)."""
+        method, framing, body = _outgoing(request)
 
         def head(address: BackendAddress) -> bytes:
-            return b"".join(
-                (method, b" ", address.base, target, b" HTTP/1.1\r\n", fields, framing, b"\r\n")
-            )
+            return _request_head(method, address, target, fields, framing)
 
         stream = None
         if not request.complete and not request.upgrade:
@@ -1075,6 +1170,7 @@ class Engine:
                 upgrade=request.upgrade,
                 resend=resend,
                 stream=stream,
+                started=started,
             )
         except UpstreamError:
             if request.error is not None:
@@ -1143,39 +1239,14 @@ class Engine:
                 return
             await self._tunnel(conn, request, upstream, lease, answer)
             return
-        client_chunked = False
-        close = not request.keep_alive or not request.complete or self.stopping
-        bodiless = request.method == "HEAD" or status in (204, 304)
-        if answer.length is None and not bodiless:
-            if request.version == "1.1":
-                client_chunked = True
-            else:
-                close = True
-        if request.upgrade:
-            close = True  # the connection stayed in the upgrade request's state
-        if close:
-            request.keep_alive = False
-        elif request.version == "1.0":
-            extra += b"Connection: keep-alive\r\n"  # an HTTP/1.0 client closes without it
-        head = _answer_head(answer, client_chunked=client_chunked, close=close, extra=extra)
+        if upstream.complete:  # the usual small answer: head and body leave in one write
+            self._relay_whole(
+                conn, request, upstream, lease, answer, key=key, target=target, extra=extra
+            )
+            return
+        head, client_chunked = self._client_head(request, answer, extra)
         conn.upstream = upstream
         first_byte = self.pool.clock() - lease.started
-        if upstream.complete:  # the usual small answer: head and body leave in one write
-            pieces = upstream.take_pieces()
-            sent = sum(map(len, pieces))
-            if client_chunked:
-                pieces = [b"%x\r\n" % sent, *pieces, b"\r\n0\r\n\r\n"] if sent else [b"0\r\n\r\n"]
-            if not pieces:
-                conn.write(head)
-            elif len(pieces) == 1 and sent < 16384:
-                conn.write(head + pieces[0])  # a small answer: one copy is cheaper than a list
-            else:
-                conn.writelines([head, *pieces])
-            self._finish(
-                conn, request, upstream, lease, key=key, target=target, status=status,
-                error=None, first_byte=first_byte, sent=sent,
-            )  # fmt: skip
-            return
         conn.write(head)
         waiter: asyncio.Future[UpstreamError | None] = self.loop.create_future()
         counted = [0]
@@ -1203,6 +1274,61 @@ class Engine:
         self._finish(
             conn, request, upstream, lease, key=key, target=target, status=status,
             error=error, first_byte=first_byte, sent=counted[0],
+        )  # fmt: skip
+
+    def _client_head(
+        self, request: _Request, answer: UpstreamAnswer, extra: bytes
+    ) -> tuple[bytes, bool]:
+        """The answer's head for the client, and whether its body goes to it in chunks (an
+        HTTP/1.1 client, a body of unknown length). Marks the request not keep-alive when
+        the client connection is to close after it."""
+        client_chunked = False
+        close = not request.keep_alive or not request.complete or self.stopping
+        bodiless = request.method == "HEAD" or answer.status in (204, 304)
+        if answer.length is None and not bodiless:
+            if request.version == "1.1":
+                client_chunked = True
+            else:
+                close = True
+        if request.upgrade:
+            close = True  # the connection stayed in the upgrade request's state
+        if close:
+            request.keep_alive = False
+        elif request.version == "1.0":
+            extra += b"Connection: keep-alive\r\n"  # an HTTP/1.0 client closes without it
+        head = _answer_head(answer, client_chunked=client_chunked, close=close, extra=extra)
+        return head, client_chunked
+
+    def _relay_whole(
+        self,
+        conn: ClientConnection,
+        request: _Request,
+        upstream: UpstreamConnection,
+        lease: Lease,
+        answer: UpstreamAnswer,
+        *,
+        key: str | None,
+        target: bytes,
+        extra: bytes = b"",
+    ) -> None:
+        """An answer that came whole: head and body leave in one write, then
+        :meth:`_finish`."""
+        head, client_chunked = self._client_head(request, answer, extra)
+        conn.upstream = upstream
+        first_byte = self.pool.clock() - lease.started
+        pieces = upstream.take_pieces()
+        sent = sum(map(len, pieces))
+        if client_chunked:
+            pieces = [b"%x\r\n" % sent, *pieces, b"\r\n0\r\n\r\n"] if sent else [b"0\r\n\r\n"]
+        if not pieces:
+            conn.write(head)
+        elif len(pieces) == 1 and sent < 16384:
+            conn.write(head + pieces[0])  # a small answer: one copy is cheaper than a list
+        else:
+            conn.writelines([head, *pieces])
+        self._finish(
+            conn, request, upstream, lease, key=key, target=target, status=answer.status,
+            error=None, first_byte=first_byte, sent=sent,
         )  # fmt: skip
 
     def _finish(
@@ -1363,6 +1489,40 @@ async def _wait(request: _Request) -> None:
     loop = asyncio.get_running_loop()
     request.waiter = loop.create_future()
     await request.waiter
+
+
+def _outgoing(request: _Request) -> tuple[bytes, bytes, bytes]:
+    """What a request sends to a backend besides its target and fields: its method, its
+    framing fields and (read whole) its body. A body read ahead whole goes with the head and
+    is kept for a retry on another backend; a longer one is streamed after it."""
+    method = request.method.encode("ascii")
+    if request.complete:
+        body = request.take_body()
+        request.body = [body] if body else []  # kept for a retry
+        if body or request.method in _METHODS_WITH_BODY:
+            framing = b"Content-Length: %d\r\n" % len(body)
+        else:
+            framing = b""
+    else:
+        body = b""
+        if request.chunked:
+            framing = b"Transfer-Encoding: chunked\r\n"
+        else:
+            framing = b"Content-Length: %d\r\n" % (request.length or 0)
+    if request.upgrade:
+        value = request.header(b"upgrade") or b""
+        framing += b"Upgrade: " + value + b"\r\nConnection: upgrade\r\n"
+        body = b""  # bytes after an upgrade request's head belong to the new protocol
+    return method, framing, body
+
+
+def _request_head(
+    method: bytes, address: BackendAddress, target: bytes, fields: bytes, framing: bytes
+) -> bytes:
+    """The request's head for the backend at ``address``."""
+    return b"".join(
+        (method, b" ", address.base, target, b" HTTP/1.1\r\n", fields, framing, b"\r\n")
+    )
 
 
 def _text(value: bytes | None) -> str | None:

@@ -168,6 +168,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.on_done: Callable[[UpstreamError | None], None] | None = None
         self.on_drain: Callable[[], None] | None = None  # the backend can take more body
         self.on_full: Callable[[], None] | None = None  # the backend's write buffer is full
+        #: Called once, synchronously, when the answer's head has come (after the whole read
+        #: that brought it: a small answer is complete by then) or the exchange has failed;
+        #: for a driver that waits on callbacks instead of awaiting :attr:`head`.
+        self.on_head: Callable[[], None] | None = None
         self._parser: httptools.HttpResponseParser | None = None
         self._answer: UpstreamAnswer | None = None
         self._headers: list[tuple[bytes, bytes]] = []
@@ -208,12 +212,16 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._got_bytes = True
         self._last_read = self.loop.time()
+        if not self._head_done:
+            self._head_bytes += len(data)  # before the parser runs: on_headers_complete reads it
         try:
             parser.feed_data(data)
-            if not self._head_done:
-                self._head_bytes += len(data)
-                if self._head_bytes > _HEAD_CHECK and self._head_size() > MAX_HEAD:
-                    raise _HeadTooLarge
+            if (
+                not self._head_done
+                and self._head_bytes > _HEAD_CHECK
+                and self._head_size() > MAX_HEAD
+            ):
+                raise _HeadTooLarge
         except httptools.HttpParserUpgrade as exc:
             if self._answer is not None and self._answer.status == 101 and self._want_upgrade:
                 self.upgraded = True
@@ -238,6 +246,11 @@ class UpstreamConnection(asyncio.Protocol):
                     f"answer head from {self.address.url} is too large", backend=self.address.url
                 )
             )
+        else:
+            on_head = self.on_head
+            if on_head is not None and self._head_done:
+                self.on_head = None
+                on_head()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost follows
@@ -316,15 +329,15 @@ class UpstreamConnection(asyncio.Protocol):
             self._headers = []
             self._reason = b""
             return  # an interim answer (103 Early Hints...): skipped, as the threaded engine
+        if self._head_bytes > _HEAD_CHECK and self._head_size() > MAX_HEAD:
+            raise _HeadTooLarge  # (fewer bytes came than that: it cannot be too large)
         self._headers = _TRAILERS
-        # One pass: the framing, the size, and the field block for the client.
-        size = self._interim_bytes + len(self._reason)
+        # One pass: the framing and the field block for the client.
         length: int | None = None
         chunked = False
         connection: list[bytes] | None = None
         lines: list[bytes] = []
         for name, value in headers:
-            size += len(name) + len(value) + 4
             lname = name.lower()
             if lname in _HOP:
                 if lname == b"transfer-encoding":
@@ -337,8 +350,6 @@ class UpstreamConnection(asyncio.Protocol):
             if lname == b"content-length":
                 length = int(value)  # llhttp checked it: digits, no conflict
             lines += (name, b": ", value, b"\r\n")
-        if size > MAX_HEAD:
-            raise _HeadTooLarge
         if connection is not None and not connection_token_bytes(connection) <= _GONE_OR_KEPT:
             fields = _client_fields(headers)  # it names more fields to drop: the slow way
         else:
@@ -406,6 +417,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._want_upgrade = upgrade
         self.sink = None
         self.on_done = None
+        self.on_head = None
         self.failed = None
         if self._parser is None:
             self._parser = httptools.HttpResponseParser(self)
@@ -467,6 +479,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.busy.discard(self)
         self.sink = None
         self.on_done = None
+        self.on_head = None
         self.on_drain = self.on_full = None
         if (
             reusable
@@ -487,6 +500,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Close now, mid-exchange (the client went away, or sent a bad body)."""
         self.sink = None
         self.on_done = None
+        self.on_head = None
         self._drop()
 
     # -- internals ------------------------------------------------------------------------
@@ -516,6 +530,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._drop()
         if done is not None:
             done(error)
+        on_head = self.on_head
+        if on_head is not None:
+            self.on_head = None
+            on_head()
 
     def _drop(self) -> None:
         self._parser = None
@@ -652,6 +670,7 @@ class UpstreamPool:
         resend: bool = True,
         stream: Callable[[UpstreamConnection], None] | None = None,
         read_timeout: float | _Unset | None = _UNSET,
+        started: UpstreamConnection | None = None,
     ) -> UpstreamConnection:
         """Send a request to ``url`` and wait for the head of its answer; the connection it
         went on comes back, its body still to be read (:meth:`UpstreamConnection.stream`,
@@ -663,26 +682,33 @@ class UpstreamPool:
         was closed by the backend while idle: the request goes once more on a fresh
         connection when it may be sent again (``resend``) and nothing was streamed (Go's
         Transport rule), and that is not the backend's failure.
+
+        ``started`` is a connection on which the caller has already started this exchange
+        (with the same head and body, nothing streamed): it is waited on first, under the
+        same rule.
         """
         fresh = False
+        conn = started
         while True:
-            conn = None if fresh else self.take_idle(url)
             if conn is None:
-                conn = await self.connect(url)
-            conn.start(
-                head(conn.address) + body,
-                head_request=head_request,
-                upgrade=upgrade,
-                read_timeout=read_timeout,
-            )
-            if stream is not None:
-                stream(conn)
+                conn = None if fresh else self.take_idle(url)
+                if conn is None:
+                    conn = await self.connect(url)
+                conn.start(
+                    head(conn.address) + body,
+                    head_request=head_request,
+                    upgrade=upgrade,
+                    read_timeout=read_timeout,
+                )
+                if stream is not None:
+                    stream(conn)
             try:
                 assert conn.head is not None
                 await conn.head
             except _ConnectionGone as exc:
                 if conn.reused and resend and not fresh and stream is None:
                     fresh = True
+                    conn = None
                     continue
                 raise UpstreamBroken(str(exc), backend=url) from None
             return conn
