@@ -1011,18 +1011,25 @@ class Engine:
         target: bytes,
     ) -> None:
         """The head of the answer to a request :meth:`start_forward` sent has come, or its
-        exchange failed: a whole answer goes to the client at once; the rest (a failure to
-        retry, a body still streaming) goes on in :meth:`forward`."""
+        exchange failed: the answer goes to the client (at once when it came whole, else as
+        its body arrives); a failure (to retry, or a 502) and a ``101`` go on in
+        :meth:`forward`."""
         try:
-            if upstream.complete and upstream.failed is None and not upstream.upgraded:
-                assert upstream.head is not None
-                answer = upstream.head.result()
+            head = upstream.head
+            if upstream.failed is None and head is not None and head.done():
+                answer = head.result()
                 if answer.status != 101:
                     self.proxy.stats.observe(time.perf_counter() - request.started)
-                    self._relay_whole(
-                        conn, request, upstream, lease, answer, key=key, target=target
-                    )
-                    conn._done(request)
+                    if upstream.complete:
+                        self._relay_whole(
+                            conn, request, upstream, lease, answer, key=key, target=target
+                        )
+                        conn._done(request)
+                    else:
+                        self._relay_stream(
+                            conn, request, upstream, lease, answer, key=key, target=target,
+                            extra=b"", then=lambda: conn._done(request),
+                        )  # fmt: skip
                     return
         except Exception:  # never a traceback to the client, nor into the backend's protocol
             log.exception("internal error while proxying %s", request.url[:200])
@@ -1249,11 +1256,38 @@ class Engine:
                 conn, request, upstream, lease, answer, key=key, target=target, extra=extra
             )
             return
+        ended: asyncio.Future[None] = self.loop.create_future()
+
+        def then() -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        self._relay_stream(
+            conn, request, upstream, lease, answer, key=key, target=target, extra=extra,
+            then=then,
+        )  # fmt: skip
+        await ended
+
+    def _relay_stream(
+        self,
+        conn: ClientConnection,
+        request: _Request,
+        upstream: UpstreamConnection,
+        lease: Lease,
+        answer: UpstreamAnswer,
+        *,
+        key: str | None,
+        target: bytes,
+        extra: bytes,
+        then: Callable[[], object],
+    ) -> None:
+        """An answer whose body is still coming: the head now, each piece of the body as it
+        arrives (the backend is not read while the client's buffer is full), then
+        :meth:`_finish` and ``then()`` once it has ended."""
         head, client_chunked = self._client_head(request, answer, extra)
         conn.upstream = upstream
         first_byte = self.pool.clock() - lease.started
         conn.write(head)
-        waiter: asyncio.Future[UpstreamError | None] = self.loop.create_future()
         counted = [0]
 
         def sink(data: bytes) -> None:
@@ -1264,8 +1298,13 @@ class Engine:
                 conn.write(data)
 
         def done(error: UpstreamError | None) -> None:
-            if not waiter.done():
-                waiter.set_result(error)
+            if error is None and client_chunked:
+                conn.write(b"0\r\n\r\n")
+            self._finish(
+                conn, request, upstream, lease, key=key, target=target, status=answer.status,
+                error=error, first_byte=first_byte, sent=counted[0],
+            )  # fmt: skip
+            then()
 
         pending = upstream.take_body()
         if pending:
@@ -1273,13 +1312,6 @@ class Engine:
         if conn.writing_paused:
             upstream.pause()
         upstream.stream(sink, done)
-        error = await waiter
-        if error is None and client_chunked:
-            conn.write(b"0\r\n\r\n")
-        self._finish(
-            conn, request, upstream, lease, key=key, target=target, status=status,
-            error=error, first_byte=first_byte, sent=counted[0],
-        )  # fmt: skip
 
     def _client_head(
         self, request: _Request, answer: UpstreamAnswer, extra: bytes
