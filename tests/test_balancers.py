@@ -16,6 +16,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from softlb.backend import Backend
 from softlb.balancers import (
@@ -35,10 +37,10 @@ from softlb.balancers import (
 )
 from softlb.balancers.ewma import DEFAULT_RTT, peak_ewma_cost
 from softlb.balancers.hashing import key_position
-from softlb.balancers.least import least_load
+from softlb.balancers.least import SCAN_MAX, least_load
 from softlb.balancers.rotation import SMOOTH_EXACT_LIMIT
 from softlb.errors import NoBackendAvailable
-from softlb.pool import Pool
+from softlb.pool import Lease, Pool
 
 SEED = 20240601
 
@@ -485,9 +487,8 @@ def test_least_connections_many_loads_stay_bounded_and_correct() -> None:
     """A backend coming down through many loads leaves emptied buckets above the lowest load
     behind; they are dropped (the index stays bounded) and every pick is still the least
     loaded backend."""
-    pool = Pool(["http://a:1", "http://b:1"], balancer="least_connections")
-    balancer = pool.balancer
-    assert isinstance(balancer, LeastConnections)
+    balancer = LeastConnections(scan_max=0)  # the index's buckets, even at two backends
+    pool = Pool(["http://a:1", "http://b:1"], balancer=balancer)
     held = [pool.lease() for _ in range(400)]
     assert [b.active for b in pool.backends] == [200, 200]
     most = 0
@@ -559,6 +560,162 @@ def test_least_connections_follows_slow_start_weight() -> None:
     held = [pool.lease() for _ in range(11)]
     counts = Counter(lease.backend.url for lease in held)
     assert counts == Counter({"http://a:1": 10, "http://b:1": 1})
+
+
+def test_least_connections_switches_between_scan_and_index() -> None:
+    """At most SCAN_MAX eligible backends are scanned, more are indexed; draining across the
+    threshold switches the mode both ways, and every pick is still the least loaded."""
+    pool = Pool(urls(SCAN_MAX + 2), balancer="least_connections")
+    balancer = pool.balancer
+    assert isinstance(balancer, LeastConnections)
+    assert balancer._buckets and not balancer._rank  # indexed
+    held = [pool.lease() for _ in range(2 * (SCAN_MAX + 2))]
+    assert [b.active for b in pool.backends] == [2] * (SCAN_MAX + 2)
+    first, second, third, fourth = pool.backends[:4]
+
+    pool.drain(first)
+    assert len(pool.eligible) == SCAN_MAX + 1
+    assert balancer._buckets and not balancer._rank  # still indexed
+    pool.drain(second)
+    assert len(pool.eligible) == SCAN_MAX
+    assert balancer._rank and not balancer._buckets  # scanned
+    assert all(b._lc_key is None for b in pool.backends)
+    next(lease for lease in held if lease.backend is third).release()
+    picks = [pool.lease() for _ in range(2)]
+    assert picks[0].backend is third  # the only one at 1 in flight
+    assert picks[1].backend is not third  # a tie at 2: the rotation takes the next
+    picks[1].release()
+    next(lease for lease in held if lease.backend is first).release()  # drained: not picked
+    with pool.lease() as backend:
+        assert backend not in (first, second)
+
+    pool.drain(first, draining=False)  # back to SCAN_MAX + 1, at 1 in flight
+    assert balancer._buckets and not balancer._rank  # indexed again
+    with pool.lease() as backend:
+        assert backend is first
+    for lease in held:
+        if lease.backend is fourth:
+            lease.release()
+    for _ in range(3):  # fourth is idle now: one request at a time, all go to it
+        with pool.lease() as backend:
+            assert backend is fourth
+    pool.drain(third)
+    assert balancer._rank and not balancer._buckets  # scanned again
+    with pool.lease() as backend:
+        assert backend is fourth
+
+
+#: A step of :func:`test_least_connections_scan_and_index_pick_alike`.
+_LC_STEPS = st.one_of(
+    st.tuples(st.just("lease"), st.just(0), st.just(0)),
+    st.tuples(st.just("retry"), st.integers(0, 99), st.just(0)),  # lease excluding one
+    st.tuples(st.just("release"), st.integers(0, 99), st.just(0)),
+    st.tuples(st.just("weight"), st.integers(0, 99), st.integers(1, 5)),
+    st.tuples(st.just("drain"), st.integers(0, 99), st.just(0)),  # in or out of rotation
+    st.tuples(st.just("add"), st.integers(1, 5), st.just(0)),
+    st.tuples(st.just("remove"), st.integers(0, 99), st.just(0)),
+    st.tuples(st.just("shared"), st.integers(0, 99), st.integers(0, 3)),  # no refresh yet
+    st.tuples(st.just("refresh"), st.just(0), st.just(0)),
+    st.tuples(st.just("tick"), st.integers(1, 4), st.just(0)),  # slow start ramps
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Two idle backends at the same pass: the one released first (the earlier arrival) goes first.
+@example(weights=[1, 1], steps=[("lease", 0, 0)] * 2 + [("release", 1, 0), ("release", 0, 0)])
+# Another process's count read but not yet refreshed: both still rank b0 at load 0.
+@example(weights=[1, 1], steps=[("shared", 0, 1)])
+@given(
+    weights=st.lists(st.integers(1, 5), min_size=1, max_size=SCAN_MAX),
+    steps=st.lists(
+        st.one_of(st.tuples(st.just("lease"), st.just(0), st.just(0)), _LC_STEPS),
+        min_size=20,
+        max_size=100,
+    ),
+)
+def test_least_connections_scan_and_index_pick_alike(
+    weights: list[int], steps: list[tuple[str, int, int]]
+) -> None:
+    """Scanning a small pool and indexing it choose the same backends in the same order, and
+    explain them alike, whatever happens between picks: leases and releases, retries, weight
+    changes, drains, backends added (up to SCAN_MAX + 2, so the scanned pool switches to the
+    index and back) and removed, other processes' counts (read before the refresh that hands
+    them to the balancer) and slow-start ramps."""
+    clock = FakeClock()
+    scanned = LeastConnections()
+    indexed = LeastConnections(scan_max=0)
+    pools = [
+        Pool(
+            [Backend(f"http://b{i}:1", weight) for i, weight in enumerate(weights)],
+            balancer=balancer,
+            slow_start=5.0,
+            clock=clock,
+        )
+        for balancer in (scanned, indexed)
+    ]
+    leases: list[list[Lease]] = []  # [the scanned pool's, the indexed pool's]
+    added = len(weights)
+
+    def urls_of(pool: Pool) -> list[str]:
+        return [b.url for b in pool.backends]
+
+    def lease_each(exclude: str | None = None) -> None:
+        taken: list[Lease | None] = []
+        for pool in pools:
+            skip = [pool.get(exclude)] if exclude is not None else []
+            try:
+                taken.append(pool.lease(exclude=skip))
+            except NoBackendAvailable:
+                taken.append(None)
+        scan, index = (None if lease is None else lease.backend.url for lease in taken)
+        assert scan == index
+        if scan is not None:
+            leases.append([lease for lease in taken if lease is not None])
+
+    for op, n, value in steps:
+        members = urls_of(pools[0])
+        assert members == urls_of(pools[1])
+        member = members[n % len(members)] if members else None
+        if op == "lease":
+            lease_each()
+        elif op == "retry" and member is not None:
+            lease_each(exclude=member)
+        elif op == "release" and leases:
+            for lease in leases.pop(n % len(leases)):
+                lease.release()
+        elif op == "weight" and member is not None:
+            for pool in pools:
+                pool.set_weight(member, value)
+        elif op == "drain" and member is not None:
+            for pool in pools:
+                pool.drain(member, draining=not pool.get(member).draining)
+        elif op == "add" and len(members) < SCAN_MAX + 2:
+            for pool in pools:
+                pool.add(Backend(f"http://b{added}:1", n))
+            added += 1
+        elif op == "remove" and member is not None:
+            for pool in pools:
+                pool.remove(member)
+        elif op == "shared" and member is not None:
+            for pool in pools:
+                pool.get(member).shared_active = value
+        elif op == "refresh":
+            for pool in pools:
+                pool.refresh()
+        elif op == "tick":
+            clock.now += n
+        scanning = len(pools[0].eligible) <= SCAN_MAX
+        assert bool(scanned._rank) == (scanning and bool(pools[0].eligible))
+        assert not scanned._buckets or not scanning
+        assert not indexed._rank
+        explained = [pool.explain() for pool in pools]
+        assert [(c.url, c.score, c.why) for c in explained[0].candidates] == [
+            (c.url, c.score, c.why) for c in explained[1].candidates
+        ]
+    lease_each()  # one more pick after the last step
+    for taken in leases:
+        for lease in taken:
+            lease.release()
 
 
 # -- random and power of two choices ---------------------------------------------------------

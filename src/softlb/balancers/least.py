@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from typing import Final
 
 from softlb.backend import Backend
 from softlb.balancers.base import ONLY_ONE, Balancer, Candidate, candidate, register
 
-__all__ = ["LeastConnections", "least_load", "load_of"]
+__all__ = ["SCAN_MAX", "LeastConnections", "least_load", "load_of"]
+
+#: Largest eligible set :class:`LeastConnections` scans at each pick, as nginx's
+#: ``least_conn`` scans its peers; above it the backends are indexed by load (heaps), so that
+#: a pick costs O(log n) at thousands of them. At 2 to 8 backends the index's upkeep on every
+#: lease and release costs more than the scan it saves. Both choose the same backends.
+SCAN_MAX: Final = 8
 
 
 def load_of(backend: Backend) -> float:
@@ -33,6 +40,9 @@ def least_load(backend: Backend) -> float:
 
 #: ``(pass, arrival, backend)``: the arrival number is unique, so backends are never compared.
 _Entry = tuple[float, int, Backend]
+#: ``(load, pass, arrival, backend)``, a backend's place in a scanned pool: the lowest is
+#: picked; the arrival number is unique, so backends are never compared.
+_Rank = tuple[float, float, int, Backend]
 
 
 class _Bucket:
@@ -66,9 +76,19 @@ class LeastConnections(Balancer):
     with its pass behind the last chosen one's starts from there, so a backend that was busy
     for a while gets no burst of catch-up picks.
 
-    Backends are kept in buckets by load, a heap of loads over them and a heap of passes
-    inside each: picks and updates cost O(log n); no pick scans the backends, which matters
-    at thousands of them.
+    Up to :data:`SCAN_MAX` eligible backends, a pick scans them for the lowest ``(load,
+    pass, arrival)``, as nginx scans its peers: at a few backends that is cheaper than keeping
+    an index up to date on every lease and release. Above it, backends are kept in buckets by
+    load, a heap of loads over them and a heap of passes inside each: picks and updates cost
+    O(log n) and no pick scans the backends, which matters at thousands of them. The mode is
+    chosen at each :meth:`rebuild`; both choose the same backends in the same order.
+
+    In both, a backend's load is :func:`least_load` as of its last change (a lease, a release
+    or a rebuild), not read at pick time: another process's counts (``shared_active``) are
+    written outside the pool's lock and reach the balancer with the rebuild that
+    :meth:`Pool.refresh() <softlb.pool.Pool.refresh>` makes after them.
+
+    ``scan_max`` overrides :data:`SCAN_MAX` (tests use 0 to force the index).
     """
 
     name = "least_connections"
@@ -77,8 +97,12 @@ class LeastConnections(Balancer):
         "the lowest in flight / effective weight wins; ties take turns in smooth weighted rotation"
     )
 
-    def __init__(self) -> None:
-        # load -> backends at that load
+    def __init__(self, *, scan_max: int = SCAN_MAX) -> None:
+        self._scan_max = scan_max
+        # Scan mode: every eligible backend's rank (empty in index mode, and when nothing is
+        # eligible, where both modes pick nothing). Backends are not indexed: _lc_key is None.
+        self._rank: dict[Backend, _Rank] = {}
+        # Index mode: load -> backends at that load
         self._buckets: dict[float, _Bucket] = {}
         # min-heap of loads; may hold loads whose bucket has emptied (removed lazily).
         self._heap: list[float] = []
@@ -90,14 +114,27 @@ class LeastConnections(Balancer):
         self._arrivals = itertools.count()
 
     def rebuild(self, eligible: tuple[Backend, ...], now: float) -> None:
-        for backend in self._entry:
-            backend._lc_key = None
+        if self._rank:
+            passes = {backend: rank[1] for backend, rank in self._rank.items()}
+        else:
+            for backend in self._entry:
+                backend._lc_key = None
+            passes = self._pass
+        self._rank = {}
         self._buckets = {}
         self._heap = []
         self._entry = {}
-        passes = self._pass
         self._pass = {}
         vtime = self._vtime
+        if len(eligible) <= self._scan_max:
+            # What _insert does, without the index: the pass is clamped up to vtime and the
+            # arrival numbered in eligible order, so the two modes rank alike.
+            ranks = self._rank
+            arrivals = self._arrivals
+            for backend in eligible:
+                position = max(passes.get(backend, vtime + 1.0 / backend.eff_weight), vtime)
+                ranks[backend] = (least_load(backend), position, next(arrivals), backend)
+            return
         for backend in eligible:
             self._pass[backend] = passes.get(backend, vtime + 1.0 / backend.eff_weight)
             self._insert(backend, least_load(backend))
@@ -124,9 +161,26 @@ class LeastConnections(Balancer):
 
     def _move(self, backend: Backend) -> None:
         """Take ``backend``'s live entry out of its bucket (lazily) and index it again at its
-        load now; runs twice per request (lease and release)."""
+        load now; runs twice per request (lease and release), as both :meth:`acquired` and
+        :meth:`released`.
+
+        In scan mode no backend is indexed (``_lc_key`` is None), so the index's path costs
+        nothing more for the scan's: the backend gets a new rank, its load now, its pass
+        clamped up to vtime and a new arrival, as :meth:`_insert` would give its entry.
+        """
         old = backend._lc_key
-        if old is None:  # not eligible: nothing indexed
+        if old is None:  # scanned, or not eligible: nothing indexed
+            ranks = self._rank
+            rank = ranks.get(backend)
+            if rank is not None:
+                position = rank[1]
+                vtime = self._vtime
+                ranks[backend] = (
+                    (backend.active + backend.shared_active) / backend.eff_weight,  # least_load
+                    position if position >= vtime else vtime,
+                    next(self._arrivals),
+                    backend,
+                )
             return
         entries = self._entry
         del entries[backend]
@@ -163,6 +217,17 @@ class LeastConnections(Balancer):
         return None
 
     def pick(self, key: str | None, now: float) -> Backend | None:
+        ranks = self._rank
+        if ranks:  # scan mode: the lowest (load, pass, arrival), as the index's top would be
+            load, position, _, backend = min(ranks.values())
+            self._vtime = position
+            ranks[backend] = (
+                load,
+                position + 1.0 / backend.eff_weight,
+                next(self._arrivals),
+                backend,
+            )
+            return backend
         top = self._top()
         if top is None:
             return None
@@ -176,30 +241,34 @@ class LeastConnections(Balancer):
         return backend
 
     def explain(self, key: str | None, now: float, limit: int | None = None) -> list[Candidate]:
-        """Score: the load the backend is indexed under, :func:`least_load` as of its last
+        """Score: the load the backend is ranked under, :func:`least_load` as of its last
         change.
         Backends are listed as picks would take them if no load changed: lowest load first,
         and within one load in rotation order (the first is next)."""
-        entries = self._entry
-        alone = len(entries) == 1
+        if self._rank:
+            ranked = sorted(self._rank.values())
+        else:
+            entries = self._entry
+            ranked = [
+                (load, *entry)
+                for load in sorted(self._buckets)
+                for entry in sorted(e for e in self._buckets[load].heap if entries.get(e[2]) is e)
+            ]
+        alone = len(ranked) == 1
         out: list[Candidate] = []
-        for load in sorted(self._buckets):
-            live = sorted(e for e in self._buckets[load].heap if entries.get(e[2]) is e)
-            for place, entry in enumerate(live):
-                if limit is not None and len(out) >= limit:
-                    return out
-                backend = entry[2]
-                in_flight = backend.active + backend.shared_active
-                why = (
-                    f"{in_flight} in flight / effective weight {backend.eff_weight:.4g} "
-                    f"= {load:.4g}"
-                )
-                chosen = not out
-                if alone:
-                    why += f"; {ONLY_ONE}"
-                elif chosen:
-                    why += "; the lowest load, next in rotation"
-                elif place:
-                    why += f"; {place} ahead of it in rotation at this load"
-                out.append(candidate(backend, load, why, chosen))
+        place = 0
+        for n, (load, _, _, backend) in enumerate(ranked):
+            if limit is not None and len(out) >= limit:
+                break
+            place = place + 1 if n and ranked[n - 1][0] == load else 0
+            in_flight = backend.active + backend.shared_active
+            why = f"{in_flight} in flight / effective weight {backend.eff_weight:.4g} = {load:.4g}"
+            chosen = not out
+            if alone:
+                why += f"; {ONLY_ONE}"
+            elif chosen:
+                why += "; the lowest load, next in rotation"
+            elif place:
+                why += f"; {place} ahead of it in rotation at this load"
+            out.append(candidate(backend, load, why, chosen))
         return out
