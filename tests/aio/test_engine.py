@@ -953,3 +953,33 @@ def test_an_internal_error_while_starting_falls_back_to_the_general_path(
         assert len(calls) == 2  # the fast path's try, then the general path's
         monkeypatch.undo()
         assert servers_json(port)[0]["active"] == 0
+
+
+def test_an_internal_error_at_the_end_of_a_streamed_answer_cuts_it_and_frees_the_lease(
+    serve: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer whose body comes after its head (so it streams) on the fast path: a bug when
+    it ends cuts the client's connection (its head went out) instead of leaving the client
+    waiting for ever, and the request is no longer counted in flight."""
+    from softlb.aio.engine import Engine
+
+    def slow_body(sock: socket.socket) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        time.sleep(0.1)
+        sock.sendall(b"cd")
+
+    with RawBackend([OK_KEEP_ALIVE, slow_body]) as raw_backend:
+        _, port = serve(servers=[raw_backend.url])
+        assert get(port, "/x")[0] == 200  # a pooled connection now waits
+
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(Engine, "_finish", broken)
+        began = time.monotonic()
+        got = raw(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", wait=5.0)
+        assert got.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert got.endswith(b"\r\n\r\nabcd")
+        assert time.monotonic() - began < 2.0  # closed, not left to raw()'s 5 s
+        monkeypatch.undo()
+        assert servers_json(port)[0]["active"] == 0

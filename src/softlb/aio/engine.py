@@ -1297,14 +1297,22 @@ class Engine:
             else:
                 conn.write(data)
 
-        def done(error: UpstreamError | None) -> None:
-            if error is None and client_chunked:
-                conn.write(b"0\r\n\r\n")
-            self._finish(
-                conn, request, upstream, lease, key=key, target=target, status=answer.status,
-                error=error, first_byte=first_byte, sent=counted[0],
-            )  # fmt: skip
-            then()
+        def done(error: UpstreamError | None) -> None:  # from the backend connection's callbacks
+            try:
+                if error is None and client_chunked:
+                    conn.write(b"0\r\n\r\n")
+                self._finish(
+                    conn, request, upstream, lease, key=key, target=target,
+                    status=answer.status, error=error, first_byte=first_byte, sent=counted[0],
+                )  # fmt: skip
+            except Exception:  # a bug: the answer is cut (its head went out), nothing held
+                log.exception("internal error while proxying %s", request.url[:200])
+                lease.release("error")
+                upstream.abort()
+                if conn.transport is not None:
+                    conn.transport.abort()
+            finally:
+                then()
 
         pending = upstream.take_body()
         if pending:
