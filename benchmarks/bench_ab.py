@@ -83,19 +83,7 @@ def report(raw: dict[str, Any], names: list[str]) -> tuple[str, dict[str, Any]]:
     gains: dict[str, Any] = {}
     for body in run.BODIES:
         for conns in run.CONNECTIONS:
-            for name in names:
-                runs = raw.get(name, {}).get(body, {}).get(conns, [])
-                if not runs:
-                    continue
-                med = run.median_row(runs)
-                rps = " / ".join(f"{r['rps']:,.0f}" for r in runs)
-                cpu = " / ".join(f"{r['cpu_ms_per_req']:.3f}" for r in runs)
-                others = max(run.noise(r) for r in runs)
-                lines.append(
-                    f"| /{body} | {conns} | {name} | {rps} | {med['rps']:,.0f} "
-                    f"| {med['p99_ms']:.2f} | {cpu} | {med['cpu_ms_per_req']:.3f} "
-                    f"| {others:.0f} |"
-                )
+            lines += run.round_rows(raw, body, conns, names)
             work = raw.get("work", {}).get(body, {}).get(conns, [])
             base = raw.get("base", {}).get(body, {}).get(conns, [])
             if work and base and len(work) == len(base):

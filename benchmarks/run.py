@@ -881,6 +881,25 @@ def _first_line_all(argv: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- report
 
 
+def round_rows(raw: dict[str, Any], body: str, conns: int, names: list[str]) -> list[str]:
+    """Markdown rows of one cell for the targets ``names`` compared in rounds (bench_worker.py,
+    bench_ab.py): req/s and CPU ms/req of every round, their medians, p99 and others %."""
+    lines = []
+    for name in names:
+        runs = raw.get(name, {}).get(body, {}).get(conns, [])
+        if not runs:
+            continue
+        med = median_row(runs)
+        rps = " / ".join(f"{r['rps']:,.0f}" for r in runs)
+        cpu = " / ".join(f"{r['cpu_ms_per_req']:.3f}" for r in runs)
+        others = max(noise(r) for r in runs)
+        lines.append(
+            f"| /{body} | {conns} | {name} | {rps} | {med['rps']:,.0f} "
+            f"| {med['p99_ms']:.2f} | {cpu} | {med['cpu_ms_per_req']:.3f} | {others:.0f} |"
+        )
+    return lines
+
+
 def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median of each number over the repeats."""
     row: dict[str, Any] = {}
