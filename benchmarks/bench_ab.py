@@ -164,27 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         capture_output=True,
         text=True,
     ).stdout.strip()
-    raw: dict[str, Any] = {}
-    order_log: list[list[str]] = []
     with tempfile.TemporaryDirectory(prefix="softlb-bench-ab-") as tmp:
         base_src = unpack(args.base, Path(tmp))
         targets = {
             "base": run.Target("base", f"base ({rev})", "softlb", True, _softlb_from(base_src)),
             "work": run.Target("work", "work tree", "softlb", True, _softlb_from(REPO / "src")),
         }
-        cells = len(targets) * len(run.BODIES) * len(run.CONNECTIONS) * args.rounds
-        ctx = run.Context(Path(tmp), args.venv.resolve(), args.duration, args.rounds)
-        ctx.retry_noisy, ctx.retries_left = args.retry_noisy, cells // 10
-        try:
-            run.start_backends(ctx)
-            env = run.environment(ctx)
-            for rnd in range(args.rounds):
-                names = list(targets) if rnd % 2 == 0 else list(reversed(targets))
-                order_log.append(names)
-                for name in names:
-                    run.run_target(targets[name], ctx, raw, f"{rnd + 1}/{args.rounds}", started)
-        finally:
-            run.Proc.stop_all()
+        raw, order_log, env = run.alternating_rounds(
+            targets, Path(tmp), args.venv.resolve(), duration=args.duration,
+            rounds=args.rounds, retry_noisy=args.retry_noisy, started=started,
+        )  # fmt: skip
     table, gains = report(raw, list(targets))
     text = "\n".join(
         [

@@ -152,22 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     os.sched_setaffinity(0, {run.LOAD_CPU})
     started = time.monotonic()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
-    raw: dict[str, Any] = {}
-    order_log: list[list[str]] = []
-    cells = len(TARGETS) * len(run.BODIES) * len(run.CONNECTIONS) * args.rounds
     with tempfile.TemporaryDirectory(prefix="softlb-bench-worker-") as tmp:
-        ctx = run.Context(Path(tmp), args.venv.resolve(), args.duration, args.rounds)
-        ctx.retry_noisy, ctx.retries_left = args.retry_noisy, cells // 10
-        try:
-            run.start_backends(ctx)
-            env = run.environment(ctx)
-            for rnd in range(args.rounds):
-                names = list(TARGETS) if rnd % 2 == 0 else list(reversed(TARGETS))
-                order_log.append(names)
-                for name in names:
-                    run.run_target(TARGETS[name], ctx, raw, f"{rnd + 1}/{args.rounds}", started)
-        finally:
-            run.Proc.stop_all()
+        raw, order_log, env = run.alternating_rounds(
+            TARGETS, Path(tmp), args.venv.resolve(), duration=args.duration,
+            rounds=args.rounds, retry_noisy=args.retry_noisy, started=started,
+        )  # fmt: skip
     table, verdict = report(raw, args.rounds)
     worst = max(
         run.noise(r) for t in raw.values() for b in t.values() for c in b.values() for r in c

@@ -881,6 +881,37 @@ def _first_line_all(argv: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- report
 
 
+def alternating_rounds(
+    targets: dict[str, Target],
+    tmp: Path,
+    venv: Path,
+    *,
+    duration: int,
+    rounds: int,
+    retry_noisy: float,
+    started: float,
+) -> tuple[dict[str, Any], list[list[str]], dict[str, str]]:
+    """Run every target once per round on one pair of nginx backends, the order alternating
+    from round to round (bench_worker.py, bench_ab.py): the raw results, each round's order
+    and the environment."""
+    raw: dict[str, Any] = {}
+    order_log: list[list[str]] = []
+    cells = len(targets) * len(BODIES) * len(CONNECTIONS) * rounds
+    ctx = Context(tmp, venv, duration, rounds)
+    ctx.retry_noisy, ctx.retries_left = retry_noisy, cells // 10
+    try:
+        start_backends(ctx)
+        env = environment(ctx)
+        for rnd in range(rounds):
+            names = list(targets) if rnd % 2 == 0 else list(reversed(targets))
+            order_log.append(names)
+            for name in names:
+                run_target(targets[name], ctx, raw, f"{rnd + 1}/{rounds}", started)
+    finally:
+        Proc.stop_all()
+    return raw, order_log, env
+
+
 def round_rows(raw: dict[str, Any], body: str, conns: int, names: list[str]) -> list[str]:
     """Markdown rows of one cell for the targets ``names`` compared in rounds (bench_worker.py,
     bench_ab.py): req/s and CPU ms/req of every round, their medians, p99 and others %."""
