@@ -509,18 +509,22 @@ class ClientConnection(asyncio.Protocol):
         if self.busy or self.closed or not self.queue:
             return
         self.busy = True
-        # Started from the loop's ready queue, not inside the read that completed the head:
-        # the loop's reads first, then the requests they brought, in one batch (as a task's
-        # first step would run), costs less CPU than each request's work inside its read.
-        self.loop.call_soon(self._start, self.queue[0])
+        request = self.queue[0]
+        if request.complete and request.error is None and not request.upgrade:
+            # Started from the loop's ready queue, not inside the read that completed the
+            # head: the loop's reads first, then the requests they brought, in one batch (as
+            # a task's first step would run), costs less CPU than each request's work inside
+            # its read.
+            self.loop.call_soon(self._start, request)
+        else:
+            self.task = self.loop.create_task(self._answer(request))
 
     def _start(self, request: _Request) -> None:
-        if request.complete and request.error is None and not request.upgrade:
-            try:
-                if self.engine.start_forward(self, request):
-                    return  # on its way without a task (Engine.start_forward)
-            except Exception:
-                log.exception("internal error while starting %s", request.url[:200])
+        try:
+            if self.engine.start_forward(self, request):
+                return  # on its way without a task (Engine.start_forward)
+        except Exception:
+            log.exception("internal error while starting %s", request.url[:200])
         self.task = self.loop.create_task(self._answer(request))
 
     async def _answer(
@@ -1015,9 +1019,9 @@ class Engine:
         its body arrives); a failure (to retry, or a 502) and a ``101`` go on in
         :meth:`forward`."""
         try:
-            head = upstream.head
-            if upstream.failed is None and head is not None and head.done():
-                answer = head.result()
+            if upstream.failed is None:  # then the head has come (on_head's promise)
+                assert upstream.head is not None
+                answer = upstream.head.result()
                 if answer.status != 101:
                     self.proxy.stats.observe(time.perf_counter() - request.started)
                     if upstream.complete:

@@ -249,10 +249,8 @@ class UpstreamConnection(asyncio.Protocol):
                 )
             )
         else:
-            on_head = self.on_head
-            if on_head is not None and self._head_done:
-                self.on_head = None
-                self.loop.call_soon(on_head)
+            if self._head_done:
+                self._schedule_on_head()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost follows
@@ -532,6 +530,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._drop()
         if done is not None:
             done(error)
+        self._schedule_on_head()
+
+    def _schedule_on_head(self) -> None:
         on_head = self.on_head
         if on_head is not None:
             self.on_head = None
