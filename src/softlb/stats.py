@@ -96,19 +96,30 @@ class ProxyStats:
         return figures
 
     def response(
-        self, backend_url: str, status: int, first_byte: float, last_byte: float | None = None
+        self,
+        backend_url: str,
+        status: int,
+        first_byte: float,
+        last_byte: float | None = None,
+        request_seconds: float | None = None,
     ) -> None:
         """Count one answer from a backend: its status and the seconds from the backend's
         pick to the answer's head (``first_byte``) and to its end (``last_byte``; ``None``
         when the answer did not end, e.g. the client went away, or is not known yet).
 
         Call it once per answer; :meth:`response_end` adds a ``last_byte`` time later, for
-        a streamed answer whose end comes after its head was counted.
+        a streamed answer whose end comes after its head was counted. ``request_seconds``
+        also counts the request as :meth:`observe` does, under the same lock (for an answer
+        counted whole, once it has gone out).
         """
         first = bisect.bisect_left(DURATION_BUCKETS, first_byte)
         last = -1 if last_byte is None else bisect.bisect_left(DURATION_BUCKETS, last_byte)
         kind = status // 100 - 1
         with self._lock:
+            if request_seconds is not None:
+                self.requests += 1
+                self.bucket_counts[bisect.bisect_left(DURATION_BUCKETS, request_seconds)] += 1
+                self.duration_sum += request_seconds
             figures = self._figures(backend_url)
             if 0 <= kind < len(STATUS_CLASSES):
                 figures.responses[kind] += 1

@@ -515,6 +515,7 @@ class LoadBalancer:
         protocol: str = "HTTP/1.1",
         referer: str | None = None,
         user_agent: str | None = None,
+        request_seconds: float | None = None,
     ) -> None:
         """One request a backend answered, once its lease is released: the per-backend
         response metrics, the access log line and the pool's ``access`` hooks. Both engines
@@ -522,11 +523,14 @@ class LoadBalancer:
 
         ``first_byte`` is the seconds from the pick to the answer's head; ``complete`` says
         the whole body went out (else the time to the last byte is not counted).
+        ``request_seconds``: the request's own duration to its answer's head, for an engine
+        that counts it here rather than when the head came (:meth:`ProxyStats.response
+        <softlb.stats.ProxyStats.response>`).
         """
         now = self.pool.clock()
         total = max(now - lease.started, 0.0)
         url = lease.backend.url
-        self.stats.response(url, status, first_byte, total if complete else None)
+        self.stats.response(url, status, first_byte, total if complete else None, request_seconds)
         access_log = self.access_log
         if access_log is not None:
             access_log.record(

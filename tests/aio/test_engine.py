@@ -619,6 +619,29 @@ def test_access_log_and_response_metrics(
         assert '"probe/1"' in lines[0]
 
 
+def test_each_request_counts_once_whole_or_streamed(serve: Served, backend: TestBackend) -> None:
+    """A small answer (relayed whole, the request counted with it) and a large one (streamed,
+    the request counted when its head came) each count once in the request duration
+    histogram and once among the backend's answers; a 502 counts in neither."""
+    app, port = serve(servers=[backend.url])
+    size = 1024 * 1024
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for target in ("/x", f"/big/{size}", "/y", f"/chunked/{size}"):
+        conn.request("GET", target)
+        resp = conn.getresponse()
+        assert resp.status == 200
+        resp.read()
+    conn.close()
+    snapshot = app.proxy.stats.snapshot()
+    assert snapshot["requests"] == 4
+    assert snapshot["bucket_counts"][-1] == 0  # none took longer than the last bucket
+    assert sum(snapshot["bucket_counts"]) == 4  # type: ignore[arg-type]
+    _, _, metrics = get(port, "/_softlb/metrics")
+    text = metrics.decode()
+    assert "softlb_request_duration_seconds_count 4.0" in text
+    assert f'softlb_backend_responses_total{{backend="{backend.url}",code="2xx"}} 4.0' in text
+
+
 def test_sticky_cookie_keeps_a_client_on_its_backend(
     serve: Served, backends: list[TestBackend]
 ) -> None:

@@ -158,7 +158,7 @@ class LoopAdapter:
                 )
             except UpstreamError as exc:
                 return Outcome(error=type(exc))
-            answer = conn.head.result() if conn.head is not None else None
+            answer = conn.answer
             assert answer is not None
             outcome = Outcome(
                 answer.status,

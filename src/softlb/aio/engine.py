@@ -1020,16 +1020,18 @@ class Engine:
         :meth:`forward`."""
         try:
             if upstream.failed is None:  # then the head has come (on_head's promise)
-                assert upstream.head is not None
-                answer = upstream.head.result()
+                answer = upstream.answer
+                assert answer is not None
                 if answer.status != 101:
-                    self.proxy.stats.observe(time.perf_counter() - request.started)
-                    if upstream.complete:
+                    seconds = time.perf_counter() - request.started
+                    if upstream.complete:  # (the request is counted with its answer)
                         self._relay_whole(
-                            conn, request, upstream, lease, answer, key=key, target=target
-                        )
+                            conn, request, upstream, lease, answer, key=key, target=target,
+                            request_seconds=seconds,
+                        )  # fmt: skip
                         conn._done(request)
                     else:
+                        self.proxy.stats.observe(seconds)
                         self._relay_stream(
                             conn, request, upstream, lease, answer, key=key, target=target,
                             extra=b"", then=lambda: conn._done(request),
@@ -1244,8 +1246,8 @@ class Engine:
         extra: bytes = b"",
     ) -> None:
         """Write the answer's head, then its body as it arrives; release lease and connection."""
-        assert upstream.head is not None
-        answer: UpstreamAnswer = upstream.head.result()
+        answer = upstream.answer
+        assert answer is not None  # (exchange() returns once it has come)
         status = answer.status
         if status == 101:
             if not request.upgrade:
@@ -1359,9 +1361,11 @@ class Engine:
         key: str | None,
         target: bytes,
         extra: bytes = b"",
+        request_seconds: float | None = None,
     ) -> None:
         """An answer that came whole: head and body leave in one write, then
-        :meth:`_finish`."""
+        :meth:`_finish` (which counts ``request_seconds`` when given: the request was not
+        counted when its head came)."""
         head, client_chunked = self._client_head(request, answer, extra)
         conn.upstream = upstream
         first_byte = self.pool.clock() - lease.started
@@ -1377,7 +1381,7 @@ class Engine:
             conn.writelines([head, *pieces])
         self._finish(
             conn, request, upstream, lease, key=key, target=target, status=answer.status,
-            error=None, first_byte=first_byte, sent=sent,
+            error=None, first_byte=first_byte, sent=sent, request_seconds=request_seconds,
         )  # fmt: skip
 
     def _finish(
@@ -1393,9 +1397,11 @@ class Engine:
         error: UpstreamError | None,
         first_byte: float,
         sent: int,
+        request_seconds: float | None = None,
     ) -> None:
         """The answer ended (whole, cut by the backend, or left by the client): release the
-        lease and the backend connection, and count it (metrics, access log, hooks)."""
+        lease and the backend connection, and count it (metrics, access log, hooks; the
+        request too when ``request_seconds`` is given)."""
         conn.upstream = None
         complete = False
         if error is not None:
@@ -1419,6 +1425,7 @@ class Engine:
             client=conn.peer[0], protocol=protocol,
             referer=_text(request.header(b"referer")) if logged else None,
             user_agent=_text(request.header(b"user-agent")) if logged else None,
+            request_seconds=request_seconds,
         )  # fmt: skip
 
     async def _tunnel(

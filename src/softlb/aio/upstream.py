@@ -3,7 +3,8 @@ asyncio protocols, answers parsed by httptools (llhttp, Node's parser).
 
 One :class:`UpstreamConnection` is one TCP (or TLS) connection to one backend. An exchange
 writes the request head (and the body when it is in memory) in one ``write()``; the answer's
-head resolves :attr:`UpstreamConnection.head`, and the body is either kept until the engine
+head is :attr:`UpstreamConnection.answer` (awaited with :meth:`~UpstreamConnection.wait_head`,
+or announced by ``on_head``), and the body is either kept until the engine
 asks for it (a small answer then leaves in the same ``write()`` as its head) or handed to a
 ``sink`` as it arrives, with backpressure: :meth:`pause` / :meth:`resume` stop and restart
 reading from the backend when the client side's buffer is full.
@@ -148,7 +149,7 @@ class UpstreamAnswer:
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to a backend; serves one exchange at a time.
 
-    The engine drives it: :meth:`start` sends a request, awaits :attr:`head`, then either
+    The engine drives it: :meth:`start` sends a request, awaits :meth:`wait_head`, then either
     takes the whole body (:meth:`take_body`, when :attr:`complete` is already set) or sets a
     ``sink`` that gets each piece as it arrives and ``on_done(error)`` when the answer ends.
     """
@@ -160,7 +161,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reused = False
         self.closed = False
-        self.head: asyncio.Future[UpstreamAnswer] | None = None
+        #: The future :meth:`wait_head` awaits, made when first asked for (the fast path
+        #: never asks: ``on_head`` tells it).
+        self._head_future: asyncio.Future[UpstreamAnswer] | None = None
         self.complete = False
         self.upgraded = False
         self.upgrade_tail = b""
@@ -170,7 +173,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.on_full: Callable[[], None] | None = None  # the backend's write buffer is full
         #: Scheduled once (``loop.call_soon``) when the answer's head has come (after the
         #: whole read that brought it: a small answer is complete by then) or the exchange has
-        #: failed; for a driver that waits on callbacks instead of awaiting :attr:`head`. It
+        #: failed; for a driver that waits on callbacks instead of :meth:`wait_head`. It
         #: runs from the loop's ready queue, not inside the read: the same work batched after
         #: the loop's reads costs less CPU than done inside each (benchmarks/README.md).
         self.on_head: Callable[[], None] | None = None
@@ -367,7 +370,7 @@ class UpstreamConnection(asyncio.Protocol):
         answer.length = length
         self._answer = answer
         self._head_done = True
-        head = self.head
+        head = self._head_future
         if head is not None and not head.done():
             head.set_result(answer)
         if self._head_request:  # llhttp would wait for a body the answer to HEAD never has
@@ -397,12 +400,12 @@ class UpstreamConnection(asyncio.Protocol):
         read_timeout: float | _Unset | None = _UNSET,
     ) -> None:
         """Send ``data`` (the request head, with its body when it is in memory) and wait for
-        the answer; :attr:`head` resolves with its head. ``read_timeout`` overrides the
-        pool's for this exchange."""
+        the answer (:meth:`wait_head`, or ``on_head``). ``read_timeout`` overrides the pool's
+        for this exchange."""
         self._read_timeout = (
             self.pool.read_timeout if isinstance(read_timeout, _Unset) else read_timeout
         )
-        self.head = self.loop.create_future()
+        self._head_future = None
         self.complete = False
         self._answer = None
         self._headers = []
@@ -427,6 +430,25 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool._ensure_sweep()
         assert self.transport is not None
         self.transport.write(data)
+
+    @property
+    def answer(self) -> UpstreamAnswer | None:
+        """The answer's head, once it has come (``None`` before, and after a failure that
+        came first)."""
+        return self._answer if self._head_done else None
+
+    def wait_head(self) -> asyncio.Future[UpstreamAnswer]:
+        """A future of the answer's head: resolved at once if it has come, failed with the
+        exchange's error if it has failed (else when either happens). Made on the first
+        call, so that an exchange nobody waits on (the fast path) costs no future."""
+        head = self._head_future
+        if head is None:
+            head = self._head_future = self.loop.create_future()
+            if self._head_done and self._answer is not None:
+                head.set_result(self._answer)
+            elif self.failed is not None:
+                head.set_exception(self.failed)
+        return head
 
     def write(self, data: bytes) -> None:
         """More of the request body (or tunnel bytes)."""
@@ -521,7 +543,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.failed = error
         self._active = False
         self.pool.busy.discard(self)
-        head = self.head
+        head = self._head_future
         if head is not None and not head.done():
             head.set_exception(error)
             head.exception()  # retrieved: nobody may await it if the client has gone
@@ -706,8 +728,7 @@ class UpstreamPool:
                 if stream is not None:
                     stream(conn)
             try:
-                assert conn.head is not None
-                await conn.head
+                await conn.wait_head()
             except _ConnectionGone as exc:
                 if conn.reused and resend and not fresh and stream is None:
                     fresh = True
