@@ -642,6 +642,32 @@ def test_each_request_counts_once_whole_or_streamed(serve: Served, backend: Test
     assert f'softlb_backend_responses_total{{backend="{backend.url}",code="2xx"}} 4.0' in text
 
 
+@pytest.mark.parametrize("ending", ["close", "pause"])
+def test_abandoned_streamed_upload_frees_its_lease(serve: Served, ending: str) -> None:
+    """A body too large to read ahead is being streamed to the backend when the client
+    closes, or pauses past client_body (408): the exchange is cut, the lease released (the
+    backend's ``active`` back to 0) and nothing is blamed on the backend."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    with RawBackend([ok]) as raw_backend:
+        _, port = serve(servers=[raw_backend.url], timeouts={"client_body": "0.5s"})
+        chunk = b"10000\r\n" + b"y" * 0x10000 + b"\r\n"
+        head = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(head + chunk * 3)
+            deadline = time.monotonic() + 5
+            while not raw_backend.connections and time.monotonic() < deadline:
+                time.sleep(0.02)  # the exchange has started: the body is being streamed
+            assert raw_backend.connections == 1
+            if ending == "pause":
+                assert sock.recv(100).startswith(b"HTTP/1.1 408 ")
+        deadline = time.monotonic() + 5
+        while servers_json(port)[0]["active"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server = servers_json(port)[0]
+        assert server["active"] == 0
+        assert server["failures"] == 0 and server["healthy"]
+
+
 def test_sticky_cookie_keeps_a_client_on_its_backend(
     serve: Served, backends: list[TestBackend]
 ) -> None:

@@ -519,11 +519,17 @@ class UpstreamConnection(asyncio.Protocol):
             self._drop()
 
     def abort(self) -> None:
-        """Close now, mid-exchange (the client went away, or sent a bad body)."""
+        """Close now, mid-exchange (the client went away, or sent a bad body). An exchange
+        still under way fails: whoever waits for its head (:meth:`wait_head`) hears it, so
+        that the lease it holds is released instead of waiting for ever."""
         self.sink = None
         self.on_done = None
         self.on_head = None
-        self._drop()
+        if self._active and self.failed is None:
+            url = self.address.url
+            self._fail(UpstreamBroken(f"exchange with {url} cut short", backend=url))
+        else:
+            self._drop()
 
     # -- internals ------------------------------------------------------------------------
 
