@@ -668,6 +668,25 @@ def test_abandoned_streamed_upload_frees_its_lease(serve: Served, ending: str) -
         assert server["failures"] == 0 and server["healthy"]
 
 
+@pytest.mark.parametrize(
+    "coding",
+    [b"gzip", b"identity", b"chunked, chunked", b"chunked\r\nTransfer-Encoding: chunked"],
+    ids=["gzip", "identity", "chunked-twice", "two-fields"],
+)
+def test_every_coding_but_chunked_alone_is_501(
+    serve: Served, backend: TestBackend, coding: bytes
+) -> None:
+    """SPEC §3: anything but ``chunked`` alone gets 501 and closes, also the codings llhttp
+    refuses itself (which it reports as a parse error); nothing reaches the backend."""
+    _, port = serve(servers=[backend.url])
+    before = backend.request_count
+    got = raw(port, b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 501 "), got[:80]
+    assert b"Connection: close\r\n" in got
+    assert backend.request_count == before
+    assert servers_json(port)[0]["failures"] == 0
+
+
 def test_sticky_cookie_keeps_a_client_on_its_backend(
     serve: Served, backends: list[TestBackend]
 ) -> None:

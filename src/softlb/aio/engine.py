@@ -165,6 +165,14 @@ class Limits:
         )
 
 
+_UNSUPPORTED_CODING: Final = "only Transfer-Encoding: chunked is supported"
+#: llhttp's errors for a request's Transfer-Encoding other than ``chunked`` alone (``gzip``,
+#: ``identity``, ``chunked, chunked``, the field twice): SPEC §3's 501, not a 400.
+_LLHTTP_BAD_CODING: Final = frozenset(
+    {"Request has invalid `Transfer-Encoding`", "Invalid `Transfer-Encoding` header value"}
+)
+
+
 class _ClientError(Exception):
     def __init__(self, status: int, why: str) -> None:
         super().__init__(why)
@@ -335,6 +343,8 @@ class ClientConnection(asyncio.Protocol):
             cause = exc.__context__
             if isinstance(cause, _ClientError):
                 self._client_error(cause)
+            elif str(exc) in _LLHTTP_BAD_CODING:  # a coding llhttp refuses before our check
+                self._client_error(_ClientError(501, _UNSUPPORTED_CODING))
             else:
                 self._client_error(_ClientError(400, f"malformed request: {exc}"))
 
@@ -429,9 +439,7 @@ class ClientConnection(asyncio.Protocol):
                 lines += (name, b": ", value, b"\r\n")
             elif kind == _TRANSFER_ENCODING:
                 if value.strip().lower() != b"chunked" or request.chunked:
-                    request.error = _ClientError(
-                        501, "only Transfer-Encoding: chunked is supported"
-                    )
+                    request.error = _ClientError(501, _UNSUPPORTED_CODING)
                 request.chunked = True
             elif kind == _CONTENT_LENGTH:
                 request.length = int(value)  # llhttp checked: digits, below 2^64, no conflict
