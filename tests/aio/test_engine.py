@@ -384,6 +384,21 @@ def test_slow_head_gets_408_and_idle_keepalive_is_closed(
         assert 0.2 < time.monotonic() - started < 3
 
 
+@pytest.mark.parametrize("path", [b"/", b"/" + b"p" * 1500])
+def test_max_header_bytes_counts_the_whole_head(
+    serve: Served, backend: TestBackend, path: bytes
+) -> None:
+    """SPEC §2: request line + fields + the empty line. A head of exactly the limit is
+    served; one byte more is 431."""
+    _, port = serve(limits=Limits(max_header_bytes=2000), servers=[backend.url])
+    start = b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: "
+    for size, status in ((2000, b"200"), (2001, b"431")):
+        head = start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+        assert len(head) == size
+        got = raw(port, head, until=b"\r\n")
+        assert got.startswith(b"HTTP/1.1 " + status), (size, got[:60])
+
+
 def test_head_above_the_limit_gets_431(serve: Served, backend: TestBackend) -> None:
     _, port = serve(limits=Limits(max_header_bytes=2048), servers=[backend.url])
     data = raw(port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n")

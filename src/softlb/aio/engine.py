@@ -418,6 +418,10 @@ class ClientConnection(asyncio.Protocol):
         assert request is not None
         parser = self.parser
         method = parser.get_method()
+        # The whole head as SPEC §2 counts it: the request line (method, target, two spaces,
+        # "HTTP/1.1", CRLF), the fields (counted as they came) and the empty line.
+        if self.head_bytes + len(method) + 14 > self.engine.limits.max_header_bytes:
+            raise _ClientError(431, "the request head is too large")
         request.method = _METHOD_NAMES.get(method) or method.decode("ascii", "replace")
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
