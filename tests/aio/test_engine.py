@@ -702,6 +702,31 @@ def test_every_coding_but_chunked_alone_is_501(
     assert servers_json(port)[0]["failures"] == 0
 
 
+def test_admin_body_above_a_mib_is_a_json_413(serve: Served, backend: TestBackend) -> None:
+    """An admin call whose body the engine stops reading (over 1 MiB) gets the admin API's
+    JSON error, like one refused by the admin app itself, and changes nothing."""
+    _, port = serve(servers=[backend.url])
+    body = b"x" * (1100 * 1024)  # of 2 MiB declared: the engine stops reading before the end
+    head = b"POST /_softlb/servers HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (
+        2 * len(body)
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        with contextlib.suppress(OSError):  # the engine may close before taking it all
+            sock.sendall(head + body)
+        got = b""
+        with contextlib.suppress(OSError):
+            while b"}" not in got:
+                more = sock.recv(65536)
+                if not more:
+                    break
+                got += more
+    head_part, _, payload = got.partition(b"\r\n\r\n")
+    assert head_part.startswith(b"HTTP/1.1 413 "), got[:80]
+    assert b"Content-Type: application/json" in head_part
+    assert "larger than" in json.loads(payload)["error"]
+    assert [s["url"] for s in servers_json(port)] == [backend.url]
+
+
 def test_sticky_cookie_keeps_a_client_on_its_backend(
     serve: Served, backends: list[TestBackend]
 ) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import os
 import socket
@@ -36,7 +37,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
-from softlb.admin import SEED_ADD, SEED_REMOVE
+from softlb.admin import MAX_BODY, SEED_ADD, SEED_REMOVE
 from softlb.aio.upstream import (
     HIGH_WATER,
     LOW_WATER,
@@ -588,12 +589,20 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.writelines(pieces)
 
-    def send_error(self, status: int, why: str, *, close: bool = False) -> None:
-        """A short plain-text answer made by the engine itself."""
+    def send_error(
+        self, status: int, why: str, *, close: bool = False, as_json: bool = False
+    ) -> None:
+        """A short answer made by the engine itself: plain text, or ``{"error": why}`` with
+        ``as_json`` (the admin API's errors, SPEC §5)."""
         reason = _REASONS.get(status, "Error")
-        body = f"{status} {reason}: {why}\n".encode()
+        if as_json:
+            body = (json.dumps({"error": why}, indent=2) + "\n").encode()
+            kind = "application/json"
+        else:
+            body = f"{status} {reason}: {why}\n".encode()
+            kind = "text/plain; charset=utf-8"
         head = (
-            f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\n"
             f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
         )
         if close:
@@ -898,12 +907,15 @@ class Engine:
         """Serve an admin call with the WSGI admin app on the engine's small thread pool."""
         while not request.complete and request.error is None:
             if request.body_size > 1024 * 1024:
-                request.error = _ClientError(413, "admin request body too large")
+                request.error = _ClientError(
+                    413, f"the request body is larger than {MAX_BODY} bytes; send one small "
+                    "JSON object",
+                )  # fmt: skip
                 break
             conn._resume_reading()
             await _wait(request)
-        if request.error is not None:
-            conn.send_error(request.error.status, request.error.why, close=True)
+        if request.error is not None:  # an admin error is JSON, as the admin app's own
+            conn.send_error(request.error.status, request.error.why, close=True, as_json=True)
             return
         environ = self._environ(conn, request)
         status, headers, body = await self.loop.run_in_executor(
