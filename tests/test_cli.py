@@ -302,6 +302,49 @@ def test_serve_bad_config_is_one_line(capsys: pytest.CaptureFixture[str], tmp_pa
     assert f'and 2 more problems; run "softlb check --config {path}"' in err
 
 
+def test_unwritable_access_log_is_one_line_before_serving(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An access log that cannot be written (its directory missing) is found by ``check``
+    and ``serve`` (config key or ``--access-log``) before anything runs: one line, exit 2;
+    a writable one is created, as ``nginx -t`` creates its logs."""
+    missing = str(tmp_path / "no-such-dir" / "access.log")
+    path = write(tmp_path, {"servers": ["http://127.0.0.1:9"], "access_log": missing})
+    status, out, _ = run(capsys, "check", "--config", path)
+    assert status == 2
+    assert out.startswith(f"{path}: access_log: cannot write the access log to ")
+    assert out.endswith(": No such file or directory\n") and out.count("\n") == 1
+    status, out, err = run(capsys, "serve", "--config", path)
+    assert (status, out, err.count("\n")) == (2, "", 1)
+    assert err.startswith("softlb: error: access_log: cannot write the access log")
+    good = write(tmp_path, {"servers": ["http://127.0.0.1:9"]}, name="good.json")
+    status, out, err = run(capsys, "serve", "--config", good, "--access-log", missing)
+    assert (status, out, err.count("\n")) == (2, "", 1)
+    assert err.startswith("softlb: error: --access-log: cannot write the access log")
+    fine = write(
+        tmp_path, {"servers": ["http://127.0.0.1:9"], "access_log": str(tmp_path / "a.log")},
+        name="fine.json",
+    )  # fmt: skip
+    assert run(capsys, "check", "--config", fine)[0] == 0
+    assert (tmp_path / "a.log").is_file()
+
+
+def test_serve_refuses_a_certificate_flag_pair_that_cannot_serve_tls(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--certfile/--keyfile are checked as the config's tls is: files that are not a
+    certificate and its key are one line and exit 2, not a worker crash loop."""
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    path = write(tmp_path, {"servers": ["http://127.0.0.1:9"]})
+    status, out, err = run(
+        capsys, "serve", "--config", path, "--certfile", str(junk), "--keyfile", str(junk)
+    )
+    assert (status, out, err.count("\n")) == (2, "", 1)
+    assert err.startswith("softlb: error: --certfile/--keyfile: ")
+    assert "not a certificate chain and its unencrypted private key" in err
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from softlb import __version__
-from softlb.config import load_config, parse_listen
+from softlb.config import access_log_problem, load_config, parse_listen, tls_problem
 from softlb.demo import DEFAULT_PORT, HOST, run_demo
 from softlb.durations import parse_duration
 from softlb.errors import ConfigError
@@ -159,6 +159,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         for line in _problems(exc, path):
             print(line)
         return EXIT_USAGE
+    if config.access_log is not None:
+        why = access_log_problem(config.access_log)
+        if why is not None:
+            print(f"{path}: access_log: {why}")
+            return EXIT_USAGE
     print(f"{path}: OK ({_summary(config)}, listen {config.listen})")
     warning = admin_exposure_warning(config)
     if warning is not None:
@@ -171,6 +176,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config or DEFAULT_CONFIG, defaulted=args.config is None)
     if bool(args.certfile) != bool(args.keyfile):
         raise _CommandError("--certfile and --keyfile go together: give both", EXIT_USAGE)
+    if args.certfile:
+        why = tls_problem(args.certfile, args.keyfile)
+        if why is not None:
+            raise _CommandError(f"--certfile/--keyfile: {why}", EXIT_USAGE)
+    access_log = args.access_log if args.access_log is not None else config.access_log
+    if access_log is not None:
+        why = access_log_problem(access_log)
+        if why is not None:
+            where = "--access-log" if args.access_log is not None else "access_log"
+            raise _CommandError(f"{where}: {why}", EXIT_USAGE)
     options = ServeOptions(
         bind=args.bind,
         workers=args.workers,

@@ -49,9 +49,11 @@ __all__ = [
     "StickyConfig",
     "TimeoutsConfig",
     "TlsConfig",
+    "access_log_problem",
     "load_config",
     "parse_config",
     "parse_listen",
+    "tls_problem",
 ]
 
 #: Every balancing algorithm a config may name, exactly as it must be spelled.
@@ -953,6 +955,34 @@ def _tls(c: _Checker, value: object) -> TlsConfig | _Missing:
         c.add("tls", why)
         return _MISSING
     return tls
+
+
+def tls_problem(certfile: str, keyfile: str) -> str | None:
+    """Why ``certfile`` and ``keyfile`` cannot serve TLS, or ``None``: what the config's
+    ``tls`` is checked for, for the same files given another way (``--certfile/--keyfile``)."""
+    for path in (certfile, keyfile):
+        try:
+            _readable_file(path)
+        except _Invalid as exc:
+            return str(exc)
+    return _tls_pair_problem(TlsConfig(certfile, keyfile))
+
+
+def access_log_problem(path: str) -> str | None:
+    """Why the access log cannot be written to ``path``, or ``None`` (``"-"``, stdout, can).
+
+    The file is opened for appending, and so created when missing, as ``nginx -t`` opens its
+    logs: a directory that does not exist or cannot be written, or a file that cannot take
+    lines, is found before the server starts instead of losing every line silently.
+    """
+    if path == "-":
+        return None
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        return f"cannot write the access log to {_show(path)}: {exc.strerror or exc}"
+    return None
 
 
 def _tls_pair_problem(tls: TlsConfig) -> str | None:
