@@ -357,3 +357,38 @@ def test_shared_state_keeps_discovered_backends(pair: int, tmp_path: Any) -> Non
         assert set(urls(pool)) == {static, f"http://127.0.0.1:{pair}"}
     finally:
         shared.stop()
+
+
+@pytest.mark.parametrize("state", ["memory", "sqlite"])
+def test_a_resolve_server_is_only_its_addresses_in_the_app(
+    pair: int, tmp_path: Any, state: str
+) -> None:
+    """The app's pool holds the addresses a ``resolve`` server resolves to, never the
+    configured host-name URL itself (SPEC §2), whatever the state: the shared store is not
+    seeded with it either, so its membership does not bring it back."""
+    from softlb.app import create_app
+    from softlb.config import parse_config
+
+    configured = f"http://localhost:{pair}"
+    static = "http://10.0.0.9:80"
+    config: dict[str, Any] = {
+        "servers": [{"url": configured, "resolve": True}, static],
+        "health_check": {"enabled": False},
+    }
+    if state == "sqlite":
+        config["state"] = f"sqlite:///{tmp_path / 'state.db'}"
+    app = create_app(parse_config(config))
+    try:
+        app.start()
+        deadline = time.monotonic() + 5
+        while f"http://127.0.0.1:{pair}" not in app.pool and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if app.state is not None:
+            app.state._next_full_read = 0.0  # the next poll reads the whole membership
+            app.state.poll()
+        found = urls(app.pool)
+        assert f"http://127.0.0.1:{pair}" in found
+        assert configured not in found
+        assert static in found
+    finally:
+        app.stop()

@@ -189,7 +189,7 @@ class Application:
             self.pool,
             store,
             checker=self.checker,
-            seed=[(s.url, s.weight) for s in self.config.servers],
+            seed=[(s.url, s.weight) for s in self.config.servers if not s.resolve],
             slots=slots,
             stats=self.proxy.stats,
         )
