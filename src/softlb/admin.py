@@ -76,13 +76,26 @@ if TYPE_CHECKING:
     from softlb.state.sync import SharedState
     from softlb.wsgi import Environ, StartResponse
 
-__all__ = ["MAX_BODY", "SEED_ADD", "SEED_REMOVE", "STATUS_CANDIDATES", "AdminApi", "parse_allow"]
+__all__ = [
+    "BODY_TOO_LARGE",
+    "MAX_BODY",
+    "SEED_ADD",
+    "SEED_REMOVE",
+    "STATUS_CANDIDATES",
+    "AdminApi",
+    "parse_allow",
+]
 
 log = logging.getLogger("softlb.admin")
 
 #: Largest request body accepted, in bytes. A backend spec is well under 1 KiB; 64 KiB leaves
 #: room for anything sensible and keeps a hostile client from making us buffer much.
 MAX_BODY: Final = 64 * 1024
+#: The error for a body above it (the event-loop engine, which stops reading a body long
+#: before the admin app would see it, answers with the same).
+BODY_TOO_LARGE: Final = (
+    f"the request body is larger than {MAX_BODY} bytes; send one small JSON object"
+)
 
 #: The seed project's routes, kept for its users (SPEC §5).
 SEED_ADD: Final = "/upload_server"
@@ -476,7 +489,6 @@ class AdminApi:
         """The request body, never more than MAX_BODY + 1 bytes read; 413 beyond MAX_BODY."""
         stream = environ.get("wsgi.input")
         length_text = (environ.get("CONTENT_LENGTH") or "").strip()
-        too_large = f"the request body is larger than {MAX_BODY} bytes; send one small JSON object"
         if is_chunked_request(environ):
             want = MAX_BODY + 1  # de-chunked by the server: read to its end, within the limit
             length = None
@@ -485,7 +497,7 @@ class AdminApi:
                 raise _Refused(400, f"Content-Length {_echo(length_text)} is not a number")
             length = int(length_text)
             if length > MAX_BODY:
-                raise _Refused(413, too_large)
+                raise _Refused(413, BODY_TOO_LARGE)
             want = length
         elif environ.get("wsgi.input_terminated"):
             want = MAX_BODY + 1
@@ -503,7 +515,7 @@ class AdminApi:
             pieces.append(piece)
             got += len(piece)
         if got > MAX_BODY:
-            raise _Refused(413, too_large)
+            raise _Refused(413, BODY_TOO_LARGE)
         if length is not None and got < length:
             raise _Refused(400, "the request body is shorter than its Content-Length")
         return b"".join(pieces)

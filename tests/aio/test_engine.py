@@ -73,6 +73,19 @@ def raw(port: int, data: bytes, *, wait: float = 2.0, until: bytes | None = None
         return got
 
 
+def recv_until(sock: socket.socket, marker: bytes) -> bytes:
+    """What ``sock`` receives until ``marker`` has come, the peer closes or resets, or the
+    socket's timeout passes."""
+    got = b""
+    with contextlib.suppress(OSError):
+        while marker not in got:
+            more = sock.recv(65536)
+            if not more:
+                break
+            got += more
+    return got
+
+
 def servers_json(port: int) -> list[dict[str, Any]]:
     status, _, body = get(port, "/_softlb/servers")
     assert status == 200
@@ -290,13 +303,7 @@ def test_early_answer_is_passed_on(serve: Served) -> None:
 
         sender = threading.Thread(target=upload, daemon=True)
         sender.start()
-        got = b""
-        with contextlib.suppress(OSError):
-            while b"too much" not in got:
-                more = sock.recv(65536)
-                if not more:
-                    break
-                got += more
+        got = recv_until(sock, b"too much")
     thread.join(5)
     listener.close()
     assert got.startswith(b"HTTP/1.1 413"), got[:100]
@@ -713,13 +720,7 @@ def test_admin_body_above_a_mib_is_a_json_413(serve: Served, backend: TestBacken
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         with contextlib.suppress(OSError):  # the engine may close before taking it all
             sock.sendall(head + body)
-        got = b""
-        with contextlib.suppress(OSError):
-            while b"}" not in got:
-                more = sock.recv(65536)
-                if not more:
-                    break
-                got += more
+        got = recv_until(sock, b"}")
     head_part, _, payload = got.partition(b"\r\n\r\n")
     assert head_part.startswith(b"HTTP/1.1 413 "), got[:80]
     assert b"Content-Type: application/json" in head_part

@@ -37,7 +37,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
-from softlb.admin import MAX_BODY, SEED_ADD, SEED_REMOVE
+from softlb.admin import BODY_TOO_LARGE, SEED_ADD, SEED_REMOVE
 from softlb.aio.upstream import (
     HIGH_WATER,
     LOW_WATER,
@@ -907,10 +907,7 @@ class Engine:
         """Serve an admin call with the WSGI admin app on the engine's small thread pool."""
         while not request.complete and request.error is None:
             if request.body_size > 1024 * 1024:
-                request.error = _ClientError(
-                    413, f"the request body is larger than {MAX_BODY} bytes; send one small "
-                    "JSON object",
-                )  # fmt: skip
+                request.error = _ClientError(413, BODY_TOO_LARGE)
                 break
             conn._resume_reading()
             await _wait(request)
