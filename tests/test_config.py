@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import ssl
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from softlb.config import (
     ALGORITHMS,
     MAX_RETRIES,
     AdminConfig,
+    BackendTlsConfig,
     Config,
     HealthCheckConfig,
     LimitsConfig,
@@ -806,7 +808,7 @@ def test_cluster_rejects(value: object) -> None:
         ({"listne": ":80"}, 'listne: unknown key (did you mean "listen"?); allowed: listen, '),
         ({"healthCheck": {}}, 'healthCheck: unknown key (did you mean "health_check"?)'),
         ({"listen_port": 80}, 'listen_port: unknown key (did you mean "listenPort"?)'),
-        ({"backends": []}, "backends: unknown key; allowed: listen, algorithm, servers"),
+        ({"backends": []}, 'backends: unknown key (did you mean "servers"?); allowed: listen, '),
         (
             {"health_check": {"intervall": 5}},
             'health_check.intervall: unknown key (did you mean "interval"?); allowed: path, '
@@ -1099,7 +1101,7 @@ def test_load_config_duplicate_keys_reported_once() -> None:
         "retries: is given more than once; write each key once",
         "x: unknown key; allowed: listen, algorithm, servers, health_check, hash_key, retries, "
         "slow_start, timeouts, admin, state, cluster, access_log, access_log_format, tls, "
-        "limits, sticky (and the aliases listenPort, port, healthCheckInterval)",
+        "backend_tls, limits, sticky (and the aliases listenPort, port, healthCheckInterval)",
     ]
 
 
@@ -1241,6 +1243,47 @@ def test_new_keys_are_read(tmp_path: Path) -> None:
 def test_new_keys_refuse_bad_values(data: dict[str, object], expected: str) -> None:
     found = problems(data)
     assert any(line.startswith(expected) for line in found), found
+
+
+def test_backend_tls_ca_file_is_read(tmp_path: Path) -> None:
+    """``backend_tls.ca_file``: a PEM bundle of CAs, loaded once to check it; off by default
+    (the system's CAs)."""
+    import trustme
+
+    ca_file = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))
+    assert parse_config({}).backend_tls == BackendTlsConfig(ca_file=None)
+    assert parse_config({"backend_tls": {}}).backend_tls == BackendTlsConfig(ca_file=None)
+    config = parse_config({"backend_tls": {"ca_file": str(ca_file)}})
+    assert config.backend_tls == BackendTlsConfig(ca_file=str(ca_file))
+    context = config.backend_tls.ssl_context()
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert len(context.get_ca_certs()) == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"backend_tls": "ca.pem"}, "backend_tls: must be an object"),
+        ({"backend_tls": {"ca_file": "/no/such/ca.pem"}}, "backend_tls.ca_file: "),
+        ({"backend_tls": {"ca_file": 5}}, "backend_tls.ca_file: must be a file path"),
+        (
+            {"backend_tls": {"cafile": "x"}},
+            'backend_tls.cafile: unknown key (did you mean "ca_file"?)',
+        ),
+    ],
+)
+def test_backend_tls_refuses_bad_values(data: dict[str, object], expected: str) -> None:
+    found = problems(data)
+    assert any(line.startswith(expected) for line in found), found
+
+
+def test_backend_tls_ca_file_must_hold_a_certificate(tmp_path: Path) -> None:
+    """A readable file with no PEM certificate in it: one line, before anything starts."""
+    bogus = tmp_path / "ca.pem"
+    bogus.write_text("not a certificate\n")
+    [line] = problems({"backend_tls": {"ca_file": str(bogus)}})
+    assert line.startswith("backend_tls.ca_file: ") and "no CA certificate in PEM" in line, line
 
 
 def test_tls_files_must_be_a_usable_pair(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from softlb.config import Config
     from softlb.discovery import Resolver
     from softlb.health import HealthChecker
+    from softlb.http.transport import Transport
     from softlb.state.sync import SharedState
 
 __all__ = ["Application", "create_app"]
@@ -110,6 +111,7 @@ class Application:
                 path=hc.path,
                 timeout=hc.timeout,
                 expected_status=hc.expected_status,
+                ca_certs=config.backend_tls.ca_file,
                 maxsize=DEFAULT_WORKERS,
             )
             self.checker = HealthChecker(
@@ -128,10 +130,8 @@ class Application:
         self.proxy = LoadBalancer(
             self.pool,
             retries=config.retries,
-            connect_timeout=config.timeouts.connect,
-            read_timeout=config.timeouts.read,
             hash_key=config.hash_key,
-            max_connections=self.threads,
+            upstream=self._transport(),
             access_log=(
                 AccessLog(config.access_log, config.access_log_format)
                 if config.access_log
@@ -231,17 +231,25 @@ class Application:
                 )
                 self.resolver.start()
 
+    def _transport(self) -> Transport:
+        """The WSGI proxy's upstream client, with the config's timeouts; ``https://``
+        backends are checked against ``backend_tls.ca_file`` (the event loop's
+        :class:`~softlb.aio.engine.Engine` reads the same key for its own client)."""
+        config = self.config
+        return proxy_transport(
+            connect_timeout=config.timeouts.connect,
+            read_timeout=config.timeouts.read,
+            maxsize=self.threads,
+            ca_certs=config.backend_tls.ca_file,
+        )
+
     def after_fork(self) -> None:
         """In a child made by ``fork()``: fresh locks, connections and shared state, and the
         threads started again if they ran in the parent (they did not come along)."""
         was_running = self._pid is not None
         self._start_lock = threading.Lock()
         self.pool.after_fork()
-        self.proxy.upstream = proxy_transport(
-            connect_timeout=self.config.timeouts.connect,
-            read_timeout=self.config.timeouts.read,
-            maxsize=self.threads,
-        )
+        self.proxy.upstream = self._transport()
         self.pool.count_sink = None
         self.state = self.admin.state = None  # the parent's; a new one is opened on start
         self.resolver = None  # its thread did not come along; start() makes a new one

@@ -40,6 +40,7 @@ from softlb.state.base import MAX_SLOTS
 __all__ = [
     "ALGORITHMS",
     "AdminConfig",
+    "BackendTlsConfig",
     "Config",
     "ACCESS_LOG_FORMATS",
     "HealthCheckConfig",
@@ -94,6 +95,7 @@ _TOP_KEYS: Final = (
     "access_log",
     "access_log_format",
     "tls",
+    "backend_tls",
     "limits",
     "sticky",
 )
@@ -123,6 +125,7 @@ _TIMEOUT_KEYS: Final = (
 )
 _ADMIN_KEYS: Final = ("token", "prefix", "seed_routes", "allow", "listen")
 _TLS_KEYS: Final = ("certfile", "keyfile")
+_BACKEND_TLS_KEYS: Final = ("ca_file",)
 _LIMIT_KEYS: Final = ("max_connections", "max_header_bytes")
 _STICKY_KEYS: Final = ("cookie",)
 
@@ -244,6 +247,20 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class BackendTlsConfig:
+    """How ``https://`` backends are checked (``backend_tls``): ``ca_file``, a PEM file of
+    the authorities their certificates must chain to; ``None``: the system's CAs (which
+    OpenSSL's ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` can point elsewhere)."""
+
+    ca_file: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context that verifies backends (certificate and host name) against
+        :attr:`ca_file`, or the system's CAs."""
+        return ssl.create_default_context(cafile=self.ca_file)
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     """Client connections per worker, and the largest request head in bytes."""
 
@@ -284,6 +301,7 @@ class Config:
     #: ``csv`` (what ``softlb simulate --csv`` replays), ``combined`` or ``json``.
     access_log_format: str = "csv"
     tls: TlsConfig | None = None
+    backend_tls: BackendTlsConfig = BackendTlsConfig()
     limits: LimitsConfig = LimitsConfig()
     sticky: StickyConfig | None = None
     source: str | None = None
@@ -321,13 +339,24 @@ def _squash(name: str) -> str:
     return re.sub(r"[-_\s]", "", name).lower()
 
 
+#: What users of other proxies call a key: the suggestion for them, before any close spelling
+#: (``backends`` is nearer ``backend_tls`` in letters than ``servers`` in meaning).
+_SYNONYMS: Final = {
+    "backends": "servers",
+    "backend": "servers",
+    "upstreams": "servers",
+    "upstream": "servers",
+}
+
+
 def _suggest(word: object, choices: Iterable[str]) -> str:
     """`` (did you mean "x"?)`` for the choice closest to ``word``, or ``""`` if none is close."""
     if not isinstance(word, str):
         return ""
     options = list(choices)
     same = [c for c in options if _squash(c) == _squash(word)]
-    close = same or difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    synonym = [c for c in options if c == _SYNONYMS.get(word.lower())]
+    close = same or synonym or difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return f' (did you mean "{close[0]}"?)' if close else ""
 
 
@@ -957,6 +986,32 @@ def _tls(c: _Checker, value: object) -> TlsConfig | _Missing:
     return tls
 
 
+def _backend_tls(c: _Checker, value: object) -> BackendTlsConfig | _Missing:
+    """``backend_tls``: ``ca_file``, a PEM file of CA certificates that OpenSSL can load."""
+    example = '{"ca_file": "backend-ca.pem"}'
+    fields = c.mapping("backend_tls", value, _BACKEND_TLS_KEYS, example=example)
+    if fields is None:
+        return _MISSING
+    if "ca_file" not in fields:
+        return BackendTlsConfig()
+    ca_file = c.field("backend_tls.ca_file", fields["ca_file"], _readable_file)
+    if isinstance(ca_file, _Missing):
+        return _MISSING
+    backend_tls = BackendTlsConfig(ca_file=ca_file)
+    try:
+        backend_tls.ssl_context()
+    except ssl.SSLError as exc:
+        c.add(
+            "backend_tls.ca_file",
+            f"{_show(ca_file)} holds no CA certificate in PEM ({exc.reason or exc})",
+        )
+        return _MISSING
+    except OSError as exc:
+        c.add("backend_tls.ca_file", f"cannot read {_show(ca_file)}: {exc.strerror or exc}")
+        return _MISSING
+    return backend_tls
+
+
 def tls_problem(certfile: str, keyfile: str) -> str | None:
     """Why ``certfile`` and ``keyfile`` cannot serve TLS, or ``None``: what the config's
     ``tls`` is checked for, for the same files given another way (``--certfile/--keyfile``)."""
@@ -1114,6 +1169,8 @@ def parse_config(data: object, *, source: str | None = None) -> Config:
         values["admin"] = _admin(c, top["admin"])
     if "tls" in top:
         values["tls"] = _tls(c, top["tls"])
+    if "backend_tls" in top:
+        values["backend_tls"] = _backend_tls(c, top["backend_tls"])
     if "limits" in top:
         values["limits"] = _limits(c, top["limits"])
     if "sticky" in top:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -15,9 +16,6 @@ from tests.helpers.servers import TestBackend
 trustme = pytest.importorskip("trustme")
 
 pytestmark = pytest.mark.integration
-
-#: The config key that names the CA for https backends, once SPEC has one (None: not yet).
-BACKEND_CA_KEY: str | None = None
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +87,46 @@ def test_https_backend_signed_by_a_test_ca(
     balancer: StartBalancer, pems: dict[str, str], how: str
 ) -> None:
     """An https backend whose certificate a test CA signed is proxied when softlb trusts that
-    CA: through OpenSSL's SSL_CERT_FILE, or the config key for it."""
+    CA: through OpenSSL's SSL_CERT_FILE, or the config's backend_tls.ca_file."""
     with TLSBackend(pems["cert"], pems["key"]) as tls_backend:
         if how == "SSL_CERT_FILE":
             lb = balancer({"servers": [tls_backend.url]}, env={"SSL_CERT_FILE": pems["ca"]})
         else:
-            if BACKEND_CA_KEY is None:
-                pytest.skip("SPEC §2 has no config key yet for the CA of https backends")
-            lb = balancer({"servers": [tls_backend.url], BACKEND_CA_KEY: pems["ca"]})
+            lb = balancer({"servers": [tls_backend.url], "backend_tls": {"ca_file": pems["ca"]}})
         assert lb.get("/")[::2] == (200, b"tls ok")
+
+
+def test_https_backend_with_an_untrusted_certificate_is_refused(
+    balancer: StartBalancer, pems: dict[str, str]
+) -> None:
+    """Verification is on by default: a backend whose certificate no trusted CA signed gets
+    no request; the client gets a 502 that says why, not the backend's answer."""
+    with TLSBackend(pems["cert"], pems["key"]) as tls_backend:
+        lb = balancer({"servers": [tls_backend.url], "retries": 0})
+        status, _, body = lb.get("/")
+        assert status == 502, body
+        assert b"tls ok" not in body
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_health_probe_checks_https_backends_with_backend_tls(
+    balancer: StartBalancer, pems: dict[str, str], trusted: bool
+) -> None:
+    """The health checker's probe trusts ``backend_tls.ca_file`` as the proxy does: a backend
+    signed by that CA that starts down comes up; without the CA, one that starts up goes
+    down (its certificate fails the probe)."""
+    with TLSBackend(pems["cert"], pems["key"]) as tls_backend:
+        config: dict[str, object] = {
+            "servers": [tls_backend.url],
+            "health_check": {
+                "interval": "100ms", "timeout": "1s", "rise": 1, "fall": 1,
+                "initial_state": "down" if trusted else "up",
+            },
+        }  # fmt: skip
+        if trusted:
+            config["backend_tls"] = {"ca_file": pems["ca"]}
+        lb = balancer(config)
+        deadline = time.monotonic() + 10
+        while lb.servers()[tls_backend.url]["healthy"] is not trusted:
+            assert time.monotonic() < deadline, lb.servers()
+            time.sleep(0.1)

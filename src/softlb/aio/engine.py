@@ -701,8 +701,9 @@ class _Listener:
 class Engine:
     """One worker's data plane over an :class:`~softlb.app.Application`.
 
-    ``upstream_ssl`` verifies ``https://`` backends (default: the system's CAs, which honour
-    ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``).
+    ``upstream_ssl`` verifies ``https://`` backends (default: the config's
+    ``backend_tls.ca_file``, else the system's CAs, which honour ``SSL_CERT_FILE`` and
+    ``SSL_CERT_DIR``).
 
     :meth:`listen` serves a listening socket (its own accept loop, so that at
     ``limits.max_connections`` it stops accepting and later clients wait in the kernel's
@@ -724,6 +725,8 @@ class Engine:
         self.proxy = app.proxy
         config = app.config
         self.limits = limits or Limits.from_config(config)
+        if upstream_ssl is None and config.backend_tls.ca_file is not None:
+            upstream_ssl = config.backend_tls.ssl_context()
         self.upstreams = UpstreamPool(
             loop,
             connect_timeout=config.timeouts.connect,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import http.client
+from typing import Any
 
 import urllib3
 from urllib3.exceptions import HTTPError
@@ -20,7 +21,9 @@ class HttpProbe:
     """The default health probe: ``GET path`` on a fresh connection, status checked.
 
     Connection: close on every probe, as HAProxy does, so a probe also proves that new
-    connections are accepted. The body is read (up to 64 KiB) and discarded.
+    connections are accepted. The body is read (up to 64 KiB) and discarded. ``ca_certs``:
+    a PEM file of the authorities ``https://`` backends' certificates are checked against
+    (default: the system's).
     """
 
     def __init__(
@@ -30,12 +33,16 @@ class HttpProbe:
         timeout: float = 2.0,
         expected_status: StatusRanges | str = ((200, 399),),
         maxsize: int = 8,
+        ca_certs: str | None = None,
     ) -> None:
         self.path = path
         self.expected_status = parse_status_ranges(expected_status)
         self.timeout = urllib3.Timeout(total=timeout, connect=timeout, read=timeout)
         self._maxsize = maxsize
-        self._manager = urllib3.PoolManager(num_pools=max(16, 2 * maxsize), maxsize=maxsize)
+        #: PEM file of the authorities ``https://`` backends' certificates are checked
+        #: against; ``None``: the system's.
+        self.ca_certs = ca_certs
+        self._manager = self._new_manager()
         self._headers = {"User-Agent": PROBE_USER_AGENT, "Connection": "close"}
 
     def __call__(self, backend: Backend) -> ProbeResult:
@@ -68,8 +75,12 @@ class HttpProbe:
 
     def reset(self) -> None:
         """Forget connections inherited from a parent process (after ``fork()``)."""
-        self._manager = urllib3.PoolManager(
-            num_pools=max(16, 2 * self._maxsize), maxsize=self._maxsize
+        self._manager = self._new_manager()
+
+    def _new_manager(self) -> urllib3.PoolManager:
+        tls: dict[str, Any] = {} if self.ca_certs is None else {"ca_certs": self.ca_certs}
+        return urllib3.PoolManager(
+            num_pools=max(16, 2 * self._maxsize), maxsize=self._maxsize, **tls
         )
 
     def close(self) -> None:
