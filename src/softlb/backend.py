@@ -347,11 +347,13 @@ class Backend:
         with weight ``1 - exp(-dt/tau)``, so the estimate forgets a slow spell over about
         ``tau`` seconds. The caller holds the pool's lock.
         """
-        if not self._ewma_at or seconds >= self._ewma:
+        ewma = self._ewma
+        if seconds >= ewma or not self._ewma_at:
             self._ewma = seconds
         else:
-            decay = math.exp(-max(now - self._ewma_at, 0.0) / tau)
-            self._ewma = self._ewma * decay + seconds * (1.0 - decay)
+            elapsed = now - self._ewma_at  # (no max() call: this runs for every request)
+            decay = math.exp(-elapsed / tau) if elapsed > 0.0 else 1.0
+            self._ewma = ewma * decay + seconds * (1.0 - decay)
         self._ewma_at = now
 
     def as_dict(self) -> dict[str, object]:

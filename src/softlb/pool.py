@@ -506,8 +506,12 @@ class Pool:
         """:meth:`lease` that never waits: ``None`` when every eligible backend is full.
         Requests already waiting in the queue are served first. Raises
         :class:`~softlb.errors.NoBackendAvailable` when nothing is in rotation."""
-        with self._lock:
+        lock = self._lock  # acquire/release: a ``with`` costs as much as the pick (per request)
+        lock.acquire()
+        try:
             return self._try(key, exclude, prefer, self.clock())
+        finally:
+            lock.release()
 
     def enqueue(
         self,
@@ -548,7 +552,12 @@ class Pool:
             self._rebuild(now)
         if self._waiting:
             self._serve(now)  # room goes to the requests that came first
-        backend = self._choose(key, now, exclude, prefer)
+        if prefer is None and not exclude:  # the usual request: _choose's rules, fewer calls
+            backend = self.balancer.pick(key, now)
+            if backend is not None and backend.max_connections is not None and self._full(backend):
+                backend = self._pick_free(key, now, exclude)
+        else:
+            backend = self._choose(key, now, exclude, prefer)
         if backend is not None:
             return self._take(backend, now)
         if not self._has_candidates(exclude):
@@ -685,7 +694,9 @@ class Pool:
 
     def _release(self, lease: Lease, failure: str | None, used: bool = True) -> None:
         backend = lease.backend
-        with self._lock:
+        lock = self._lock  # acquire/release rather than ``with``: this runs per request
+        lock.acquire()
+        try:
             now = self.clock()
             backend.active -= 1
             if used:  # not a lease given up before its request went out
@@ -702,6 +713,8 @@ class Pool:
                 self.count_sink(backend)
             if self._waiting:
                 self._serve(now)
+        finally:
+            lock.release()
         if failure is not None and events.FAILURE in self._wanted:
             self.publish(events.FAILURE, backend, failure)
 

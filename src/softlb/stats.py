@@ -31,6 +31,8 @@ DURATION_BUCKETS: Final = (
 )  # fmt: skip
 
 
+_FIRST_BOUND: Final = DURATION_BUCKETS[0]
+
 #: Status classes counted per backend, in order (index = first digit - 1).
 STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
@@ -112,22 +114,40 @@ class ProxyStats:
         also counts the request as :meth:`observe` does, under the same lock (for an answer
         counted whole, once it has gone out).
         """
-        first = bisect.bisect_left(DURATION_BUCKETS, first_byte)
-        last = -1 if last_byte is None else bisect.bisect_left(DURATION_BUCKETS, last_byte)
+        # Most answers of a proxy take under 5 ms, the first bucket: a comparison is a tenth
+        # of a bisect call. The lock is taken with acquire/release rather than ``with``,
+        # which costs as much again as the counting (the engine counts every request here).
+        first = (
+            0 if first_byte <= _FIRST_BOUND else bisect.bisect_left(DURATION_BUCKETS, first_byte)
+        )
         kind = status // 100 - 1
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             if request_seconds is not None:
                 self.requests += 1
-                self.bucket_counts[bisect.bisect_left(DURATION_BUCKETS, request_seconds)] += 1
+                self.bucket_counts[
+                    0
+                    if request_seconds <= _FIRST_BOUND
+                    else bisect.bisect_left(DURATION_BUCKETS, request_seconds)
+                ] += 1
                 self.duration_sum += request_seconds
-            figures = self._figures(backend_url)
+            figures = self._backends.get(backend_url)
+            if figures is None:
+                figures = self._backends[backend_url] = BackendFigures()
             if 0 <= kind < len(STATUS_CLASSES):
                 figures.responses[kind] += 1
             figures.first_byte[first] += 1
             figures.first_byte_sum += first_byte
             if last_byte is not None:
-                figures.last_byte[last] += 1
+                figures.last_byte[
+                    0
+                    if last_byte <= _FIRST_BOUND
+                    else bisect.bisect_left(DURATION_BUCKETS, last_byte)
+                ] += 1
                 figures.last_byte_sum += last_byte
+        finally:
+            lock.release()
 
     def response_end(self, backend_url: str, last_byte: float) -> None:
         """Add the time to the last byte of an answer counted by :meth:`response` without
