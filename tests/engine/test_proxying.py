@@ -48,7 +48,7 @@ def assert_short_error(body: bytes) -> None:
     assert b"<html" not in body.lower()
 
 
-@pytest.mark.parametrize("method", ["GET", "PURGE"])
+@pytest.mark.parametrize("method", ["GET", "PURGE", "BREW", "MKWORKSPACE", "X-SYNC_2"])
 def test_method_and_target_reach_the_backend_byte_for_byte(
     shared: Balancer, backend: TestBackend, method: str
 ) -> None:
@@ -56,6 +56,40 @@ def test_method_and_target_reach_the_backend_byte_for_byte(
     status, _, _ = shared.request(method, RAW_TARGET)
     assert status == 200
     assert (backend.last.method, backend.last.target) == (method, RAW_TARGET)
+
+
+def test_extension_method_with_a_body_then_another_request_on_the_connection(
+    shared: Balancer, backend: TestBackend
+) -> None:
+    """A method llhttp does not know carries its body to the backend, and the connection goes
+    on parsing the next request as usual (the event loop re-parses it with a stand-in)."""
+    with shared.raw(timeout=5.0) as client:
+        client.send(b"BREW /pot HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        assert client.read_response().status == 200
+        assert (backend.last.method, backend.last.target, backend.last.body) == (
+            "BREW", "/pot", b"hello"
+        )  # fmt: skip
+        client.send(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert client.read_response().status == 200
+        assert (backend.last.method, backend.last.target) == ("GET", "/after")
+        for piece in (b"BR", b"EW /split HTTP/1.1\r\nHost: x\r\n\r\n"):  # a method cut in two
+            client.send(piece)
+            time.sleep(0.05)
+        assert client.read_response().status == 200
+        assert (backend.last.method, backend.last.target) == ("BREW", "/split")
+
+
+@pytest.mark.parametrize("line", [b"brew / HTTP/1.1", b"BR\x01W / HTTP/1.1", b"XY / HTTP/1.1"])
+def test_a_method_that_is_not_a_conventional_token_is_a_400(
+    shared: Balancer, backend: TestBackend, line: bytes
+) -> None:
+    """Lower case, a control byte, or fewer than 3 characters: 400 on both engines (gunicorn's
+    rule for methods), and nothing reaches the backend."""
+    before = backend.request_count
+    with shared.raw(timeout=5.0) as client:
+        client.send(line + b"\r\nHost: x\r\n\r\n")
+        assert client.read_response().status == 400
+    assert backend.request_count == before
 
 
 def test_host_kept_and_forwarded_headers_set(shared: Balancer, backend: TestBackend) -> None:

@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import ssl
 import sys
@@ -174,6 +175,27 @@ _LLHTTP_BAD_CODING: Final = frozenset(
 )
 
 
+#: A request line with an extension method (``BREW /pot HTTP/1.1``), one llhttp's fixed list of
+#: methods refuses: a token as gunicorn's threaded engine accepts one (no lower-case letters,
+#: no ``#``, 3 to 20 characters), followed by a space.
+_EXTENSION_METHOD: Final = re.compile(rb"([!$%&'*+\-.^_`|~0-9A-Z]{3,20}) ")
+#: The start of such a method, cut off by the end of a read.
+_METHOD_START: Final = re.compile(rb"[!$%&'*+\-.^_`|~0-9A-Z]{1,20}")
+#: The method llhttp parses in an extension method's place; the request keeps its own.
+_STAND_IN: Final = b"GET"
+
+
+def _llhttp_knows(method: bytes) -> bool:
+    """Whether llhttp parses ``method`` (so a request with it cannot be what it refused)."""
+    try:
+        httptools.HttpRequestParser(object()).feed_data(method + b" / HTTP/1.1\r\n\r\n")
+    except httptools.HttpParserInvalidMethodError:
+        return False
+    except httptools.HttpParserError:
+        pass
+    return True
+
+
 class _ClientError(Exception):
     def __init__(self, status: int, why: str) -> None:
         super().__init__(why)
@@ -281,6 +303,9 @@ class ClientConnection(asyncio.Protocol):
         self._deadline = 0.0
         self._deadline_kind = ""
         self._lost: asyncio.Future[None] | None = None
+        #: The extension method of the request being parsed with a stand-in one.
+        self._extension: bytes | None = None
+        self._held = b""
 
     def lost_future(self) -> asyncio.Future[None]:
         """A future that resolves when the connection has closed."""
@@ -326,8 +351,28 @@ class ClientConnection(asyncio.Protocol):
             self._set_deadline("tunnel", self.engine.limits.tunnel)
             tunnel.write(data)
             return
+        at_start = self.current is None  # data begins a request (or its leading CRLFs)
+        if self._held:  # the first bytes of an extension method, held for the rest of it
+            data, self._held = self._held + data, b""
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserInvalidMethodError:
+            extension = _EXTENSION_METHOD.match(data) if at_start else None
+            if extension is None and at_start and _METHOD_START.fullmatch(data):
+                self.parser = httptools.HttpRequestParser(self)
+                self.current = None
+                self._held = data  # (at most 20 bytes)
+                return
+            if extension is None or _llhttp_knows(extension.group(1)):
+                # Not a token, or a later request of this read (pipelined) failed.
+                self._client_error(_ClientError(400, "malformed request: invalid method"))
+                return
+            # A method llhttp does not know (SPEC §3: any method is forwarded): the request is
+            # parsed again from its start with a stand-in method, and keeps its own.
+            self.parser = httptools.HttpRequestParser(self)
+            self.current = None
+            self._extension = extension.group(1)
+            self.data_received(_STAND_IN + data[extension.end(1) :])
         except httptools.HttpParserUpgrade as exc:
             # The request asked to switch protocols; what follows its head is the new
             # protocol's, kept for the backend once it has agreed (101).
@@ -419,6 +464,8 @@ class ClientConnection(asyncio.Protocol):
         assert request is not None
         parser = self.parser
         method = parser.get_method()
+        if self._extension is not None:  # (parsed with a stand-in: data_received)
+            method, self._extension = self._extension, None
         # The whole head as SPEC §2 counts it: the request line (method, target, two spaces,
         # "HTTP/1.1", CRLF), the fields (counted as they came) and the empty line.
         if self.head_bytes + len(method) + 14 > self.engine.limits.max_header_bytes:
