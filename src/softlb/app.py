@@ -280,6 +280,9 @@ class Application:
         if not self._server_checked:  # once: a warning if gunicorn serves one request at a time
             self._server_checked = True
             warn_if_serial(environ)
+        if _head_size(environ) > self.config.limits.max_header_bytes:  # (the event loop's own
+            # check ran before the head was whole; a WSGI server hands over a parsed head)
+            return self.proxy.refuse(start_response, 431, "the request head is too large")
         if self.admin_port is not None:
             # admin.listen: the admin API on its own address, the proxy everywhere else.
             if _local_port(environ) == self.admin_port:
@@ -293,6 +296,24 @@ class Application:
         return (
             f"<Application {self.pool!r} state={self.state_url} admin={self.config.admin.prefix}>"
         )
+
+
+def _head_size(environ: Environ) -> int:
+    """The request head's size as ``limits.max_header_bytes`` counts it (SPEC §2), from what
+    a WSGI server parsed: the request line (method, target, ``HTTP/1.1``, two spaces and
+    CRLF), each field as ``Name: value`` and CRLF, and the empty line. Repeated fields come
+    joined with commas, so each counts once."""
+    target = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if target is None:
+        query = environ.get("QUERY_STRING")
+        target = (environ.get("PATH_INFO") or "/") + ("?" + query if query else "")
+    size = len(environ.get("REQUEST_METHOD") or "") + len(target) + 14
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            size += len(key) - 1 + len(value)  # "HTTP_" off; ": " and CRLF on
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
+            size += len(key) + 4 + len(value)
+    return size
 
 
 def _local_port(environ: Environ) -> int | None:

@@ -80,6 +80,10 @@ WORKER_TIMEOUT_MIN: Final = 60
 #: Added to the backend read timeout to get the worker timeout.
 WORKER_TIMEOUT_SLACK: Final = 30
 
+#: The longest request line and header field gunicorn's parser reads (its MAX_REQUEST_LINE
+#: and default field size): the threaded engine refuses longer ones with 414 and 431.
+GUNICORN_LINE_CEILING: Final = 8190
+
 _STATE_MEMORY: Final = "memory"
 
 log = logging.getLogger("softlb.server")
@@ -422,7 +426,10 @@ def gunicorn_settings(config: Config, options: ServeOptions) -> dict[str, Any]:
         "graceful_timeout": math.ceil(options.graceful_timeout),
         "timeout": worker_timeout,
         "keepalive": math.ceil(config.timeouts.keepalive),
-        "limit_request_field_size": 0,  # softlb's limits.max_header_bytes is the rule
+        # limits.max_header_bytes (SPEC §2) is checked by the app on the whole head; gunicorn
+        # reads a request line and each field up to it too, below its own 8190-byte ceiling.
+        "limit_request_line": min(config.limits.max_header_bytes, GUNICORN_LINE_CEILING),
+        "limit_request_field_size": min(config.limits.max_header_bytes, GUNICORN_LINE_CEILING),
         # X-Forwarded-Proto is softlb's to set (SPEC §3): gunicorn must not take the client's.
         "forwarded_allow_ips": "",
         "certfile": certfile,

@@ -421,9 +421,9 @@ class LoadBalancer:
         try:
             return self._proxy(environ, start_response, started)
         except BadFraming as exc:
-            return self._client_error(start_response, exc.status, str(exc))
+            return self.refuse(start_response, exc.status, str(exc))
         except ClientBodyError as exc:
-            return self._client_error(start_response, 400, str(exc))
+            return self.refuse(start_response, 400, str(exc))
         except Exception:  # never a traceback to the client
             log.exception("internal error while proxying %s", environ.get("PATH_INFO"))
             return self._plain(start_response, 500, "500 Internal Server Error\n")
@@ -552,11 +552,9 @@ class LoadBalancer:
         start_response(f"{status} {_REASONS.get(status, error.reason)}", headers)
         return (body,)
 
-    def _client_error(
-        self, start_response: StartResponse, status: int, why: str
-    ) -> Iterable[bytes]:
-        """The answer to a client's bad request (400, 501), which closes the connection: the
-        rest of what the client sent cannot be trusted to be the next request. Nothing is
+    def refuse(self, start_response: StartResponse, status: int, why: str) -> Iterable[bytes]:
+        """The answer to a client's bad request (400, 431, 501), which closes the connection:
+        the rest of what the client sent cannot be trusted to be the next request. Nothing is
         counted against a backend."""
         # gunicorn ignores a Connection header from the app (PEP 3333 forbids hop-by-hop
         # headers there) but its Response, the object start_response is bound to, has
@@ -587,6 +585,7 @@ class LoadBalancer:
 
 _REASONS: Final = {
     400: "Bad Request",
+    431: "Request Header Fields Too Large",
     501: "Not Implemented",
     500: "Internal Server Error",
     502: "Bad Gateway",

@@ -92,15 +92,42 @@ def test_stalled_body_gets_408_and_close(limited: Balancer, backend: TestBackend
     assert limited.servers()[backend.url]["failures"] == 0
 
 
-@pytest.mark.eventloop_only("limits.max_header_bytes is the event loop's")
-def test_head_above_max_header_bytes_gets_431(limited: Balancer, backend: TestBackend) -> None:
-    """A head of 8 KiB against limits.max_header_bytes 4096: 431, not forwarded."""
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [b"X-Big: " + b"a" * 8192],  # one field above the limit
+        [b"X-Part-%d: %b" % (i, b"b" * 900) for i in range(6)],  # each small, 5.5 KiB in all
+    ],
+    ids=["one-field", "many-fields"],
+)
+def test_head_above_max_header_bytes_gets_431(
+    limited: Balancer, backend: TestBackend, fields: list[bytes]
+) -> None:
+    """A head above limits.max_header_bytes (4096), whole or summed over its fields: 431 on
+    both engines, with a plain answer, and nothing forwarded."""
     with limited.raw(timeout=3.0) as client:
         client.send(
-            b"GET /too-big HTTP/1.1\r\nHost: example.test\r\nX-Big: %b\r\n\r\n" % (b"a" * 8192)
+            b"GET /too-big HTTP/1.1\r\nHost: example.test\r\n%b\r\n\r\n" % b"\r\n".join(fields)
         )
-        assert client.read_response().status == 431
+        response = client.read_response()
+    assert response.status == 431
+    assert b"<html" not in response.body.lower() and b"too large" in response.body.lower()
     assert "/too-big" not in [seen.target for seen in backend.requests]
+
+
+def test_head_just_below_max_header_bytes_is_forwarded(
+    limited: Balancer, backend: TestBackend
+) -> None:
+    """A 4,000-byte head (request line, fields, empty line) against 4096: forwarded."""
+    line = b"GET /fits HTTP/1.1\r\n"
+    fields = b"Host: example.test\r\nX-Pad: "
+    pad = 4000 - len(line) - len(fields) - len(b"\r\n\r\n")
+    head = line + fields + b"p" * pad + b"\r\n\r\n"
+    assert len(head) == 4000
+    with limited.raw(timeout=3.0) as client:
+        client.send(head)
+        assert client.read_response().status == 200
+    assert backend.last.target == "/fits"
 
 
 @pytest.mark.eventloop_only("timeouts.keepalive is the event loop's")
