@@ -392,3 +392,50 @@ def test_a_resolve_server_is_only_its_addresses_in_the_app(
         assert static in found
     finally:
         app.stop()
+
+
+@pytest.mark.parametrize("state", ["memory", "sqlite"])
+def test_the_admin_api_on_a_discovered_backend(pair: int, tmp_path: Any, state: str) -> None:
+    """A discovered address is a backend the admin API lists, so: POST of it is a 409
+    (already present), DELETE a 409 (the next lookup would add it again), PATCH drains it
+    where this process is the only one (state memory) and is a 409 where a shared store would
+    carry it to one process only; nothing changes on a refusal."""
+    from softlb.app import create_app
+    from softlb.config import parse_config
+
+    address = f"http://127.0.0.1:{pair}"
+    config: dict[str, Any] = {
+        "servers": [{"url": f"http://localhost:{pair}", "resolve": True}],
+        "health_check": {"enabled": False},
+    }
+    if state == "sqlite":
+        config["state"] = f"sqlite:///{tmp_path / 'state.db'}"
+    app = create_app(parse_config(config))
+    client = Client(app)
+    loopback = {"REMOTE_ADDR": "127.0.0.1"}
+
+    def call(method: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        answer = client.open("/_softlb/servers", method=method, json=body, environ_base=loopback)
+        return answer.status_code, json.loads(answer.get_data())
+
+    try:
+        app.start()
+        deadline = time.monotonic() + 5
+        while address not in app.pool and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, body = call("POST", {"url": address})
+        origin = f"http://localhost:{pair}"
+        expected = f"backend {address} is already present, discovered from {origin}"
+        assert (status, body["error"]) == (409, expected)
+        status, body = call("DELETE", {"url": address})
+        assert status == 409 and "the next lookup would add it again" in body["error"]
+        status, body = call("PATCH", {"url": address, "draining": True})
+        if state == "memory":
+            assert status == 200 and body["draining"] is True
+            assert app.pool.get(address).draining
+        else:
+            assert status == 409 and "one process only" in body["error"]
+            assert not app.pool.get(address).draining
+        assert address in app.pool and app.pool.get(address).origin is not None
+    finally:
+        app.stop()

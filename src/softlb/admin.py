@@ -62,7 +62,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 
 from softlb import __version__
-from softlb.backend import normalize_url, validate_weight
+from softlb.backend import Backend, normalize_url, validate_weight
 from softlb.errors import BackendExists, InvalidBackend, UnknownBackend
 from softlb.http.headers import is_chunked_request
 from softlb.metrics import Metrics, histogram_quantile
@@ -588,11 +588,25 @@ class AdminApi:
     def _list(self, environ: Environ) -> _Response:
         return _json_body(200, {"servers": self.figures()})
 
+    def _discovered(self, url: str) -> Backend | None:
+        """The backend at ``url`` if DNS discovery (a ``resolve`` server) added it: it is this
+        process's own, not in the shared store, and the resolver decides its membership."""
+        try:
+            backend = self.pool.get(url)
+        except UnknownBackend:
+            return None
+        return backend if backend.origin is not None else None
+
     def _add(self, environ: Environ) -> _Response:
         data = self._read_object(environ, ("url", "weight"))
         try:
             url = normalize_url(data["url"])
             weight = validate_weight(data.get("weight", 1))
+            discovered = self._discovered(url)
+            if discovered is not None:
+                raise BackendExists(
+                    f"backend {url} is already present, discovered from {discovered.origin}"
+                )
             state = self.state
             backend = state.add(url, weight) if state is not None else self.pool.add(url, weight)
         except InvalidBackend as exc:
@@ -629,9 +643,17 @@ class AdminApi:
             )
         try:
             state = self.state
-            if state is not None:
+            discovered = self._discovered(url)
+            if discovered is not None and state is not None and state.store.kind != "memory":
+                raise _Refused(
+                    409,
+                    f"{url} was discovered from {discovered.origin} by each process on its "
+                    f"own, and state {state.store.kind} is shared by several: a change here "
+                    f"would reach one process only; change the server in the config instead",
+                )
+            if state is not None and discovered is None:
                 backend = state.update(url, weight=weight, draining=draining)
-            else:
+            else:  # this process's own backend (no shared state, or discovered here)
                 backend = self.pool.get(url)
                 if weight is not None:
                     self.pool.set_weight(backend, weight)
@@ -661,7 +683,19 @@ class AdminApi:
         data = self._read_object(environ, ("url",))
         try:
             url = normalize_url(data["url"])
+            discovered = self._discovered(url)
             state = self.state
+            if discovered is not None:
+                instead = (
+                    "change the server in the config, or its DNS records"
+                    if state is not None and state.store.kind != "memory"
+                    else f'drain it with PATCH {{"url": "{url}", "draining": true}}'
+                )
+                raise _Refused(
+                    409,
+                    f"{url} was discovered from {discovered.origin} (resolve) and follows DNS: "
+                    f"the next lookup would add it again; {instead} instead",
+                )
             backend = state.remove(url) if state is not None else self.pool.remove(url)
         except InvalidBackend as exc:
             raise _Refused(400, str(exc)) from None

@@ -12,9 +12,9 @@ in line with the answer:
   <softlb.pool.Pool.drain>`: no new requests, those in flight finish) and removed once it has
   no request in flight; one that comes back before that is put back in rotation;
 * a backend removed by someone else (the admin API) while its address still resolves is
-  added again by the next lookup: the pool follows DNS. To keep one address out of rotation,
-  drain it (``PATCH`` with ``"draining": true``); the resolver leaves a drain it did not
-  make alone;
+  added again by the next lookup: the pool follows DNS (the admin API refuses that removal).
+  To keep one address out of rotation, drain it (``PATCH`` with ``"draining": true``, with one
+  process); the resolver leaves a drain it did not make alone;
 * a failed lookup (or an empty answer) changes nothing: the last known addresses stay, and
   the failure is logged once, until a lookup succeeds again.
 
