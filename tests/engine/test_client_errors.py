@@ -32,6 +32,11 @@ GZIP_CHUNKED = (
     b"POST /upload HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
     b"5\r\nhello\r\n0\r\n\r\n"
 )
+#: Transfer-Encoding in HTTP/1.0, which cannot have it (RFC 9112 §6.1: faulty framing).
+CHUNKED_IN_HTTP10 = (
+    b"POST /upload HTTP/1.0\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n0\r\n\r\n"
+)
 #: HTTP/1.1 without Host.
 NO_HOST = b"GET /no-host HTTP/1.1\r\nUser-Agent: test\r\n\r\n"
 
@@ -59,7 +64,9 @@ def refused(lb: Balancer, request: bytes, *, closes: bool = True) -> int:
 
 
 @pytest.mark.parametrize(
-    "request_bytes", [NEGATIVE_CHUNK, CONFLICTING_LENGTHS], ids=["chunk-size--5", "two-lengths"]
+    "request_bytes",
+    [NEGATIVE_CHUNK, CONFLICTING_LENGTHS, CHUNKED_IN_HTTP10],
+    ids=["chunk-size--5", "two-lengths", "chunked-in-http-1.0"],
 )
 def test_bad_framing_is_400_and_no_backend_failure(
     shared: Balancer, backend: TestBackend, request_bytes: bytes

@@ -490,7 +490,9 @@ class ClientConnection(asyncio.Protocol):
                 host = value
                 lines += (name, b": ", value, b"\r\n")
             elif kind == _TRANSFER_ENCODING:
-                if value.strip().lower() != b"chunked" or request.chunked:
+                if request.version == "1.0":  # RFC 9112 §6.1: faulty framing, whatever follows
+                    request.error = _ClientError(400, "Transfer-Encoding in an HTTP/1.0 request")
+                elif value.strip().lower() != b"chunked" or request.chunked:
                     request.error = _ClientError(501, _UNSUPPORTED_CODING)
                 request.chunked = True
             elif kind == _CONTENT_LENGTH:
