@@ -500,11 +500,10 @@ class LoadBalancer:
             raise
         return answer
 
-    def answered(
+    def answered(  # noqa: PLR0917  # positional calls: it runs per request
         self,
         lease: Lease,
         key: str | None,
-        *,
         status: int,
         first_byte: float,
         complete: bool,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -627,7 +628,8 @@ class ClientConnection(asyncio.Protocol):
             self._next()
         else:
             self._set_deadline("idle", self.engine.limits.keepalive)
-        self._resume_reading()
+        if self.reading_paused:  # (the call only when it has something to do: per request)
+            self._resume_reading()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -1071,19 +1073,18 @@ class Engine:
             lease.release("error")
             raise
 
-        def answered() -> None:
-            self._answered(conn, request, upstream, lease, key=key, target=target)
-
-        upstream.on_head = answered
+        # A partial, not a closure: no cells for start_forward's variables, made in C.
+        upstream.on_head = functools.partial(
+            self._answered, conn, request, upstream, lease, key, target
+        )
         return True
 
-    def _answered(
+    def _answered(  # noqa: PLR0917  # positional calls: it runs per request
         self,
         conn: ClientConnection,
         request: _Request,
         upstream: UpstreamConnection,
         lease: Lease,
-        *,
         key: str | None,
         target: bytes,
     ) -> None:
@@ -1452,18 +1453,19 @@ class Engine:
             conn.write(head + pieces[0])  # a small answer: one copy is cheaper than a list
         else:
             conn.writelines([head, *pieces])
+        # Positional (key, target, status, error, first_byte, sent, request_seconds): a
+        # call with keywords costs more, and this one runs for every request.
         self._finish(
-            conn, request, upstream, lease, key=key, target=target, status=answer.status,
-            error=None, first_byte=first_byte, sent=sent, request_seconds=request_seconds,
+            conn, request, upstream, lease, key, target, answer.status, None, first_byte, sent,
+            request_seconds,
         )  # fmt: skip
 
-    def _finish(
+    def _finish(  # noqa: PLR0917  # positional calls: it runs per request
         self,
         conn: ClientConnection,
         request: _Request,
         upstream: UpstreamConnection,
         lease: Lease,
-        *,
         key: str | None,
         target: bytes,
         status: int,
@@ -1492,13 +1494,14 @@ class Engine:
             complete = True
         logged = self.proxy.access_log is not None  # the only reader of referer and agent
         protocol = _PROTOCOLS.get(request.version) or f"HTTP/{request.version}"
+        # Positional, in LoadBalancer.answered's order (status, first_byte, complete, method,
+        # target, bytes_sent, client, protocol, referer, user_agent, request_seconds).
         self.proxy.answered(
-            lease, key, status=status, first_byte=first_byte, complete=complete,
-            method=request.method, target=target.decode("latin-1"), bytes_sent=sent,
-            client=conn.peer[0], protocol=protocol,
-            referer=_text(request.header(b"referer")) if logged else None,
-            user_agent=_text(request.header(b"user-agent")) if logged else None,
-            request_seconds=request_seconds,
+            lease, key, status, first_byte, complete, request.method, target.decode("latin-1"),
+            sent, conn.peer[0], protocol,
+            _text(request.header(b"referer")) if logged else None,
+            _text(request.header(b"user-agent")) if logged else None,
+            request_seconds,
         )  # fmt: skip
 
     async def _tunnel(

@@ -64,6 +64,8 @@ _HOP: Final = HOP_BY_HOP_BYTES
 _FRAMING: Final = frozenset({b"content-length"})
 #: What a Connection header may name and leave the answer's field block as it is.
 _GONE_OR_KEPT: Final = _HOP | _FRAMING
+#: The lengths of those names: a field of another length is neither (most of an answer's).
+_SPECIAL_LENGTHS: Final = frozenset(len(name) for name in _GONE_OR_KEPT)
 
 #: Received answer-head bytes (status line, fields, their CRLFs) beyond which the exact size
 #: of the fields (each counted as name + value + 4) is worked out. A field line of n wire
@@ -341,17 +343,18 @@ class UpstreamConnection(asyncio.Protocol):
         connection: list[bytes] | None = None
         lines: list[bytes] = []
         for name, value in headers:
-            lname = name.lower()
-            if lname in _HOP:
-                if lname == b"transfer-encoding":
-                    chunked = value.strip().lower().endswith(b"chunked")
-                elif lname == b"connection":
-                    if connection is None:
-                        connection = []
-                    connection.append(value)
-                continue
-            if lname == b"content-length":
-                length = int(value)  # llhttp checked it: digits, no conflict
+            if len(name) in _SPECIAL_LENGTHS:  # (a length check is cheaper than lower())
+                lname = name.lower()
+                if lname in _HOP:
+                    if lname == b"transfer-encoding":
+                        chunked = value.strip().lower().endswith(b"chunked")
+                    elif lname == b"connection":
+                        if connection is None:
+                            connection = []
+                        connection.append(value)
+                    continue
+                if lname == b"content-length":
+                    length = int(value)  # llhttp checked it: digits, no conflict
             lines += (name, b": ", value, b"\r\n")
         if connection is not None and not connection_token_bytes(connection) <= _GONE_OR_KEPT:
             fields = _client_fields(headers)  # it names more fields to drop: the slow way
@@ -426,8 +429,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._parser = httptools.HttpResponseParser(self)
         self._active = True
         self._last_read = self.loop.time()
-        self.pool.busy.add(self)
-        self.pool._ensure_sweep()
+        pool = self.pool
+        pool.busy.add(self)
+        if pool._sweep is None:  # (the call only when it has something to do: per request)
+            pool._ensure_sweep()
         assert self.transport is not None
         self.transport.write(data)
 
