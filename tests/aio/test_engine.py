@@ -635,10 +635,11 @@ def test_access_log_and_response_metrics(
         entry = json.loads(lines[0])
         assert (entry["method"], entry["target"], entry["status"]) == ("GET", "/x", 200)
         assert entry["backend"] == backend.url
-        assert entry["user_agent"] == "probe/1"
+        assert (entry["referer"], entry["user_agent"]) == ("http://r/", "probe/1")
+        assert entry["bytes"] > 0 and entry["client"] == "127.0.0.1"
     elif log_format == "combined":
         assert '"GET /x HTTP/1.1" 200' in lines[0]
-        assert '"probe/1"' in lines[0]
+        assert '"http://r/" "probe/1"' in lines[0]
 
 
 def test_each_request_counts_once_whole_or_streamed(serve: Served, backend: TestBackend) -> None:
