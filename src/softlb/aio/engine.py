@@ -439,8 +439,9 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.current = _Request(self)
         self.head_bytes = 0
-        if self._deadline_kind != "header":
-            self._set_deadline("header", self.engine.limits.client_header)
+        if self._deadline_kind != "header":  # _set_deadline("header", ...), inline: per request
+            self._deadline_kind = "header"
+            self._deadline = self.loop.time() + self.engine.limits.client_header
 
     def on_url(self, url: bytes) -> None:
         request = self.current
@@ -626,8 +627,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.queue:
             self._next()
-        else:
-            self._set_deadline("idle", self.engine.limits.keepalive)
+        else:  # _set_deadline("idle", ...), inline: per request
+            self._deadline_kind = "idle"
+            self._deadline = self.loop.time() + self.engine.limits.keepalive
         if self.reading_paused:  # (the call only when it has something to do: per request)
             self._resume_reading()
 
@@ -1629,8 +1631,11 @@ def _outgoing(request: _Request) -> tuple[bytes, bytes, bytes]:
     is kept for a retry on another backend; a longer one is streamed after it."""
     method = request.method.encode("ascii")
     if request.complete:
-        body = request.take_body()
-        request.body = [body] if body else []  # kept for a retry
+        if request.body:
+            body = request.take_body()
+            request.body = [body]  # kept for a retry
+        else:
+            body = b""
         if body or request.method in _METHODS_WITH_BODY:
             framing = b"Content-Length: %d\r\n" % len(body)
         else:
