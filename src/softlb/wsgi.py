@@ -527,7 +527,8 @@ class LoadBalancer:
         <softlb.stats.ProxyStats.response>`).
         """
         now = self.pool.clock()
-        total = max(now - lease.started, 0.0)
+        started = lease.started
+        total = now - started if now > started else 0.0  # (not max(): a call, per request)
         url = lease.backend.url
         self.stats.response(url, status, first_byte, total if complete else None, request_seconds)
         access_log = self.access_log

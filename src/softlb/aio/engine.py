@@ -1423,7 +1423,16 @@ class Engine:
             request.keep_alive = False
         elif request.version == "1.0":
             extra += b"Connection: keep-alive\r\n"  # an HTTP/1.0 client closes without it
-        head = _answer_head(answer, client_chunked=client_chunked, close=close, extra=extra)
+        # The answer's field block as the upstream connection made it (hop-by-hop fields and
+        # those its Connection names dropped), the framing re-made for this hop.
+        head = b"HTTP/1.1 %d %b\r\n%b%b%b%b\r\n" % (
+            answer.status,
+            answer.reason,
+            answer.fields,
+            extra,
+            b"Transfer-Encoding: chunked\r\n" if client_chunked else b"",
+            b"Connection: close\r\n" if close else b"",
+        )
         return head, client_chunked
 
     def _relay_whole(
@@ -1673,22 +1682,6 @@ def _target(request: _Request) -> bytes | None:
         return url if hash_at < 0 else url[:hash_at]
     text = _origin_form(url.decode("latin-1"), request.method)
     return None if text is None else text.encode("latin-1")
-
-
-def _answer_head(
-    answer: UpstreamAnswer, *, client_chunked: bool, close: bool, extra: bytes = b""
-) -> bytes:
-    """The answer's head for the client: its field block as the upstream connection made it
-    (hop-by-hop fields and those its Connection names dropped), framing re-made for this
-    hop."""
-    return b"HTTP/1.1 %d %b\r\n%b%b%b%b\r\n" % (
-        answer.status,
-        answer.reason,
-        answer.fields,
-        extra,
-        b"Transfer-Encoding: chunked\r\n" if client_chunked else b"",
-        b"Connection: close\r\n" if close else b"",
-    )
 
 
 def _call_wsgi(app: Any, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:

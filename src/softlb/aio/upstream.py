@@ -868,7 +868,9 @@ class UpstreamPool:
         if self.closed:
             conn._drop()
             return
-        idle = self._idle.setdefault(conn.address.url, deque())
+        idle = self._idle.get(conn.address.url)
+        if idle is None:  # (not setdefault: that makes a deque on every call)
+            idle = self._idle[conn.address.url] = deque()
         if len(idle) >= self.max_idle:
             conn._drop()
             return
