@@ -35,6 +35,7 @@ _FIRST_BOUND: Final = DURATION_BUCKETS[0]
 
 #: Status classes counted per backend, in order (index = first digit - 1).
 STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
+_CLASS_COUNT: Final = len(STATUS_CLASSES)
 
 
 class BackendFigures:
@@ -135,7 +136,7 @@ class ProxyStats:
             figures = self._backends.get(backend_url)
             if figures is None:
                 figures = self._backends[backend_url] = BackendFigures()
-            if 0 <= kind < len(STATUS_CLASSES):
+            if 0 <= kind < _CLASS_COUNT:
                 figures.responses[kind] += 1
             figures.first_byte[first] += 1
             figures.first_byte_sum += first_byte

@@ -1458,12 +1458,14 @@ class Engine:
         sent = sum(map(len, pieces))
         if client_chunked:
             pieces = [b"%x\r\n" % sent, *pieces, b"\r\n0\r\n\r\n"] if sent else [b"0\r\n\r\n"]
-        if not pieces:
-            conn.write(head)
-        elif len(pieces) == 1 and sent < 16384:
-            conn.write(head + pieces[0])  # a small answer: one copy is cheaper than a list
-        else:
-            conn.writelines([head, *pieces])
+        transport = conn.transport
+        if transport is not None and not conn.closed:  # (conn.write's check: per request)
+            if not pieces:
+                transport.write(head)
+            elif len(pieces) == 1 and sent < 16384:
+                transport.write(head + pieces[0])  # a small answer: one copy beats a list
+            else:
+                transport.writelines([head, *pieces])
         # Positional (key, target, status, error, first_byte, sent, request_seconds): a
         # call with keywords costs more, and this one runs for every request.
         self._finish(
