@@ -588,6 +588,13 @@ class AdminApi:
     def _list(self, environ: Environ) -> _Response:
         return _json_body(200, {"servers": self.figures()})
 
+    def _shared_store(self) -> str | None:
+        """The kind of the state's store if several processes share it (sqlite, redis)."""
+        state = self.state
+        if state is None or state.store.kind == "memory":
+            return None
+        return state.store.kind
+
     def _discovered(self, url: str) -> Backend | None:
         """The backend at ``url`` if DNS discovery (a ``resolve`` server) added it: it is this
         process's own, not in the shared store, and the resolver decides its membership."""
@@ -644,11 +651,12 @@ class AdminApi:
         try:
             state = self.state
             discovered = self._discovered(url)
-            if discovered is not None and state is not None and state.store.kind != "memory":
+            shared = self._shared_store()
+            if discovered is not None and shared is not None:
                 raise _Refused(
                     409,
                     f"{url} was discovered from {discovered.origin} by each process on its "
-                    f"own, and state {state.store.kind} is shared by several: a change here "
+                    f"own, and state {shared} is shared by several: a change here "
                     f"would reach one process only; change the server in the config instead",
                 )
             if state is not None and discovered is None:
@@ -688,7 +696,7 @@ class AdminApi:
             if discovered is not None:
                 instead = (
                     "change the server in the config, or its DNS records"
-                    if state is not None and state.store.kind != "memory"
+                    if self._shared_store() is not None
                     else f'drain it with PATCH {{"url": "{url}", "draining": true}}'
                 )
                 raise _Refused(

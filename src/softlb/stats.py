@@ -133,7 +133,7 @@ class ProxyStats:
                     else bisect.bisect_left(DURATION_BUCKETS, request_seconds)
                 ] += 1
                 self.duration_sum += request_seconds
-            figures = self._backends.get(backend_url)
+            figures = self._backends.get(backend_url)  # (_figures, inline: per request)
             if figures is None:
                 figures = self._backends[backend_url] = BackendFigures()
             if 0 <= kind < _CLASS_COUNT:
