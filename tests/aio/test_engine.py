@@ -1042,25 +1042,27 @@ def test_an_internal_error_while_relaying_is_a_500_and_frees_the_lease(
 def test_an_internal_error_while_starting_falls_back_to_the_general_path(
     serve: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A bug in the fast path's start leaves nothing held and the request is served by the
-    general path (here the bug strikes once, so it answers)."""
-    from softlb.aio import engine
+    """A bug in the fast path's start leaves nothing held (the lease released, the pooled
+    connection it took closed) and the request is served by the general path (here the bug
+    strikes once, so it answers)."""
+    from softlb.aio.upstream import UpstreamConnection
 
     with RawBackend([OK_KEEP_ALIVE]) as raw_backend:
         _, port = serve(servers=[raw_backend.url])
         assert get(port, "/x")[0] == 200
-        real = engine._outgoing
-        calls = []
+        real = UpstreamConnection.start
+        calls: list[UpstreamConnection] = []
 
-        def once(request: Any) -> tuple[bytes, bytes, bytes]:
-            calls.append(request)
+        def once(conn: UpstreamConnection, *args: Any, **kwargs: Any) -> None:
+            calls.append(conn)
             if len(calls) == 1:
                 raise RuntimeError("a bug")
-            return real(request)
+            real(conn, *args, **kwargs)
 
-        monkeypatch.setattr(engine, "_outgoing", once)
+        monkeypatch.setattr(UpstreamConnection, "start", once)
         assert get(port, "/x")[:3:2] == (200, b"ok")
         assert len(calls) == 2  # the fast path's try, then the general path's
+        assert calls[0].closed and calls[1] is not calls[0]
         monkeypatch.undo()
         assert servers_json(port)[0]["active"] == 0
 

@@ -22,7 +22,7 @@ async def _head_announced(conn: UpstreamConnection) -> None:
     """Start an exchange and wait for its on_head callback (head came, or failure)."""
     came = asyncio.get_running_loop().create_future()
     conn.start(GET, head_request=False, upgrade=False)
-    conn.on_head = lambda: came.set_result(None)
+    conn.on_head = lambda _conn: came.set_result(None)
     await asyncio.wait_for(came, 5)
 
 

@@ -64,6 +64,8 @@ _HOP: Final = HOP_BY_HOP_BYTES
 _FRAMING: Final = frozenset({b"content-length"})
 #: What a Connection header may name and leave the answer's field block as it is.
 _GONE_OR_KEPT: Final = _HOP | _FRAMING
+#: The usual Connection values, which name no field: decided without a call (per answer).
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close"})
 #: The lengths of those names: a field of another length is neither (most of an answer's).
 _SPECIAL_LENGTHS: Final = frozenset(len(name) for name in _GONE_OR_KEPT)
 
@@ -178,7 +180,10 @@ class UpstreamConnection(asyncio.Protocol):
         #: failed; for a driver that waits on callbacks instead of :meth:`wait_head`. It
         #: runs from the loop's ready queue, not inside the read: the same work batched after
         #: the loop's reads costs less CPU than done inside each (benchmarks/README.md).
-        self.on_head: Callable[[], None] | None = None
+        #: It is called with this connection, whose :attr:`context` holds what the driver
+        #: kept with the exchange (a bound method and a tuple cost less than a partial).
+        self.on_head: Callable[[UpstreamConnection], None] | None = None
+        self.context: tuple[typing.Any, ...] = ()
         self._parser: httptools.HttpResponseParser | None = None
         self._answer: UpstreamAnswer | None = None
         self._headers: list[tuple[bytes, bytes]] = []
@@ -254,8 +259,10 @@ class UpstreamConnection(asyncio.Protocol):
                 )
             )
         else:
-            if self._head_done:
-                self._schedule_on_head()
+            on_head = self.on_head  # (_schedule_on_head, inline: per request)
+            if on_head is not None and self._head_done:
+                self.on_head = None
+                self.loop.call_soon(on_head, self)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost follows
@@ -356,7 +363,11 @@ class UpstreamConnection(asyncio.Protocol):
                 if lname == b"content-length":
                     length = int(value)  # llhttp checked it: digits, no conflict
             lines += (name, b": ", value, b"\r\n")
-        if connection is not None and not connection_token_bytes(connection) <= _GONE_OR_KEPT:
+        if (
+            connection is not None
+            and not (len(connection) == 1 and connection[0] in _PLAIN_CONNECTION)
+            and not connection_token_bytes(connection) <= _GONE_OR_KEPT
+        ):
             fields = _client_fields(headers)  # it names more fields to drop: the slow way
         else:
             fields = b"".join(lines)
@@ -387,17 +398,11 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             sink(body)
 
-    def on_message_complete(self) -> None:
-        if not self._head_done:
-            return  # the end of an interim answer
-        self._finish()
-
     # -- driving an exchange ------------------------------------------------------------
 
     def start(
         self,
         data: bytes,
-        *,
         head_request: bool,
         upgrade: bool,
         read_timeout: float | _Unset | None = _UNSET,
@@ -406,7 +411,9 @@ class UpstreamConnection(asyncio.Protocol):
         the answer (:meth:`wait_head`, or ``on_head``). ``read_timeout`` overrides the pool's
         for this exchange."""
         self._read_timeout = (
-            self.pool.read_timeout if isinstance(read_timeout, _Unset) else read_timeout
+            self.pool.read_timeout
+            if read_timeout is _UNSET  # (not isinstance(): a call, per request)
+            else typing.cast("float | None", read_timeout)
         )
         self._head_future = None
         self.complete = False
@@ -507,6 +514,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = None
         self.on_done = None
         self.on_head = None
+        self.context = ()
         self.on_drain = self.on_full = None
         if (
             reusable
@@ -539,8 +547,10 @@ class UpstreamConnection(asyncio.Protocol):
     # -- internals ------------------------------------------------------------------------
 
     def _finish(self) -> None:
-        if self.complete:
-            return
+        """The answer has ended (llhttp's ``on_message_complete``, whose alias this is: one
+        call per answer, not two)."""
+        if self.complete or not self._head_done:
+            return  # (or the end of an interim answer)
         self.complete = True
         self._active = False  # a byte after the answer makes the connection unusable
         self.pool.busy.discard(self)
@@ -548,6 +558,8 @@ class UpstreamConnection(asyncio.Protocol):
         if done is not None:
             self.on_done = None
             done(None)
+
+    on_message_complete = _finish
 
     def _fail(self, error: UpstreamError) -> None:
         if self.failed is None:
@@ -569,7 +581,7 @@ class UpstreamConnection(asyncio.Protocol):
         on_head = self.on_head
         if on_head is not None:
             self.on_head = None
-            self.loop.call_soon(on_head)
+            self.loop.call_soon(on_head, self)
 
     def _drop(self) -> None:
         self._parser = None
