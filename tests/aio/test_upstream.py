@@ -82,3 +82,32 @@ def test_wait_head_after_a_failure_raises_it() -> None:
         loop.run_until_complete(main())
     finally:
         loop.close()
+
+
+def test_released_connections_are_kept_up_to_max_idle_and_not_after_close() -> None:
+    """A finished keep-alive exchange puts its connection back for reuse, up to ``max_idle``
+    per backend; one more is closed, and so is every one released after the pool closed."""
+    loop = new_event_loop()
+
+    async def main() -> None:
+        pool = UpstreamPool(loop, connect_timeout=2.0, read_timeout=5.0, max_idle=1)
+        with RawBackend([OK, OK, OK]) as backend:
+            first, second, third = [await pool.connect(backend.url) for _ in range(3)]
+            for conn in (first, second, third):
+                await _head_announced(conn)
+                assert conn.complete
+            first.release(reusable=True)
+            second.release(reusable=True)  # one idle connection is kept already
+            assert not first.closed and second.closed
+            assert pool.take_idle(backend.url) is first
+            assert pool.take_idle(backend.url) is None
+            pool.close()
+            third.release(reusable=True)
+            assert third.closed
+            assert pool.take_idle(backend.url) is None
+        first.release(reusable=False)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()

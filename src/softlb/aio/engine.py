@@ -1118,10 +1118,10 @@ class Engine:
                 if answer.status != 101:
                     seconds = time.perf_counter() - request.started
                     if upstream.complete:  # (the request is counted with its answer)
+                        # Positional (key, target, extra, request_seconds): per request.
                         self._relay_whole(
-                            conn, request, upstream, lease, answer, key=key, target=target,
-                            request_seconds=seconds,
-                        )  # fmt: skip
+                            conn, request, upstream, lease, answer, key, target, b"", seconds
+                        )
                         conn._done(request)
                     else:
                         self.proxy.stats.observe(seconds)
@@ -1452,14 +1452,13 @@ class Engine:
         )
         return head, client_chunked
 
-    def _relay_whole(
+    def _relay_whole(  # noqa: PLR0917  # positional calls: it runs per request
         self,
         conn: ClientConnection,
         request: _Request,
         upstream: UpstreamConnection,
         lease: Lease,
         answer: UpstreamAnswer,
-        *,
         key: str | None,
         target: bytes,
         extra: bytes = b"",
@@ -1469,10 +1468,9 @@ class Engine:
         :meth:`_finish` (which counts ``request_seconds`` when given: the request was not
         counted when its head came)."""
         head, client_chunked = self._client_head(request, answer, extra)
-        conn.upstream = upstream
         first_byte = self.pool.clock() - lease.started
         pieces = upstream.take_pieces()
-        sent = sum(map(len, pieces))
+        sent = len(pieces[0]) if len(pieces) == 1 else sum(map(len, pieces))
         if client_chunked:
             pieces = [b"%x\r\n" % sent, *pieces, b"\r\n0\r\n\r\n"] if sent else [b"0\r\n\r\n"]
         transport = conn.transport
@@ -1519,7 +1517,7 @@ class Engine:
             upstream.abort()
             lease.release()  # the client left: not the backend's failure
         else:
-            upstream.release(reusable=request.complete or request.sink is None)
+            upstream.release(request.complete or request.sink is None)  # (reusable)
             lease.release()
             complete = True
         logged = self.proxy.access_log is not None  # the only reader of referer and agent

@@ -527,9 +527,15 @@ class UpstreamConnection(asyncio.Protocol):
             self.reused = True
             if self.paused:
                 self.resume()
-            self.pool._put_idle(self)
-        else:
-            self._drop()
+            # Back to the pool's idle connections (inline: per request).
+            pool = self.pool
+            idle = pool._idle.get(self.address.url)
+            if idle is None:  # (not setdefault: that makes a deque on every call)
+                idle = pool._idle[self.address.url] = deque()
+            if not pool.closed and len(idle) < pool.max_idle:
+                idle.append(self)
+                return
+        self._drop()
 
     def abort(self) -> None:
         """Close now, mid-exchange (the client went away, or sent a bad body). An exchange
@@ -875,18 +881,6 @@ class UpstreamPool:
             conn.check_timeout(now)
         if self.busy and not self.closed and not self.loop.is_closed():
             self._sweep = self.loop.call_later(self._interval(), self._run_sweep)
-
-    def _put_idle(self, conn: UpstreamConnection) -> None:
-        if self.closed:
-            conn._drop()
-            return
-        idle = self._idle.get(conn.address.url)
-        if idle is None:  # (not setdefault: that makes a deque on every call)
-            idle = self._idle[conn.address.url] = deque()
-        if len(idle) >= self.max_idle:
-            conn._drop()
-            return
-        idle.append(conn)
 
     def _forget_idle(self, conn: UpstreamConnection) -> None:
         idle = self._idle.get(conn.address.url)
