@@ -817,6 +817,18 @@ def test_answer_fields_drop_hop_by_hop_and_connection_named(serve: Served) -> No
     assert body == b"ok"
 
 
+def test_answer_connection_close_drops_a_field_named_close(serve: Served) -> None:
+    """``Connection: close`` names a field too (RFC 9110 §7.6.1): one called Close goes, as
+    every field the Connection header names, on the usual path for Connection values too."""
+    answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nClose: x\r\nX-Kept: 1\r\n"
+    answer += b"Content-Length: 2\r\n\r\nok"
+    with RawBackend([answer]) as backend:
+        _, port = serve(servers=[backend.url])
+        data = raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until=b"\r\n\r\nok")
+    head = data.partition(b"\r\n\r\n")[0].split(b"\r\n")
+    assert head == [b"HTTP/1.1 200 OK", b"X-Kept: 1", b"Content-Length: 2"]
+
+
 def test_answer_content_length_survives_a_connection_header_naming_it(serve: Served) -> None:
     """A backend whose Connection header names Content-Length keeps its framing: the body goes
     to the client in the backend's framing, so the client needs the length to find the next

@@ -234,6 +234,25 @@ def test_websocket_upgrade_joins_both_ways(
     wait_for_tunnel_close(echo_backend, closed_before)
 
 
+@pytest.mark.eventloop_only("the threaded engine cannot hand over a socket: it drops Upgrade")
+def test_upgrade_on_a_new_connection_when_an_idle_one_is_pooled(
+    tunnel: Balancer, echo_backend: UpgradeEchoBackend
+) -> None:
+    """A plain request first leaves an idle pooled connection to the backend: the upgrade
+    request that follows (on a new client connection, so it is the first thing read there)
+    still goes out with Upgrade and Connection: upgrade, gets the tunnel, and blames no one."""
+    failures_before = tunnel.servers()[echo_backend.url]["failures"]
+    assert tunnel.get("/plain")[::2] == (200, b"plain")
+    closed_before = echo_backend.tunnels_closed
+    with open_tunnel(tunnel) as client:
+        client.send(b"ping")
+        assert client.recv_exactly(4) == b"ping"
+    head = echo_backend.heads[-1].decode("latin-1").lower()
+    assert head.startswith("get /chat ") and "\r\nupgrade: websocket\r\n" in head
+    wait_for_tunnel_close(echo_backend, closed_before)
+    assert tunnel.servers()[echo_backend.url]["failures"] == failures_before
+
+
 def wait_for_tunnel_close(echo_backend: UpgradeEchoBackend, closed_before: int) -> None:
     """Wait (2 s at most) until the backend saw one more tunnel end than ``closed_before``."""
     deadline = time.monotonic() + 2.0

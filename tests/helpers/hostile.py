@@ -383,9 +383,9 @@ class _Acceptor:
         self.close()
 
 
-def _read_head(sock: socket.socket) -> tuple[bytes, bytes]:
-    """The request head (to the blank line included) and the bytes read after it."""
-    buf = b""
+def _read_head(sock: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes]:
+    """The request head (to the blank line included) and the bytes read after it; ``buf``:
+    bytes already read."""
     while b"\r\n\r\n" not in buf:
         data = sock.recv(65536)
         if not data:
@@ -398,8 +398,10 @@ def _read_head(sock: socket.socket) -> tuple[bytes, bytes]:
 
 
 class UpgradeEchoBackend(_Acceptor):
-    """Answers each request head with ``101 Switching Protocols``, sends :attr:`greeting`, then
-    echoes every byte it receives until the other side closes.
+    """Answers a request head that asks for an upgrade with ``101 Switching Protocols``, sends
+    :attr:`greeting`, then echoes every byte it receives until the other side closes. A plain
+    request (no ``Upgrade`` field) gets a small keep-alive ``200``, and the connection waits
+    for the next request, as a web server that also speaks WebSocket does.
 
     :attr:`heads` are the request heads received; :attr:`tunnels_closed` counts connections
     whose tunnel the other side ended (EOF or reset), so a test can see the proxy let go of
@@ -417,6 +419,11 @@ class UpgradeEchoBackend(_Acceptor):
         head, rest = _read_head(sock)
         with self._lock:
             self.heads.append(head)
+        while b"\r\nupgrade:" not in head.lower():  # a plain request (bodiless, as sent)
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
+            head, rest = _read_head(sock, rest)
+            with self._lock:
+                self.heads.append(head)
         sock.sendall(
             b"HTTP/1.1 101 Switching Protocols\r\n"
             b"Upgrade: websocket\r\nConnection: Upgrade\r\n"

@@ -1044,7 +1044,8 @@ class Engine:
         already taken, under the same rules. ``False`` (nothing done) when the request needs
         :meth:`forward` from the start."""
         proxy = self.proxy
-        if proxy.sticky is not None:
+        if proxy.sticky is not None or request.upgrade:
+            # (upgrade: llhttp tells it after on_headers_complete, which scheduled this call)
             return False
         url = request.url
         target: bytes | None

@@ -64,8 +64,9 @@ _HOP: Final = HOP_BY_HOP_BYTES
 _FRAMING: Final = frozenset({b"content-length"})
 #: What a Connection header may name and leave the answer's field block as it is.
 _GONE_OR_KEPT: Final = _HOP | _FRAMING
-#: The usual Connection values, which name no field: decided without a call (per answer).
-_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close"})
+#: The usual Connection value, which names no field but itself (a hop-by-hop one): decided
+#: without a call (per answer). Not ``close``: a field named Close would have to go.
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"Keep-Alive"})
 #: The lengths of those names: a field of another length is neither (most of an answer's).
 _SPECIAL_LENGTHS: Final = frozenset(len(name) for name in _GONE_OR_KEPT)
 
