@@ -135,33 +135,50 @@ class Pinned:
         return f"<Pinned {self.name}>"
 
 
+#: Connections :func:`pin` opens before it pauses the workers that hold enough already.
+STOP_AFTER = 20
+
+
 def pin(
     port: int, pids: list[int], *, per_worker: int = 1, label: str = "", timeout: float = 10.0
 ) -> dict[int, list[Pinned]]:
     """``per_worker`` keep-alive connections accepted by each of ``pids``.
 
     New connections are opened (and asked for the status, whose ``pid`` says who accepted
-    them) until each worker holds enough; the others are closed. Bounded by ``timeout`` and
-    by 400 connections.
+    them) until each worker holds enough; the others are closed. Which worker accepts is the
+    kernel's choice, and on a loaded machine one worker can win every race: after
+    :data:`STOP_AFTER` tries, the workers that hold enough are paused (``SIGSTOP``, resumed
+    before this returns) so that the others accept. Bounded by ``timeout`` and by 400
+    connections.
     """
     found: dict[int, list[Pinned]] = {pid: [] for pid in pids}
     seen: set[int] = set()
+    stopped: list[int] = []
     deadline = time.monotonic() + timeout
-    for _attempt in range(400):
-        if all(len(pins) >= per_worker for pins in found.values()):
-            return found
-        if time.monotonic() > deadline:
-            break
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("GET", STATUS)
-        resp = conn.getresponse()
-        pid = json.loads(resp.read())["pid"]
-        seen.add(pid)
-        if pid in found and len(found[pid]) < per_worker:
-            name = f"{label}{pid}" if label else str(pid)
-            found[pid].append(Pinned(conn, pid, name))
-        else:
-            conn.close()
+    try:
+        for attempt in range(400):
+            if all(len(pins) >= per_worker for pins in found.values()):
+                return found
+            if time.monotonic() > deadline:
+                break
+            if attempt >= STOP_AFTER:
+                for pid, pins in found.items():
+                    if len(pins) >= per_worker and pid not in stopped:
+                        os.kill(pid, signal.SIGSTOP)
+                        stopped.append(pid)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", STATUS)
+            resp = conn.getresponse()
+            pid = json.loads(resp.read())["pid"]
+            seen.add(pid)
+            if pid in found and len(found[pid]) < per_worker:
+                name = f"{label}{pid}" if label else str(pid)
+                found[pid].append(Pinned(conn, pid, name))
+            else:
+                conn.close()
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
     for pins in found.values():
         for p in pins:
             p.close()
