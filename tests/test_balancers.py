@@ -640,10 +640,13 @@ def test_least_connections_scan_and_index_pick_alike(
     explain them alike, whatever happens between picks: leases and releases, retries, weight
     changes, drains, backends added (up to SCAN_MAX + 2, so the scanned pool switches to the
     index and back) and removed, other processes' counts (read before the refresh that hands
-    them to the balancer) and slow-start ramps."""
+    them to the balancer) and slow-start ramps. A third pool scans too but leases with
+    ``try_lease`` (the event loop's call), whose usual lease picks and counts in one step
+    (``LeastConnections.take``): it must choose as the other two do."""
     clock = FakeClock()
     scanned = LeastConnections()
     indexed = LeastConnections(scan_max=0)
+    taking = LeastConnections()
     pools = [
         Pool(
             [Backend(f"http://b{i}:1", weight) for i, weight in enumerate(weights)],
@@ -651,9 +654,9 @@ def test_least_connections_scan_and_index_pick_alike(
             slow_start=5.0,
             clock=clock,
         )
-        for balancer in (scanned, indexed)
+        for balancer in (scanned, indexed, taking)
     ]
-    leases: list[list[Lease]] = []  # [the scanned pool's, the indexed pool's]
+    leases: list[list[Lease]] = []  # [the scanned pool's, the indexed pool's, the third's]
     added = len(weights)
 
     def urls_of(pool: Pool) -> list[str]:
@@ -664,17 +667,20 @@ def test_least_connections_scan_and_index_pick_alike(
         for pool in pools:
             skip = [pool.get(exclude)] if exclude is not None else []
             try:
-                taken.append(pool.lease(exclude=skip))
+                if pool.balancer is taking:
+                    taken.append(pool.try_lease(exclude=skip))
+                else:
+                    taken.append(pool.lease(exclude=skip))
             except NoBackendAvailable:
                 taken.append(None)
-        scan, index = (None if lease is None else lease.backend.url for lease in taken)
-        assert scan == index
+        scan, index, take = (None if lease is None else lease.backend.url for lease in taken)
+        assert scan == index == take
         if scan is not None:
             leases.append([lease for lease in taken if lease is not None])
 
     for op, n, value in steps:
         members = urls_of(pools[0])
-        assert members == urls_of(pools[1])
+        assert members == urls_of(pools[1]) == urls_of(pools[2])
         member = members[n % len(members)] if members else None
         if op == "lease":
             lease_each()
@@ -708,10 +714,8 @@ def test_least_connections_scan_and_index_pick_alike(
         assert bool(scanned._rank) == (scanning and bool(pools[0].eligible))
         assert not scanned._buckets or not scanning
         assert not indexed._rank
-        explained = [pool.explain() for pool in pools]
-        assert [(c.url, c.score, c.why) for c in explained[0].candidates] == [
-            (c.url, c.score, c.why) for c in explained[1].candidates
-        ]
+        explained = [[(c.url, c.score, c.why) for c in pool.explain().candidates] for pool in pools]
+        assert explained[0] == explained[1] == explained[2]
     lease_each()  # one more pick after the last step
     for taken in leases:
         for lease in taken:

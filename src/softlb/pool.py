@@ -509,7 +509,20 @@ class Pool:
         lock = self._lock  # acquire/release: a ``with`` costs as much as the pick (per request)
         lock.acquire()
         try:
-            return self._try(key, exclude, prefer, self.clock())
+            now = self.clock()
+            if (
+                prefer is None
+                and not exclude
+                and not self._limited
+                and not self._waiting
+                and (self._ramp_next is None or now < self._ramp_next)
+            ):  # the usual request (_try's rules, with nothing to skip): one call picks
+                backend = self.balancer.take(key, now)
+                if backend is not None:
+                    if self.count_sink is not None:
+                        self.count_sink(backend)
+                    return Lease(self, backend, now)
+            return self._try(key, exclude, prefer, now)
         finally:
             lock.release()
 

@@ -127,6 +127,17 @@ class Balancer(ABC):
     def released(self, backend: Backend) -> None:  # noqa: B027 - optional hook
         """Called after ``backend.active`` went down by one (the backend may not be eligible)."""
 
+    def take(self, key: str | None, now: float) -> Backend | None:
+        """:meth:`pick`, then count the request in flight on the backend picked:
+        ``backend.active`` up by one and :meth:`acquired`. The pool's usual lease (no
+        backend excluded, preferred or limited) makes this one call, so that a strategy can
+        do both in one step: least connections ranks the backend once instead of twice."""
+        backend = self.pick(key, now)
+        if backend is not None:
+            backend.active += 1
+            self.acquired(backend)
+        return backend
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
 

@@ -241,6 +241,27 @@ class LeastConnections(Balancer):
         heapq.heapreplace(bucket.heap, entry)  # the old entry is the heap's head
         return backend
 
+    def take(self, key: str | None, now: float) -> Backend | None:
+        """:meth:`pick` and :meth:`acquired` in one step in scan mode: the backend picked is
+        ranked once, at its load with this request counted and its pass one stride on, as
+        the two would rank it (one arrival number instead of two: both are above every
+        other's). In index mode, the two as they are."""
+        ranks = self._rank
+        if not ranks:
+            return super().take(key, now)
+        _, position, _, backend = min(ranks.values())
+        self._vtime = position
+        backend.active += 1
+        self._arrival += 1
+        weight = backend.eff_weight
+        ranks[backend] = (
+            (backend.active + backend.shared_active) / weight,  # least_load
+            position + 1.0 / weight,
+            self._arrival,
+            backend,
+        )
+        return backend
+
     def explain(self, key: str | None, now: float, limit: int | None = None) -> list[Candidate]:
         """Score: the load the backend is ranked under, :func:`least_load` as of its last
         change.
