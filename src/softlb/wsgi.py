@@ -508,7 +508,7 @@ class LoadBalancer:
         first_byte: float,
         complete: bool,
         method: str,
-        target: str,
+        target: str | bytes,
         bytes_sent: int,
         client: str = "",
         protocol: str = "HTTP/1.1",
@@ -521,7 +521,9 @@ class LoadBalancer:
         call it, with plain values.
 
         ``first_byte`` is the seconds from the pick to the answer's head; ``complete`` says
-        the whole body went out (else the time to the last byte is not counted).
+        the whole body went out (else the time to the last byte is not counted). ``target``
+        may be the bytes the client sent, decoded (latin-1) only when a log line or an
+        ``access`` hook reads it.
         ``request_seconds``: the request's own duration to its answer's head, for an engine
         that counts it here rather than when the head came (:meth:`ProxyStats.response
         <softlb.stats.ProxyStats.response>`).
@@ -532,16 +534,20 @@ class LoadBalancer:
         url = lease.backend.url
         self.stats.response(url, status, first_byte, total if complete else None, request_seconds)
         access_log = self.access_log
+        hooked = ACCESS in self.pool._wanted  # (pool.wants(ACCESS), inline: per request)
+        text = ""
+        if access_log is not None or hooked:
+            text = target if isinstance(target, str) else target.decode("latin-1")
         if access_log is not None:
             access_log.record(
                 wall_clock_of(lease.started, now), key, total, url,
-                client=client, method=method, target=target, protocol=protocol,
+                client=client, method=method, target=text, protocol=protocol,
                 status=status, bytes_sent=bytes_sent, referer=referer,
                 user_agent=user_agent, duration=total,
             )  # fmt: skip
-        if self.pool.wants(ACCESS):
+        if hooked:
             self.pool.publish(
-                ACCESS, lease.backend, f"{method} {target} {status} {total * 1000:.1f} ms"
+                ACCESS, lease.backend, f"{method} {text} {status} {total * 1000:.1f} ms"
             )
 
     def _error(

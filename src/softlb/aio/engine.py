@@ -1524,10 +1524,11 @@ class Engine:
         logged = self.proxy.access_log is not None  # the only reader of referer and agent
         protocol = _PROTOCOLS.get(request.version) or f"HTTP/{request.version}"
         # Positional, in LoadBalancer.answered's order (status, first_byte, complete, method,
-        # target, bytes_sent, client, protocol, referer, user_agent, request_seconds).
+        # target, bytes_sent, client, protocol, referer, user_agent, request_seconds); the
+        # target as bytes, decoded there only if a log line or a hook reads it.
         self.proxy.answered(
-            lease, key, status, first_byte, complete, request.method, target.decode("latin-1"),
-            sent, conn.peer[0], protocol,
+            lease, key, status, first_byte, complete, request.method, target, sent,
+            conn.peer[0], protocol,
             _text(request.header(b"referer")) if logged else None,
             _text(request.header(b"user-agent")) if logged else None,
             request_seconds,
