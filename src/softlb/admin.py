@@ -64,7 +64,12 @@ from typing import TYPE_CHECKING, Any, Final
 from softlb import __version__
 from softlb.backend import Backend, normalize_url, validate_weight
 from softlb.errors import BackendExists, InvalidBackend, UnknownBackend
-from softlb.http.headers import is_chunked_request
+from softlb.http.headers import (
+    BadFraming,
+    check_request_framing,
+    close_after,
+    is_chunked_request,
+)
 from softlb.metrics import Metrics, histogram_quantile
 from softlb.pool import Pool
 from softlb.state.base import StoreUnavailable
@@ -150,11 +155,20 @@ class _Response:
 class _Refused(Exception):
     """A request the admin API turns down; becomes an ``{"error": ...}`` answer."""
 
-    def __init__(self, status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: Iterable[tuple[str, str]] = (),
+        *,
+        close: bool = False,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = list(headers)
+        #: The request's framing cannot be trusted: the connection closes after the answer.
+        self.close = close
 
 
 class _DuplicateKey(ValueError):
@@ -383,6 +397,8 @@ class AdminApi:
             response = self._dispatch(environ, method)
         except _Refused as exc:
             response = _json_body(exc.status, {"error": exc.message}, exc.headers)
+            if exc.close:
+                close_after(start_response)
         except Exception:  # never a traceback to the client
             log.exception("admin API failed on %s %s", method, environ.get("PATH_INFO"))
             response = _json_body(
@@ -486,18 +502,25 @@ class AdminApi:
 
     @staticmethod
     def _read_body(environ: Environ) -> bytes:
-        """The request body, never more than MAX_BODY + 1 bytes read; 413 beyond MAX_BODY."""
+        """The request body, never more than MAX_BODY + 1 bytes read; 413 beyond MAX_BODY.
+
+        Framing follows the proxy's rules (SPEC §3): a transfer coding other than ``chunked``
+        alone gets 501, a bad ``Content-Length`` 400; a bad chunk or a body cut short, 400.
+        These close the connection: what follows cannot be trusted to be the next request.
+        """
         stream = environ.get("wsgi.input")
+        try:
+            check_request_framing(environ)
+        except BadFraming as exc:
+            raise _Refused(exc.status, str(exc), close=True) from None
         length_text = (environ.get("CONTENT_LENGTH") or "").strip()
         if is_chunked_request(environ):
             want = MAX_BODY + 1  # de-chunked by the server: read to its end, within the limit
             length = None
         elif length_text:
-            if not (length_text.isascii() and length_text.isdigit()):
-                raise _Refused(400, f"Content-Length {_echo(length_text)} is not a number")
-            length = int(length_text)
+            length = int(length_text)  # check_request_framing: plain decimal digits
             if length > MAX_BODY:
-                raise _Refused(413, BODY_TOO_LARGE)
+                raise _Refused(413, BODY_TOO_LARGE, close=True)
             want = length
         elif environ.get("wsgi.input_terminated"):
             want = MAX_BODY + 1
@@ -509,15 +532,20 @@ class AdminApi:
         pieces: list[bytes] = []
         got = 0
         while got < want:
-            piece = stream.read(want - got)
+            try:
+                piece = stream.read(want - got)
+            except Exception as exc:  # a bad chunk (gunicorn's ParseException), a reset
+                raise _Refused(
+                    400, f"the request body could not be read: {_echo(str(exc))}", close=True
+                ) from None
             if not piece:
                 break
             pieces.append(piece)
             got += len(piece)
         if got > MAX_BODY:
-            raise _Refused(413, BODY_TOO_LARGE)
+            raise _Refused(413, BODY_TOO_LARGE, close=True)
         if length is not None and got < length:
-            raise _Refused(400, "the request body is shorter than its Content-Length")
+            raise _Refused(400, "the request body is shorter than its Content-Length", close=True)
         return b"".join(pieces)
 
     def _read_object(self, environ: Environ, fields: tuple[str, ...]) -> dict[str, Any]:

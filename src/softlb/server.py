@@ -31,11 +31,13 @@ import socket
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Final
 
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
+from gunicorn.http.errors import InvalidHeader, UnsupportedTransferCoding
 
 from softlb.config import Config
 
@@ -284,6 +286,12 @@ def _post_worker_init(worker: Any) -> None:
         signal.siginterrupt(signal.SIGINT, False)
         return
     gunicorn_util.write_error = _plain_error
+    handle_error = worker.handle_error
+
+    def handle_coding_error(req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        handle_error(req, client, addr, _coding_error(exc))
+
+    worker.handle_error = handle_coding_error
 
     def stop(sig: int, frame: Any) -> None:
         worker.handle_exit(sig, frame)
@@ -293,6 +301,20 @@ def _post_worker_init(worker: Any) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
         signal.siginterrupt(sig, False)
+
+
+def _coding_error(exc: BaseException) -> BaseException:
+    """The error gunicorn's answer is made from: ``501`` for a request ``Transfer-Encoding``
+    other than ``chunked`` alone (SPEC §3, as the event loop answers), where gunicorn's
+    parser says 400 when the codings do not end in ``chunked`` or repeat it; 400 stays for
+    HTTP/1.0 (a coding there is a smuggling pattern, RFC 9112 §6.1)."""
+    if isinstance(exc, InvalidHeader) and exc.hdr == "TRANSFER-ENCODING":
+        req = exc.req
+        if req is not None and tuple(req.version) >= (1, 1):
+            codings = ", ".join(v for n, v in req.headers if n == "TRANSFER-ENCODING")
+            coding_error: BaseException = UnsupportedTransferCoding(codings[:40])
+            return coding_error
+    return exc
 
 
 def _close_listeners(worker: Any) -> None:
@@ -309,7 +331,10 @@ def _close_listeners(worker: Any) -> None:
 
 
 def _plain_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
-    """gunicorn's ``util.write_error`` with a one-line plain-text body instead of HTML."""
+    """gunicorn's ``util.write_error`` with a one-line plain-text body instead of HTML, and
+    the status's own reason phrase (gunicorn says "Bad Request" for its 501)."""
+    with contextlib.suppress(ValueError):  # (a status Python does not know: gunicorn's phrase)
+        reason = HTTPStatus(status_int).phrase
     text = f"{status_int} {reason}: {mesg}\n" if mesg else f"{status_int} {reason}\n"
     body = text.encode("latin-1", "replace")
     head = (

@@ -28,6 +28,7 @@ from softlb.events import ACCESS
 from softlb.http.headers import (
     BadFraming,
     check_request_framing,
+    close_after,
     downstream_response_headers,
     request_target,
     upstream_request_headers,
@@ -562,12 +563,7 @@ class LoadBalancer:
         """The answer to a client's bad request (400, 431, 501), which closes the connection:
         the rest of what the client sent cannot be trusted to be the next request. Nothing is
         counted against a backend."""
-        # gunicorn ignores a Connection header from the app (PEP 3333 forbids hop-by-hop
-        # headers there) but its Response, the object start_response is bound to, has
-        # force_close().
-        force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
-        if callable(force_close):
-            force_close()
+        close_after(start_response)
         return self._plain(start_response, status, f"{status} {_REASONS[status]}: {why}\n")
 
     @staticmethod

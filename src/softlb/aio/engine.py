@@ -598,8 +598,11 @@ class ClientConnection(asyncio.Protocol):
         started: UpstreamConnection | None = None,
     ) -> None:
         try:
-            if request.error is not None:
-                self.send_error(request.error.status, request.error.why, close=True)
+            if request.error is not None:  # refused by the parser; an admin call's in JSON
+                as_json = self._admin_call(request)
+                self.send_error(
+                    request.error.status, request.error.why, close=True, as_json=as_json
+                )
             elif first is None and self.engine.is_admin(request, self):
                 await self.engine.admin(self, request)
             else:
@@ -609,6 +612,16 @@ class ClientConnection(asyncio.Protocol):
             self.send_error(500, "internal error", close=True)
         finally:
             self._done(request)
+
+    def _admin_call(self, request: _Request) -> bool:
+        """Whether a request the parser refused was an admin call, as far as its head
+        tells (its answer is then JSON, SPEC §5); ``False`` for a head too broken to say."""
+        if not request.url:
+            return self.admin_only
+        try:
+            return self.engine.is_admin(request, self)
+        except Exception:  # a target that does not decode: not a path of the admin API
+            return False
 
     def _done(self, request: _Request) -> None:
         self.busy = False
@@ -961,6 +974,8 @@ class Engine:
 
     async def admin(self, conn: ClientConnection, request: _Request) -> None:
         """Serve an admin call with the WSGI admin app on the engine's small thread pool."""
+        if request.expect_continue and not request.complete and request.error is None:
+            conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # (SPEC §3: never stalls a body)
         while not request.complete and request.error is None:
             if request.body_size > 1024 * 1024:
                 request.error = _ClientError(413, BODY_TOO_LARGE)

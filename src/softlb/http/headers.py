@@ -15,7 +15,7 @@ names, dropped in both directions (the shape of Go's ``net/http/httputil/reverse
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -24,6 +24,7 @@ __all__ = [
     "MAX_CONTENT_LENGTH",
     "BadFraming",
     "check_request_framing",
+    "close_after",
     "connection_tokens",
     "downstream_response_headers",
     "is_chunked_request",
@@ -359,6 +360,17 @@ class BadFraming(ValueError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def close_after(start_response: Callable[..., object]) -> None:
+    """Ask the WSGI server to close the connection after this answer, where it can: for a
+    request whose framing cannot be trusted, the rest of what the client sent is not the
+    next request. gunicorn ignores a ``Connection`` header from the app (PEP 3333 forbids
+    hop-by-hop headers there), but its ``Response``, the object ``start_response`` is bound
+    to, has ``force_close()``; other servers are left to their own rules."""
+    force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
+    if callable(force_close):
+        force_close()
 
 
 def check_request_framing(environ: Mapping[str, Any]) -> int | None:
