@@ -468,7 +468,17 @@ class LoadBalancer:
                 chunked=body.chunked,
             )
         except ProxyError as error:  # nothing could answer: 502, 503 or 504
-            return self._error(environ, start_response, error)
+            made = self._error(environ, start_response, error)
+            if access_log is not None:
+                self.log_made_answer(
+                    error.status, key, method, target, time.perf_counter() - started,
+                    0 if method == "HEAD" else len(made[0]),
+                    client=environ.get("REMOTE_ADDR") or "",
+                    protocol=environ.get("SERVER_PROTOCOL") or "HTTP/1.1",
+                    referer=environ.get("HTTP_REFERER"),
+                    user_agent=environ.get("HTTP_USER_AGENT"),
+                )  # fmt: skip
+            return made
         lease = exchange.lease
         resp = exchange.response
         self.stats.observe(time.perf_counter() - started)
@@ -551,9 +561,38 @@ class LoadBalancer:
                 ACCESS, lease.backend, f"{method} {text} {status} {total * 1000:.1f} ms"
             )
 
+    def log_made_answer(  # noqa: PLR0917  # the access log's fields
+        self,
+        status: int,
+        key: str | None,
+        method: str,
+        target: str,
+        duration: float,
+        bytes_sent: int,
+        *,
+        client: str = "",
+        protocol: str = "HTTP/1.1",
+        referer: str | None = None,
+        user_agent: str | None = None,
+    ) -> None:
+        """The access log's line for an answer the proxy made itself because no backend
+        could answer (502, 503, 504), as nginx logs every request: no backend (``null`` in
+        JSON, ``-`` in the combined format; the CSV format, which replays backends' answers,
+        skips it). ``duration``: seconds from the request's arrival to the answer;
+        ``bytes_sent``: its body's. Both engines call it; nothing happens without an access
+        log."""
+        access_log = self.access_log
+        if access_log is None:
+            return
+        access_log.record(
+            time.time() - duration, key, None, None,
+            client=client, method=method, target=target, protocol=protocol, status=status,
+            bytes_sent=bytes_sent, referer=referer, user_agent=user_agent, duration=duration,
+        )  # fmt: skip
+
     def _error(
         self, environ: Environ, start_response: StartResponse, error: ProxyError
-    ) -> Iterable[bytes]:
+    ) -> tuple[bytes]:
         self.stats.error(error.status)
         status, headers, body = self.error_handler(environ, error)
         start_response(f"{status} {_REASONS.get(status, error.reason)}", headers)

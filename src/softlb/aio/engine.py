@@ -1253,6 +1253,15 @@ class Engine:
         assert error is not None
         proxy.stats.error(error.status)
         status, headers, body = proxy.error_handler({"REQUEST_METHOD": request.method}, error)
+        if proxy.access_log is not None:
+            proxy.log_made_answer(
+                status, key, request.method, target.decode("latin-1"),
+                time.perf_counter() - request.started,
+                0 if request.method == "HEAD" else len(body), client=conn.peer[0],
+                protocol=_PROTOCOLS.get(request.version) or f"HTTP/{request.version}",
+                referer=_text(request.header(b"referer")),
+                user_agent=_text(request.header(b"user-agent")),
+            )  # fmt: skip
         lines = [f"HTTP/1.1 {status} {_REASONS.get(status, error.reason)}\r\n"]
         lines += [f"{name}: {value}\r\n" for name, value in headers]
         if not request.keep_alive or not request.complete:
