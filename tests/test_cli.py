@@ -405,6 +405,29 @@ def test_serve_port_in_use(
     assert no_server == []
 
 
+def test_serve_admin_listen_port_in_use(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    busy_port: int,
+    no_server: list[tuple[Any, ...]],
+) -> None:
+    """``admin.listen``'s port is taken: the same one line, naming the key, exit 1, the
+    server is not started (gunicorn would retry it for five seconds, then log a dozen)."""
+    from tests.helpers.servers import free_port
+
+    path = write(
+        tmp_path,
+        {"listen": f"127.0.0.1:{free_port()}", "admin": {"listen": f"127.0.0.1:{busy_port}"}},
+    )
+    status, _, err = run(capsys, "serve", "--config", path)
+    assert status == 1
+    assert err == (
+        f"softlb: error: admin.listen: cannot listen on 127.0.0.1:{busy_port}: the port is "
+        "already in use (is another softlb or server running?)\n"
+    )
+    assert no_server == []
+
+
 def test_serve_address_not_local(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, no_server: list[tuple[Any, ...]]
 ) -> None:
@@ -479,6 +502,16 @@ def test_banner_all_interfaces_and_bind() -> None:
     assert server.banner(Config(), options, version="1.2") == (
         "softlb 1.2 serving on http://0.0.0.0:9000 (all interfaces) (least_connections, "
         "0 backends, 2 workers × 4 threads); admin at http://127.0.0.1:9000/_softlb/"
+    )
+
+
+def test_banner_names_the_admin_listen_address() -> None:
+    """With ``admin.listen``, the admin API is there, not on the proxy's address (where its
+    prefix is proxied)."""
+    config = Config(admin=AdminConfig(listen="0.0.0.0:9901"))
+    assert server.banner(config, ServeOptions(bind="127.0.0.1:9000"), version="1.2") == (
+        "softlb 1.2 serving on http://127.0.0.1:9000 (least_connections, 0 backends, "
+        "1 worker × event loop); admin at http://127.0.0.1:9901/_softlb/"
     )
 
 
@@ -583,10 +616,12 @@ def test_check_and_serve_warn_about_an_open_admin_api(
     assert status == 0
     assert "OK" in out
     assert "admin.allow lets 10.0.0.0/8 call the admin API without a token" in err
-    config = Config(admin=AdminConfig(allow=("10.0.0.0/8",)))
-    assert any("10.0.0.0/8" in w for w in server.startup_warnings(config, ServeOptions()))
+    for wide in ("10.0.0.0/8", "::ffff:10.0.0.1/128", "::ffff:0.0.0.0/96"):
+        config = Config(admin=AdminConfig(allow=(wide,)))
+        assert any(wide in w for w in server.startup_warnings(config, ServeOptions()))
     quiet = [
         Config(admin=AdminConfig(allow=("127.0.0.0/8", "::1/128"))),
+        Config(admin=AdminConfig(allow=("::ffff:127.0.0.1/128", "::ffff:127.0.0.0/104"))),
         Config(admin=AdminConfig(allow=("10.0.0.0/8",), token="s3cret")),
     ]
     for config in quiet:

@@ -198,6 +198,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         check_bindable(options.bind or config.listen)
+        if config.admin.listen is not None:
+            try:
+                check_bindable(config.admin.listen)
+            except BindError as exc:
+                raise BindError(f"admin.listen: {exc}") from None
     except BindError as exc:
         raise _CommandError(str(exc), EXIT_FAILED) from None
     return serve(config, options)

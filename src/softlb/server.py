@@ -199,7 +199,23 @@ def banner(config: Config, options: ServeOptions, *, version: str) -> str:
         f"{_plural(options.workers, 'worker')} × {per_worker}"
     )
     prefix = config.admin.prefix.rstrip("/")
-    return f"softlb {version} serving on {where} ({shape}); admin at {local}{prefix}/"
+    admin = local
+    if config.admin.listen is not None:  # its own address (TLS, when on, is on every listener)
+        admin_host, admin_port = _split_bind(config.admin.listen)
+        admin = f"{scheme}://{_url_host(_local_host(admin_host))}:{admin_port}"
+    return f"softlb {version} serving on {where} ({shape}); admin at {admin}{prefix}/"
+
+
+def _is_loopback(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    """Loopback, IPv4-mapped loopback (``::ffff:127.0.0.1``, as a dual-stack socket reports
+    an IPv4 client) included: the addresses the admin API lets in without ``allow``."""
+    if network.is_loopback:
+        return True
+    if isinstance(network, ipaddress.IPv6Network):
+        first = network.network_address.ipv4_mapped
+        last = network.broadcast_address.ipv4_mapped
+        return first is not None and last is not None and first.is_loopback and last.is_loopback
+    return False
 
 
 def admin_exposure_warning(config: Config) -> str | None:
@@ -207,7 +223,7 @@ def admin_exposure_warning(config: Config) -> str | None:
     no ``admin.token`` and an ``admin.allow`` wider than loopback (SPEC §5)."""
     if config.admin.token is not None:
         return None
-    wide = [net for net in config.admin.allow if not ipaddress.ip_network(net).is_loopback]
+    wide = [net for net in config.admin.allow if not _is_loopback(ipaddress.ip_network(net))]
     if not wide:
         return None
     return (
