@@ -814,3 +814,28 @@ def test_consistent_hash_retry_moves_to_the_next_owner_on_the_ring() -> None:
         expected = survivors.lease(key)
         expected.release()
         assert retry.backend.url == expected.backend.url
+
+
+@pytest.mark.parametrize("leasing", ["lease", "try_lease"])
+def test_shared_in_flight_is_read_at_each_pick(leasing: str) -> None:
+    """With ``shared_in_flight`` set (shared state's in-flight table), every pick reads the
+    other processes' counts as they are now: least connections avoids a backend only while
+    another process really has requests on it, with no refresh in between."""
+    a, b = Backend("http://a:1"), Backend("http://b:1")
+    pool = Pool([a, b], balancer=LeastConnections())
+    others = {a.url: 0, b.url: 0}
+    pool.shared_in_flight = lambda backend: others[backend.url]
+
+    def pick() -> str:
+        lease = getattr(pool, leasing)()
+        assert lease is not None
+        lease.release()
+        return lease.backend.url
+
+    others[a.url] = 2
+    assert [pick() for _ in range(3)] == [b.url] * 3
+    assert a.shared_active == 2
+    others[a.url], others[b.url] = 0, 1  # a's requests ended, one began on b
+    assert [pick() for _ in range(3)] == [a.url] * 3
+    others[b.url] = 0
+    assert sorted(pick() for _ in range(4)) == [a.url, a.url, b.url, b.url]

@@ -204,6 +204,13 @@ class Pool:
         #: against its ``max_connections`` (``None``: this process alone); shared state points
         #: it at the host's in-flight table. Called under the lock, only for limited backends.
         self.others_in_flight: Callable[[Backend], int] | None = None
+        #: Requests every *other* process has in flight on a backend (this host's read now,
+        #: other hosts' as last polled), read for each eligible backend at every pick, so
+        #: that host-wide least connections sees the other workers' requests as they are,
+        #: not as a snapshot up to a tick old that would hold a request that has ended
+        #: against its backend for the whole tick (SPEC §7: counts exact within a host).
+        #: ``None``: this process alone, or loads refreshed by :meth:`refresh` only.
+        self.shared_in_flight: Callable[[Backend], int] | None = None
         self._queue = WaitQueue()  # requests waiting for a backend below its limit
         self._waiting = self._queue.tickets  # tested on every lease and release
         self._limited = False  # whether a backend in rotation has a max_connections
@@ -458,6 +465,8 @@ class Pool:
             now = self.clock()
             if self._ramp_next is not None and now >= self._ramp_next:
                 self._rebuild(now)
+            if self.shared_in_flight is not None:
+                self._read_shared_loads(self.shared_in_flight)
             if prefer is None and not self._limited:  # the common case, kept short
                 backend = self.balancer.pick(key, now)
                 if exclude and backend is not None and backend in exclude:
@@ -510,6 +519,8 @@ class Pool:
         lock.acquire()
         try:
             now = self.clock()
+            if self.shared_in_flight is not None:
+                self._read_shared_loads(self.shared_in_flight)
             if (
                 prefer is None
                 and not exclude
@@ -547,6 +558,8 @@ class Pool:
         """
         with self._lock:
             now = self.clock()
+            if self.shared_in_flight is not None:
+                self._read_shared_loads(self.shared_in_flight)
             lease = self._try(key, exclude, prefer, now)
             ticket = Ticket(
                 self, key, exclude=exclude, prefer=prefer, callback=callback, queued_at=now
@@ -589,6 +602,16 @@ class Pool:
             return self._queue.stats(self.clock())
 
     # The queue and the limits; every method below is called with the lock held.
+
+    def _read_shared_loads(self, read: Callable[[Backend], int]) -> None:
+        """Read the other processes' in-flight counts of every eligible backend (see
+        :attr:`shared_in_flight`); the strategy re-ranks those that changed."""
+        changed = self.balancer.load_changed
+        for backend in self._eligible:
+            others = read(backend)
+            if others != backend.shared_active:
+                backend.shared_active = others
+                changed(backend)
 
     def _full(self, backend: Backend) -> bool:
         """Whether ``backend`` is at its ``max_connections`` (counting this host's other

@@ -127,6 +127,11 @@ class Balancer(ABC):
     def released(self, backend: Backend) -> None:  # noqa: B027 - optional hook
         """Called after ``backend.active`` went down by one (the backend may not be eligible)."""
 
+    def load_changed(self, backend: Backend) -> None:  # noqa: B027 - optional hook
+        """Called when ``backend.shared_active`` (other processes' requests in flight) was
+        read anew at a pick, between two rebuilds: a strategy that indexes loads re-ranks the
+        backend (the others read loads live at pick time)."""
+
     def take(self, key: str | None, now: float) -> Backend | None:
         """:meth:`pick`, then count the request in flight on the backend picked:
         ``backend.active`` up by one and :meth:`acquired`. The pool's usual lease (no

@@ -164,7 +164,8 @@ class LeastConnections(Balancer):
     def _move(self, backend: Backend) -> None:
         """Take ``backend``'s live entry out of its bucket (lazily) and index it again at its
         load now; runs twice per request (lease and release), as both :meth:`acquired` and
-        :meth:`released`.
+        :meth:`released`, and as :meth:`load_changed` when other processes' counts are read
+        at a pick.
 
         In scan mode no backend is indexed (``_lc_key`` is None), so the index's path costs
         nothing more for the scan's: the backend gets a new rank, its load now, its pass
@@ -197,6 +198,7 @@ class LeastConnections(Balancer):
 
     acquired = _move
     released = _move
+    load_changed = _move
 
     def _top(self) -> tuple[_Bucket, _Entry] | None:
         """The live entry that the next pick takes, dropping stale heads on the way."""

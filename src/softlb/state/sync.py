@@ -272,6 +272,7 @@ class SharedState:
                 self.slots = None
         if self.slots is not None:
             self.pool.count_sink = self._write_counts
+            self.pool.shared_in_flight = self._others_in_flight
         if self.checker is not None:
             self.checker.on_verdict = self._publish_verdict
         self.poll()
@@ -291,6 +292,7 @@ class SharedState:
             self._unsubscribe()
             self._unsubscribe = None
         self.pool.count_sink = None
+        self.pool.shared_in_flight = None
         with contextlib.suppress(StoreUnavailable):
             self.store.release_prober(self.owner)
         self.store.close()
@@ -563,18 +565,25 @@ class SharedState:
         totals = slots.totals(by_slot)
         return {url: totals[slot][0] for slot, url in by_slot.items() if slot in totals}
 
+    def _others_in_flight(self, backend: Backend) -> int:
+        """Requests every other process has in flight on ``backend``: this host's, read from
+        the in-flight table now, and other hosts', as last polled. The pool reads it at each
+        pick too (:attr:`Pool.shared_in_flight <softlb.pool.Pool.shared_in_flight>`)."""
+        others = self._remote.get(backend.url, 0)
+        slots = self.slots
+        if slots is not None and backend._slot is not None:
+            others += slots.in_flight_of_others(backend._slot)
+        return others
+
     def refresh_loads(self) -> None:
         """Read the other processes' in-flight counts and hand the balancer a new snapshot."""
         slots = self.slots
         if slots is not None:
             slots.heartbeat()
             self._write_proxy_counters()
-        remote = self._remote
         changed = False
         for backend in self.pool.backends:
-            others = remote.get(backend.url, 0)
-            if slots is not None and backend._slot is not None:
-                others += slots.in_flight_of_others(backend._slot)
+            others = self._others_in_flight(backend)
             if others != backend.shared_active:
                 backend.shared_active = others
                 changed = True
