@@ -53,6 +53,7 @@ def test_all_is_pinned() -> None:
         "HOP_BY_HOP",
         "MAX_CONTENT_LENGTH",
         "check_request_framing",
+        "close_after",
         "connection_tokens",
         "downstream_response_headers",
         "is_chunked_request",
