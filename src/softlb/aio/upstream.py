@@ -90,6 +90,11 @@ class _Discard(list[tuple[bytes, bytes]]):
 _TRAILERS: Final = _Discard()
 
 
+class _AfterAnswer(Exception):  # a signal to stop the parser, not an error
+    """Raised from a parser callback when a second answer begins after the exchange's answer
+    ended: llhttp stops there (the callback's exception ends ``feed_data``)."""
+
+
 class _Unset:
     """Type of :data:`_UNSET`: "not given", where ``None`` means "no limit"."""
 
@@ -236,6 +241,9 @@ class UpstreamConnection(asyncio.Protocol):
             ):
                 raise _HeadTooLarge
         except httptools.HttpParserUpgrade as exc:
+            if self.complete:
+                self._after_answer()
+                return
             if self._answer is not None and self._answer.status == 101 and self._want_upgrade:
                 self.upgraded = True
                 self.upgrade_tail = data[int(exc.args[0]) :]
@@ -248,6 +256,9 @@ class UpstreamConnection(asyncio.Protocol):
                 )
             )
         except httptools.HttpParserError as exc:
+            if self.complete:
+                self._after_answer()
+                return
             self._fail(
                 UpstreamBroken(
                     f"invalid answer from {self.address.url}: {exc}", backend=self.address.url
@@ -280,8 +291,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         answer = self._answer
         if self._active and not self.complete:
-            if answer is not None and answer.until_close and self._head_done:
+            if answer is not None and answer.until_close and self._head_done and exc is None:
                 self._finish()  # a body delimited by the end of the connection ended
+                # (not on a reset: then the body was cut, and the client must see it cut)
             else:
                 why = f"{exc}" if exc else "closed the connection"
                 if not self._got_bytes:
@@ -312,6 +324,8 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_status(self, status: bytes) -> None:
+        if self.complete:  # a second answer in the same read: nobody asked for it
+            raise _AfterAnswer
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -328,6 +342,8 @@ class UpstreamConnection(asyncio.Protocol):
         return size
 
     def on_headers_complete(self) -> None:
+        if self.complete:  # (a second answer with an empty reason: no on_status)
+            raise _AfterAnswer
         parser = self._parser
         assert parser is not None
         status = parser.get_status_code()
@@ -582,6 +598,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._drop()
         if done is not None:
             done(error)
+        self._schedule_on_head()
+
+    def _after_answer(self) -> None:
+        """Bytes came after the whole answer: another answer nobody asked for (a backend
+        that answered early took the request's body for a next request), or junk. The answer
+        stands, as its framing delimited it; the connection cannot be trusted again."""
+        self._drop()
         self._schedule_on_head()
 
     def _schedule_on_head(self) -> None:
