@@ -114,6 +114,30 @@ def test_host_kept_and_forwarded_headers_set(shared: Balancer, backend: TestBack
     assert seen.header_values("X-Forwarded-Host") == ["site.example:8443"]
 
 
+def test_underscored_forwarded_lookalikes_are_dropped(
+    shared: Balancer, backend: TestBackend
+) -> None:
+    """``X_Forwarded_For`` and the like (``_`` for a dash) never reach the backend: WSGI and
+    CGI servers read them as the X-Forwarded-* fields the proxy set, so a client could forge
+    its address past the proxy (nginx drops names with ``_`` by default)."""
+    status, _, _ = shared.get(
+        "/echo",
+        headers={
+            "X_Forwarded_For": "198.51.100.1",
+            "x-forwarded_proto": "https",
+            "X_Forwarded-Host": "evil.example",
+            "X_Custom_Field": "kept",
+        },
+    )
+    assert status == 200
+    names = {name.lower().replace("_", "-"): name for name, _ in backend.last.headers}
+    assert names["x-forwarded-for"] == "X-Forwarded-For"
+    assert names["x-forwarded-proto"] == "X-Forwarded-Proto"
+    assert names["x-forwarded-host"] == "X-Forwarded-Host"
+    assert backend.last.header_values("X-Forwarded-For") == ["127.0.0.1"]
+    assert all("198.51.100.1" not in value for _, value in backend.last.headers)
+
+
 def test_hop_by_hop_request_headers_removed(shared: Balancer, backend: TestBackend) -> None:
     """Connection, the headers it names, and the other hop-by-hop headers stop at the proxy."""
     status, _, _ = shared.get(

@@ -69,8 +69,18 @@ log = logging.getLogger("softlb.proxy")
 _HOP: Final = HOP_BY_HOP_BYTES
 #: Request fields the engine writes itself (X-Forwarded-*), or never sends on (Expect: the
 #: engine answers 100-continue; framing: re-made per hop).
+_FORWARDED_NAMES: Final = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+#: The X-Forwarded-* names spelled with ``_`` for one or both dashes: many WSGI and CGI
+#: servers read ``X_Forwarded_For`` as the very field the engine replaced, so a client could
+#: forge it past the proxy. Dropped, as nginx drops every name with ``_`` by default.
+_FORWARDED_LOOKALIKES: Final = frozenset(
+    x + first + forwarded + second + what
+    for x, forwarded, what in (name.split(b"-") for name in _FORWARDED_NAMES)
+    for first in (b"-", b"_")
+    for second in (b"-", b"_")
+) - set(_FORWARDED_NAMES)
 _REPLACED: Final = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"expect", b"content-length"}
+    {*_FORWARDED_NAMES, *_FORWARDED_LOOKALIKES, b"expect", b"content-length"}
 )
 _UNREMOVABLE: Final = frozenset({b"host", b"content-length"})
 _DROPPED: Final = _HOP | _REPLACED
