@@ -37,7 +37,12 @@ from typing import Any, Final
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
-from gunicorn.http.errors import InvalidHeader, UnsupportedTransferCoding
+from gunicorn.http.errors import (
+    InvalidHeader,
+    LimitRequestHeaders,
+    LimitRequestLine,
+    UnsupportedTransferCoding,
+)
 
 from softlb.config import Config
 
@@ -305,7 +310,7 @@ def _post_worker_init(worker: Any) -> None:
     handle_error = worker.handle_error
 
     def handle_coding_error(req: Any, client: Any, addr: Any, exc: BaseException) -> None:
-        handle_error(req, client, addr, _coding_error(exc))
+        handle_error(req, client, addr, _spec_error(exc))
 
     worker.handle_error = handle_coding_error
 
@@ -319,11 +324,15 @@ def _post_worker_init(worker: Any) -> None:
         signal.siginterrupt(sig, False)
 
 
-def _coding_error(exc: BaseException) -> BaseException:
-    """The error gunicorn's answer is made from: ``501`` for a request ``Transfer-Encoding``
-    other than ``chunked`` alone (SPEC §3, as the event loop answers), where gunicorn's
-    parser says 400 when the codings do not end in ``chunked`` or repeat it; 400 stays for
-    HTTP/1.0 (a coding there is a smuggling pattern, RFC 9112 §6.1)."""
+def _spec_error(exc: BaseException) -> BaseException:
+    """The error gunicorn's answer is made from, as SPEC §2-3 (and the event loop) answer:
+    ``501`` for a request ``Transfer-Encoding`` other than ``chunked`` alone, where
+    gunicorn's parser says 400 when the codings do not end in ``chunked`` or repeat it (400
+    stays for HTTP/1.0: a coding there is a smuggling pattern, RFC 9112 §6.1); ``431`` for a
+    request line longer than ``limits.max_header_bytes``, where gunicorn says 414."""
+    if isinstance(exc, LimitRequestLine):
+        too_long: BaseException = LimitRequestHeaders("the request line is too long")
+        return too_long
     if isinstance(exc, InvalidHeader) and exc.hdr == "TRANSFER-ENCODING":
         req = exc.req
         if req is not None and tuple(req.version) >= (1, 1):
@@ -467,6 +476,9 @@ def gunicorn_settings(config: Config, options: ServeOptions) -> dict[str, Any]:
         "graceful_timeout": math.ceil(options.graceful_timeout),
         "timeout": worker_timeout,
         "keepalive": math.ceil(config.timeouts.keepalive),
+        # limits.max_connections (SPEC §2): gthread stops accepting at it, so more clients
+        # wait in the kernel's backlog, as on the event loop (which reads the config itself).
+        "worker_connections": config.limits.max_connections,
         # limits.max_header_bytes (SPEC §2) is checked by the app on the whole head; gunicorn
         # reads a request line and each field up to it too, below its own 8190-byte ceiling.
         "limit_request_line": min(config.limits.max_header_bytes, GUNICORN_LINE_CEILING),

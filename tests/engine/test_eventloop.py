@@ -5,6 +5,7 @@ Upgrade tunnels."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 
@@ -274,3 +275,43 @@ def test_idle_tunnel_closed_after_timeouts_tunnel(
         elapsed = time.monotonic() - started
     assert 0.8 <= elapsed < 4.0
     wait_for_tunnel_close(echo_backend, closed_before)
+
+
+def test_request_line_above_max_header_bytes_gets_431(
+    limited: Balancer, backend: TestBackend
+) -> None:
+    """A request line alone above limits.max_header_bytes: 431 on both engines, as SPEC §2
+    counts it with the head (gunicorn's parser said 414 under the threads engine)."""
+    with limited.raw(timeout=3.0) as client:
+        client.send(b"GET /%b HTTP/1.1\r\nHost: example.test\r\n\r\n" % (b"t" * 5000))
+        response = client.read_response()
+    assert (response.status, response.reason) == (431, "Request Header Fields Too Large")
+    assert b"<html" not in response.body.lower()
+    assert not any(seen.target.startswith("/ttt") for seen in backend.requests)
+
+
+def test_max_connections_leaves_more_clients_in_the_backlog(
+    balancer: StartBalancer, backend: TestBackend
+) -> None:
+    """limits.max_connections 2, on both engines: two clients held by a 1 s answer are
+    served at once; a third waits in the kernel's backlog until one of them is done, then
+    is served (never refused)."""
+    lb = balancer({"servers": [backend.url], "limits": {"max_connections": 2}})
+    started = time.monotonic()
+    finished: dict[int, float] = {}
+
+    def client(n: int) -> None:
+        with lb.raw(timeout=10.0) as raw:
+            raw.send(b"GET /slow/1 HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
+            assert raw.read_response().status == 200
+        finished[n] = time.monotonic() - started
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)
+    for thread in threads:
+        thread.join(15)
+    assert sorted(finished) == [0, 1, 2]
+    assert finished[0] < 1.8 and finished[1] < 1.8
+    assert finished[2] >= 1.8, finished
