@@ -241,14 +241,14 @@ class UpstreamConnection(asyncio.Protocol):
             ):
                 raise _HeadTooLarge
         except httptools.HttpParserUpgrade as exc:
-            if self.complete:
-                self._after_answer()
-                return
             if self._answer is not None and self._answer.status == 101 and self._want_upgrade:
                 self.upgraded = True
                 self.upgrade_tail = data[int(exc.args[0]) :]
                 self.pool.busy.discard(self)
                 self._parser = None
+                return
+            if self.complete:  # (a 101 after a whole answer: unasked, as any second answer)
+                self._after_answer()
                 return
             self._fail(
                 UpstreamBroken(
