@@ -105,3 +105,36 @@ def test_content_length_above_2_to_the_63_is_400_before_the_backend(
         assert refused(lb, HUGE_LENGTH) == 400
         assert (fresh.connections, fresh.request_count) == (0, 0)
         assert lb.servers()[fresh.url]["failures"] == 0
+
+
+@pytest.mark.parametrize("host", [b"a b", b"a/b", b"site.example:http", b"[::1"])
+def test_invalid_host_is_400_and_not_forwarded(
+    shared: Balancer, backend: TestBackend, host: bytes
+) -> None:
+    """A Host that is no ``host[:port]`` gets 400 (RFC 9112 §3.2: a server MUST), is never
+    forwarded, and blames no backend."""
+    before = backend.request_count
+    with shared.raw(timeout=5.0) as client:
+        client.send(b"GET /bad-host HTTP/1.1\r\nHost: %b\r\n\r\n" % host)
+        assert client.read_response().status == 400
+    assert backend.request_count == before
+    assert shared.servers()[backend.url]["failures"] == 0
+
+
+@pytest.mark.parametrize(
+    ("sent", "seen"),
+    [
+        (b"[::1]:8080", "[::1]:8080"),
+        (b"10.0.0.1", "10.0.0.1"),
+        (b"site.example:8443   ", "site.example:8443"),  # trailing whitespace is not the value
+    ],
+)
+def test_valid_host_is_forwarded(
+    shared: Balancer, backend: TestBackend, sent: bytes, seen: str
+) -> None:
+    """IP literals, addresses and names with a port pass, without trailing whitespace."""
+    with shared.raw(timeout=5.0) as client:
+        client.send(b"GET /good-host HTTP/1.1\r\nHost: %b\r\n\r\n" % sent)
+        assert client.read_response().status == 200
+    assert backend.last.header_values("Host") == [seen]
+    assert backend.last.header_values("X-Forwarded-Host") == [seen]

@@ -51,6 +51,7 @@ def test_all_is_pinned() -> None:
     assert sorted(headers.__all__) == [
         "BadFraming",
         "HOP_BY_HOP",
+        "HOST_PATTERN",
         "MAX_CONTENT_LENGTH",
         "check_request_framing",
         "close_after",

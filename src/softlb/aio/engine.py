@@ -50,6 +50,7 @@ from softlb.aio.upstream import (
 from softlb.errors import NoBackendAvailable, UpstreamError
 from softlb.http.headers import (
     HOP_BY_HOP_BYTES,
+    HOST_PATTERN,
     _origin_form,
     connection_token_bytes,
     connection_tokens,
@@ -193,6 +194,8 @@ _EXTENSION_METHOD: Final = re.compile(rb"([!$%&'*+\-.^_`|~0-9A-Z]{3,20}) ")
 _METHOD_START: Final = re.compile(rb"[!$%&'*+\-.^_`|~0-9A-Z]{1,20}")
 #: The method llhttp parses in an extension method's place; the request keeps its own.
 _STAND_IN: Final = b"GET"
+#: A valid Host field value (RFC 9112 §3.2); anything else gets 400.
+_HOST_VALUE: Final = re.compile(HOST_PATTERN.encode())
 
 
 def _llhttp_knows(method: bytes) -> bool:
@@ -498,8 +501,10 @@ class ClientConnection(asyncio.Protocol):
                 lines += (name, b": ", value, b"\r\n")
             elif kind == _HOST:
                 host_seen += 1
-                host = value
-                lines += (name, b": ", value, b"\r\n")
+                host = value.rstrip(b" \t")  # (llhttp keeps trailing whitespace)
+                if _HOST_VALUE.fullmatch(host) is None:
+                    request.error = _ClientError(400, "the Host header is not a valid host[:port]")
+                lines += (name, b": ", host, b"\r\n")
             elif kind == _TRANSFER_ENCODING:
                 if request.version == "1.0":  # RFC 9112 §6.1: faulty framing, whatever follows
                     request.error = _ClientError(400, "Transfer-Encoding in an HTTP/1.0 request")

@@ -15,12 +15,14 @@ names, dropped in both directions (the shape of Go's ``net/http/httputil/reverse
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 from urllib.parse import quote
 
 __all__ = [
     "HOP_BY_HOP",
+    "HOST_PATTERN",
     "MAX_CONTENT_LENGTH",
     "BadFraming",
     "check_request_framing",
@@ -362,6 +364,18 @@ class BadFraming(ValueError):
         self.status = status
 
 
+#: A valid ``Host`` field value (RFC 9112 §3.2, RFC 3986 §3.2.2): ``uri-host [":" port]``,
+#: the host an IP literal in brackets, or a name of unreserved, sub-delim and %-encoded
+#: characters (empty is allowed). A request with anything else gets 400 (RFC 9112 §3.2:
+#: "MUST respond with a 400"), as nginx answers it.
+HOST_PATTERN: Final = (
+    r"(?:\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9._~-]+)?\]"  # an IP literal, maybe with a zone
+    r"|[A-Za-z0-9._~!$&'()*+,;=%-]*)"  # or a reg-name (an IPv4 address is one)
+    r"(?::[0-9]*)?"
+)
+_HOST_VALUE: Final = re.compile(HOST_PATTERN)
+
+
 def close_after(start_response: Callable[..., object]) -> None:
     """Ask the WSGI server to close the connection after this answer, where it can: for a
     request whose framing cannot be trusted, the rest of what the client sent is not the
@@ -382,10 +396,14 @@ def check_request_framing(environ: Mapping[str, Any]) -> int | None:
       (RFC 9112 §6.1, a request-smuggling pattern);
     * ``Content-Length`` that is not a plain ASCII decimal below :data:`MAX_CONTENT_LENGTH`
       (signs, spaces inside, lists such as ``5, 6``, other scripts' digits): 400;
-    * an HTTP/1.1 request without ``Host``: 400 (RFC 9112 §3.2).
+    * an HTTP/1.1 request without ``Host``, or a ``Host`` that is no ``host[:port]``: 400
+      (RFC 9112 §3.2).
     """
     if environ.get("SERVER_PROTOCOL") == "HTTP/1.1" and "HTTP_HOST" not in environ:
         raise BadFraming(400, "an HTTP/1.1 request needs a Host header")
+    host = environ.get("HTTP_HOST")
+    if host is not None and _HOST_VALUE.fullmatch(str(host).strip(" \t")) is None:
+        raise BadFraming(400, "the Host header is not a valid host[:port]")
     coding = environ.get("HTTP_TRANSFER_ENCODING")
     if coding is not None:
         codings = [part.strip(" \t").lower() for part in str(coding).split(",")]
