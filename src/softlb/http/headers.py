@@ -370,7 +370,7 @@ class BadFraming(ValueError):
 #: "MUST respond with a 400"), as nginx answers it.
 HOST_PATTERN: Final = (
     r"(?:\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9._~-]+)?\]"  # an IP literal, maybe with a zone
-    r"|[A-Za-z0-9._~!$&'()*+,;=%-]*)"  # or a reg-name (an IPv4 address is one)
+    r"|[A-Za-z0-9._~!$&'()*+,;=%\x80-\xff-]*)"  # a reg-name (raw UTF-8 too, as nginx)
     r"(?::[0-9]*)?"
 )
 _HOST_VALUE: Final = re.compile(HOST_PATTERN)
