@@ -13,7 +13,7 @@ import pytest
 from softlb.backend import Backend
 from softlb.balancers import LeastConnections, RoundRobin, WeightedRoundRobin
 from softlb.errors import BackendExists, InvalidBackend, NoBackendAvailable, UnknownBackend
-from softlb.pool import SLOW_START_FLOOR, SLOW_START_STEPS, Lease, Pool, PoolEvent
+from softlb.pool import SHARED_READ_MAX, SLOW_START_FLOOR, SLOW_START_STEPS, Lease, Pool, PoolEvent
 
 A, B, C = "http://a:1", "http://b:1", "http://c:1"
 
@@ -824,7 +824,7 @@ def test_shared_in_flight_is_read_at_each_pick(leasing: str) -> None:
     a, b = Backend("http://a:1"), Backend("http://b:1")
     pool = Pool([a, b], balancer=LeastConnections())
     others = {a.url: 0, b.url: 0}
-    pool.shared_in_flight = lambda backend: others[backend.url]
+    pool.shared_in_flight = lambda backends: [others[backend.url] for backend in backends]
 
     def pick() -> str:
         lease = getattr(pool, leasing)()
@@ -839,3 +839,21 @@ def test_shared_in_flight_is_read_at_each_pick(leasing: str) -> None:
     assert [pick() for _ in range(3)] == [a.url] * 3
     others[b.url] = 0
     assert sorted(pick() for _ in range(4)) == [a.url, a.url, b.url, b.url]
+
+
+def test_shared_in_flight_is_not_read_per_pick_above_the_bound() -> None:
+    """Above SHARED_READ_MAX backends in rotation a pick does not read every backend's count
+    (that would cost O(backends) per request); the state thread's refresh still does."""
+    pool = Pool([f"http://b{i}:1" for i in range(SHARED_READ_MAX + 1)])
+    reads: list[int] = []
+
+    def read(backends: tuple[Backend, ...]) -> list[int]:
+        reads.append(len(backends))
+        return [0] * len(backends)
+
+    pool.shared_in_flight = read
+    pool.lease().release()
+    assert reads == []
+    pool.remove("http://b0:1")
+    pool.lease().release()
+    assert reads == [SHARED_READ_MAX]

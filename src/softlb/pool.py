@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
@@ -20,6 +20,7 @@ from softlb.events import Dispatcher, Event, Hook
 from softlb.queueing import QueueStats, Resolved, Ticket, WaitQueue, queue_timeout
 
 __all__ = [
+    "SHARED_READ_MAX",
     "SLOW_START_FLOOR",
     "Candidate",
     "Explanation",
@@ -39,6 +40,13 @@ SLOW_START_FLOOR: Final = 0.1
 #: balancer rebuilt) at most this many times per ramp. HAProxy updates its weights about
 #: every second of the ramp; 20 steps keep a 1-minute ramp within 5 % of a smooth line.
 SLOW_START_STEPS: Final = 20
+
+#: Most backends in rotation for which every pick reads the other processes' in-flight
+#: counts (:attr:`Pool.shared_in_flight`): the read costs a request about 16,000 instructions
+#: more at two backends (a tenth of the event loop's whole request) and some 5,000 more per
+#: further backend, so a larger pool keeps the state thread's refresh, every 0.1 s. Least
+#: connections scans up to as many (its ``SCAN_MAX``).
+SHARED_READ_MAX: Final = 8
 
 #: How many times a retry asks the balancer again before scanning for a backend not yet tried.
 _REPICKS: Final = 3
@@ -204,13 +212,14 @@ class Pool:
         #: against its ``max_connections`` (``None``: this process alone); shared state points
         #: it at the host's in-flight table. Called under the lock, only for limited backends.
         self.others_in_flight: Callable[[Backend], int] | None = None
-        #: Requests every *other* process has in flight on a backend (this host's read now,
-        #: other hosts' as last polled), read for each eligible backend at every pick, so
-        #: that host-wide least connections sees the other workers' requests as they are,
-        #: not as a snapshot up to a tick old that would hold a request that has ended
-        #: against its backend for the whole tick (SPEC §7: counts exact within a host).
+        #: Requests every *other* process has in flight on each of some backends, in order
+        #: (this host's read now, other hosts' as last polled): read for the eligible
+        #: backends at every pick, so that host-wide least connections sees the other
+        #: workers' requests as they are, not as a snapshot up to a tick old that would hold
+        #: a request that has ended against its backend for the whole tick (SPEC §7: counts
+        #: exact within a host). Up to :data:`SHARED_READ_MAX` backends in rotation.
         #: ``None``: this process alone, or loads refreshed by :meth:`refresh` only.
-        self.shared_in_flight: Callable[[Backend], int] | None = None
+        self.shared_in_flight: Callable[[tuple[Backend, ...]], Sequence[int]] | None = None
         self._queue = WaitQueue()  # requests waiting for a backend below its limit
         self._waiting = self._queue.tickets  # tested on every lease and release
         self._limited = False  # whether a backend in rotation has a max_connections
@@ -603,12 +612,15 @@ class Pool:
 
     # The queue and the limits; every method below is called with the lock held.
 
-    def _read_shared_loads(self, read: Callable[[Backend], int]) -> None:
+    def _read_shared_loads(self, read: Callable[[tuple[Backend, ...]], Sequence[int]]) -> None:
         """Read the other processes' in-flight counts of every eligible backend (see
         :attr:`shared_in_flight`); the strategy re-ranks those that changed."""
+        eligible = self._eligible
+        if len(eligible) > SHARED_READ_MAX:
+            return  # a large pool: the state thread's refresh, every tick (a read per pick
+            # would cost O(backends) where least connections' index picks in O(log n))
         changed = self.balancer.load_changed
-        for backend in self._eligible:
-            others = read(backend)
+        for backend, others in zip(eligible, read(eligible), strict=True):
             if others != backend.shared_active:
                 backend.shared_active = others
                 changed(backend)

@@ -289,6 +289,10 @@ def test_each_process_writes_its_own_row_and_totals_are_exact(
     assert table.row == 5
     assert table.totals([3]) == {3: (15, 105, 10)}
     assert table.in_flight_of_others(3) == 10
+    # Several slots in one read (a pool's pick): the same figures, 0 for a backend with none.
+    assert table.in_flight_of_others_each([3, None, 7, 0]) == [10, 0, 4, 0]
+    with pytest.raises(IndexError):
+        table.in_flight_of_others_each([3, table.columns])
 
 
 def test_a_killed_owner_leaks_no_in_flight_and_keeps_its_requests(

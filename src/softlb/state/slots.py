@@ -65,7 +65,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Final
 
 from softlb.forking import after_fork_in_child
@@ -284,16 +284,34 @@ class SlotTable:
         """In-flight requests on ``slot`` of every live owner but this process."""
         if not 0 <= slot < self.columns:
             raise IndexError(f"slot {slot} is outside the table (0 .. {self.columns - 1})")
+        return self.in_flight_of_others_each((slot,))[0]
+
+    def in_flight_of_others_each(self, slots: Sequence[int | None]) -> list[int]:
+        """:meth:`in_flight_of_others` of each of ``slots`` (0 for ``None``) in one call: a
+        pool reads its eligible backends' at every pick, where a call per backend would cost
+        as much as the reads. Slots outside the table raise :class:`IndexError`."""
         q = self._opened()
         rw = self._row_words
-        i = _HEADER + _ROW_HEADER + 3 * slot
-        total = sum(q[i : i + (q[_H_HIGH] + 1) * rw : rw])
-        for row, pid in self._live_check():
-            if q[_HEADER + row * rw + _R_PID] == pid:
-                total -= q[i + row * rw]
-        if self._own >= 0:
-            total -= q[self._own + 3 * slot]
-        return total
+        span = (q[_H_HIGH] + 1) * rw
+        dead = self._live_check()
+        own = self._own
+        columns = self.columns
+        out = []
+        for slot in slots:
+            if slot is None:
+                out.append(0)
+                continue
+            if not 0 <= slot < columns:
+                raise IndexError(f"slot {slot} is outside the table (0 .. {columns - 1})")
+            i = _HEADER + _ROW_HEADER + 3 * slot
+            total = sum(q[i : i + span : rw])
+            for row, pid in dead:
+                if q[_HEADER + row * rw + _R_PID] == pid:
+                    total -= q[i + row * rw]
+            if own >= 0:
+                total -= q[own + 3 * slot]
+            out.append(total)
+        return out
 
     def reap(self) -> int:
         """Fold the rows of dead owners into row 0 now; return how many were folded."""

@@ -30,7 +30,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
 from softlb.backend import Backend
@@ -254,6 +254,9 @@ class SharedState:
         self._next_poll = 0.0
         self._next_full_read = 0.0
         self._remote: dict[str, int] = {}  # other hosts' in-flight counts, by URL
+        #: The backends of the last in-flight read and their slots (the pool's eligible
+        #: tuple is the same object from one rebuild to the next).
+        self._slots_of: tuple[Sequence[Backend] | None, list[int | None]] = (None, [])
         self._pending: dict[str, tuple[Backend, HealthVerdict]] = {}  # verdicts to write
         self._pending_lock = threading.Lock()
         self._stale_since: float | None = None
@@ -272,7 +275,7 @@ class SharedState:
                 self.slots = None
         if self.slots is not None:
             self.pool.count_sink = self._write_counts
-            self.pool.shared_in_flight = self._others_in_flight
+            self.pool.shared_in_flight = self._others_in_flight_each
         if self.checker is not None:
             self.checker.on_verdict = self._publish_verdict
         self.poll()
@@ -565,15 +568,23 @@ class SharedState:
         totals = slots.totals(by_slot)
         return {url: totals[slot][0] for slot, url in by_slot.items() if slot in totals}
 
-    def _others_in_flight(self, backend: Backend) -> int:
-        """Requests every other process has in flight on ``backend``: this host's, read from
-        the in-flight table now, and other hosts', as last polled. The pool reads it at each
-        pick too (:attr:`Pool.shared_in_flight <softlb.pool.Pool.shared_in_flight>`)."""
-        others = self._remote.get(backend.url, 0)
+    def _others_in_flight_each(self, backends: Sequence[Backend]) -> list[int]:
+        """Requests every other process has in flight on each of ``backends``: this host's,
+        read from the in-flight table now, and other hosts', as last polled. The pool reads
+        them at each pick (:attr:`Pool.shared_in_flight <softlb.pool.Pool.shared_in_flight>`)
+        and the state thread at each tick."""
         slots = self.slots
-        if slots is not None and backend._slot is not None:
-            others += slots.in_flight_of_others(backend._slot)
-        return others
+        if slots is None:
+            counts = [0] * len(backends)
+        else:
+            cached = self._slots_of
+            if cached[0] is not backends:  # (the pool hands the same tuple until a rebuild)
+                cached = self._slots_of = (backends, [b._slot for b in backends])
+            counts = slots.in_flight_of_others_each(cached[1])
+        remote = self._remote
+        if remote:
+            counts = [n + remote.get(b.url, 0) for n, b in zip(counts, backends, strict=True)]
+        return counts
 
     def refresh_loads(self) -> None:
         """Read the other processes' in-flight counts and hand the balancer a new snapshot."""
@@ -582,8 +593,8 @@ class SharedState:
             slots.heartbeat()
             self._write_proxy_counters()
         changed = False
-        for backend in self.pool.backends:
-            others = self._others_in_flight(backend)
+        backends = self.pool.backends
+        for backend, others in zip(backends, self._others_in_flight_each(backends), strict=True):
             if others != backend.shared_active:
                 backend.shared_active = others
                 changed = True
