@@ -857,3 +857,20 @@ def test_shared_in_flight_is_not_read_per_pick_above_the_bound() -> None:
     pool.remove("http://b0:1")
     pool.lease().release()
     assert reads == [SHARED_READ_MAX]
+
+
+def test_a_failing_shared_read_leaves_the_pick_to_the_last_counts() -> None:
+    """A read of the other processes' counts that fails (the table gone) never fails the
+    lease: the pick uses the counts last read."""
+    a, b = Backend("http://a:1"), Backend("http://b:1")
+    pool = Pool([a, b], balancer=LeastConnections())
+    a.shared_active = 5
+    pool.refresh()
+
+    def broken(backends: tuple[Backend, ...]) -> list[int]:
+        raise OSError("in-flight table gone")
+
+    pool.shared_in_flight = broken
+    lease = pool.try_lease()
+    assert lease is not None and lease.backend is b
+    lease.release()

@@ -619,8 +619,13 @@ class Pool:
         if len(eligible) > SHARED_READ_MAX:
             return  # a large pool: the state thread's refresh, every tick (a read per pick
             # would cost O(backends) where least connections' index picks in O(log n))
+        try:
+            counts = read(eligible)
+        except Exception:  # the table unreadable (a store gone): the last counts serve on
+            log.debug("reading the other processes' in-flight counts failed", exc_info=True)
+            return
         changed = self.balancer.load_changed
-        for backend, others in zip(eligible, read(eligible), strict=True):
+        for backend, others in zip(eligible, counts, strict=True):
             if others != backend.shared_active:
                 backend.shared_active = others
                 changed(backend)
