@@ -978,7 +978,7 @@ class Engine:
         if self.admin_listen is not None:
             return False
         url = request.url
-        if url[:1] == b"/" and b"%" not in url and not url.startswith(self._admin_starts):
+        if url[:1] == b"/" and url.find(b"%") < 0 and not url.startswith(self._admin_starts):
             return False  # the common case, decided without decoding anything
         path = url.split(b"?", 1)[0]
         if not path.startswith(b"/"):
@@ -1081,8 +1081,10 @@ class Engine:
         target: bytes | None
         if (
             url[:1] == b"/"
-            and b"%" not in url
-            and b"#" not in url
+            # find(), not "in": bytes.__contains__ tries the operand as an int first and
+            # builds a TypeError to throw away, ~3,600 instructions each (per request)
+            and url.find(b"%") < 0
+            and url.find(b"#") < 0
             and not url.startswith(self._admin_starts)
             and not conn.admin_only
         ):
