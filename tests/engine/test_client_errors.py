@@ -37,6 +37,13 @@ CHUNKED_IN_HTTP10 = (
     b"POST /upload HTTP/1.0\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n"
     b"5\r\nhello\r\n0\r\n\r\n"
 )
+#: The same, kept alive by a Connection or a Proxy-Connection field (llhttp honours both).
+CHUNKED_IN_HTTP10_KEPT = CHUNKED_IN_HTTP10.replace(
+    b"Host:", b"Connection: keep-alive\r\nHost:"
+)
+CHUNKED_IN_HTTP10_PROXY_KEPT = CHUNKED_IN_HTTP10.replace(
+    b"Host:", b"Proxy-Connection: keep-alive\r\nHost:"
+)
 #: HTTP/1.1 without Host.
 NO_HOST = b"GET /no-host HTTP/1.1\r\nUser-Agent: test\r\n\r\n"
 
@@ -65,8 +72,20 @@ def refused(lb: Balancer, request: bytes, *, closes: bool = True) -> int:
 
 @pytest.mark.parametrize(
     "request_bytes",
-    [NEGATIVE_CHUNK, CONFLICTING_LENGTHS, CHUNKED_IN_HTTP10],
-    ids=["chunk-size--5", "two-lengths", "chunked-in-http-1.0"],
+    [
+        NEGATIVE_CHUNK,
+        CONFLICTING_LENGTHS,
+        CHUNKED_IN_HTTP10,
+        CHUNKED_IN_HTTP10_KEPT,
+        CHUNKED_IN_HTTP10_PROXY_KEPT,
+    ],
+    ids=[
+        "chunk-size--5",
+        "two-lengths",
+        "chunked-in-http-1.0",
+        "chunked-in-http-1.0-keep-alive",
+        "chunked-in-http-1.0-proxy-keep-alive",
+    ],
 )
 def test_bad_framing_is_400_and_no_backend_failure(
     shared: Balancer, backend: TestBackend, request_bytes: bytes
@@ -95,6 +114,19 @@ def test_http11_without_host_is_400(shared: Balancer, backend: TestBackend) -> N
     assert "/no-host" not in [seen.target for seen in backend.requests]
 
 
+@pytest.mark.parametrize("field", [b"Connection", b"Proxy-Connection"])
+def test_http10_kept_alive_without_host_is_forwarded(
+    shared: Balancer, backend: TestBackend, field: bytes
+) -> None:
+    """HTTP/1.0 needs no Host, also when a Connection or Proxy-Connection field keeps it
+    alive (the engine tells the version without asking the parser only for a request kept
+    alive with neither field)."""
+    with shared.raw(timeout=5.0) as client:
+        client.send(b"GET /old-client HTTP/1.0\r\n%b: keep-alive\r\n\r\n" % field)
+        assert client.read_response().status == 200
+    assert backend.last.target == "/old-client"
+
+
 def test_content_length_above_2_to_the_63_is_400_before_the_backend(
     balancer: StartBalancer,
 ) -> None:
@@ -119,6 +151,19 @@ def test_invalid_host_is_400_and_not_forwarded(
         assert client.read_response().status == 400
     assert backend.request_count == before
     assert shared.servers()[backend.url]["failures"] == 0
+
+
+def test_a_host_refused_stays_refused_beside_valid_ones(
+    shared: Balancer, backend: TestBackend
+) -> None:
+    """Valid Host values are remembered, refused ones are not: the same bad value is refused
+    every time, before and after a valid value that starts like it."""
+    statuses = []
+    for host in (b"cache.example/x", b"cache.example", b"cache.example/x", b"cache.example"):
+        with shared.raw(timeout=5.0) as client:
+            client.send(b"GET /cached-host HTTP/1.1\r\nHost: %b\r\n\r\n" % host)
+            statuses.append(client.read_response().status)
+    assert statuses == [400, 200, 400, 200]
 
 
 @pytest.mark.parametrize(

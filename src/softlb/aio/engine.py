@@ -196,6 +196,10 @@ _METHOD_START: Final = re.compile(rb"[!$%&'*+\-.^_`|~0-9A-Z]{1,20}")
 _STAND_IN: Final = b"GET"
 #: A valid Host field value (RFC 9112 §3.2); anything else gets 400.
 _HOST_VALUE: Final = re.compile(HOST_PATTERN.encode())
+#: Host values that matched it (clients repeat theirs on every request, and the match costs
+#: more than a set lookup), up to _HOSTS_SEEN_MAX of them, each of 255 bytes at most.
+_HOSTS_SEEN: set[bytes] = set()
+_HOSTS_SEEN_MAX: Final = 1024
 
 
 def _llhttp_knows(method: bytes) -> bool:
@@ -485,8 +489,7 @@ class ClientConnection(asyncio.Protocol):
         if self.head_bytes + len(method) + 14 > self.engine.limits.max_header_bytes:
             raise _ClientError(431, "the request head is too large")
         request.method = _METHOD_NAMES.get(method) or method.decode("ascii", "replace")
-        request.version = parser.get_http_version()
-        request.keep_alive = parser.should_keep_alive()
+        keep_alive = request.keep_alive = parser.should_keep_alive()
         # One pass: the request's framing and checks, and its header block for the backend
         # (Engine._fields, which makes it when the Connection header names other fields).
         host_seen = 0
@@ -494,6 +497,7 @@ class ClientConnection(asyncio.Protocol):
         lines: list[bytes] = []
         forwarded_for: list[bytes] | None = None
         connection: list[bytes] | None = None
+        dropped = False
         for name, value in request.headers:
             lname = name.lower()
             kind = _SPECIAL.get(lname)
@@ -502,13 +506,16 @@ class ClientConnection(asyncio.Protocol):
             elif kind == _HOST:
                 host_seen += 1
                 host = value.rstrip(b" \t")  # (llhttp keeps trailing whitespace)
-                if _HOST_VALUE.fullmatch(host) is None:
-                    request.error = _ClientError(400, "the Host header is not a valid host[:port]")
+                if host not in _HOSTS_SEEN:
+                    if _HOST_VALUE.fullmatch(host) is None:
+                        request.error = _ClientError(
+                            400, "the Host header is not a valid host[:port]"
+                        )
+                    elif len(_HOSTS_SEEN) < _HOSTS_SEEN_MAX and len(host) <= 255:
+                        _HOSTS_SEEN.add(host)
                 lines += (name, b": ", host, b"\r\n")
             elif kind == _TRANSFER_ENCODING:
-                if request.version == "1.0":  # RFC 9112 §6.1: faulty framing, whatever follows
-                    request.error = _ClientError(400, "Transfer-Encoding in an HTTP/1.0 request")
-                elif value.strip().lower() != b"chunked" or request.chunked:
+                if value.strip().lower() != b"chunked" or request.chunked:
                     request.error = _ClientError(501, _UNSUPPORTED_CODING)
                 request.chunked = True
             elif kind == _CONTENT_LENGTH:
@@ -527,6 +534,17 @@ class ClientConnection(asyncio.Protocol):
             elif kind == _IDEMPOTENCY_KEY:
                 request.has_key = True
                 lines += (name, b": ", value, b"\r\n")
+            else:
+                dropped = True  # a hop-by-hop field (Proxy-Connection among them)
+        if not keep_alive or connection is not None or dropped:
+            # llhttp keeps a connection alive by default only from HTTP/1.1 on (1.0, 0.9 and
+            # 2.0 need Connection or Proxy-Connection: keep-alive) and parses no 1.x above
+            # 1.1: kept alive with neither field, a request is HTTP/1.1 (request.version's
+            # default), told without get_http_version(), a str.format call (per request).
+            request.version = parser.get_http_version()
+            if request.chunked and request.version == "1.0":
+                # RFC 9112 §6.1: faulty framing, whatever the coding
+                request.error = _ClientError(400, "Transfer-Encoding in an HTTP/1.0 request")
         if connection is None or connection_token_bytes(connection) <= _NAMED_ANYWAY:
             if forwarded_for is None:
                 lines.append(self._forwarded)
