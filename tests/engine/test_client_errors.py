@@ -38,9 +38,7 @@ CHUNKED_IN_HTTP10 = (
     b"5\r\nhello\r\n0\r\n\r\n"
 )
 #: The same, kept alive by a Connection or a Proxy-Connection field (llhttp honours both).
-CHUNKED_IN_HTTP10_KEPT = CHUNKED_IN_HTTP10.replace(
-    b"Host:", b"Connection: keep-alive\r\nHost:"
-)
+CHUNKED_IN_HTTP10_KEPT = CHUNKED_IN_HTTP10.replace(b"Host:", b"Connection: keep-alive\r\nHost:")
 CHUNKED_IN_HTTP10_PROXY_KEPT = CHUNKED_IN_HTTP10.replace(
     b"Host:", b"Proxy-Connection: keep-alive\r\nHost:"
 )
