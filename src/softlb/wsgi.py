@@ -29,6 +29,7 @@ from softlb.http.headers import (
     BadFraming,
     check_request_framing,
     close_after,
+    connection_tokens,
     downstream_response_headers,
     request_target,
     upstream_request_headers,
@@ -419,6 +420,11 @@ class LoadBalancer:
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         started = time.perf_counter()
+        connection = environ.get("HTTP_CONNECTION")
+        if connection is not None and "close" in connection_tokens((connection,)):
+            # RFC 9112 §9.6: "close" among other tokens ends the connection too; gunicorn
+            # looks only for a value that is "close" alone.
+            close_after(start_response)
         try:
             return self._proxy(environ, start_response, started)
         except BadFraming as exc:

@@ -322,3 +322,18 @@ def test_early_answer_passed_to_the_client(balancer: StartBalancer) -> None:
             response = client.read_response(timeout=3.0)
         assert (response.status, response.body) == (413, b"body too large")
         assert lb.servers()[early.url]["failures"] == 0
+
+
+@pytest.mark.parametrize("value", [b"close", b"close, TE", b"TE, Close", b"x-trace,close"])
+def test_connection_close_among_other_tokens_closes_after_the_answer(
+    shared: Balancer, backend: TestBackend, value: bytes
+) -> None:
+    """``close`` is a token of Connection (RFC 9112 §9.6): with other tokens beside it, the
+    answer is still the connection's last, on both engines."""
+    with shared.raw(timeout=5.0) as client:
+        client.send(
+            b"GET /closing HTTP/1.1\r\nHost: example.test\r\nConnection: %b\r\n\r\n" % value
+        )
+        assert client.read_response().status == 200
+        assert client.wait_closed(timeout=3.0) == b""
+    assert backend.last.target == "/closing"
