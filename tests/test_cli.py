@@ -362,13 +362,13 @@ def test_serve_refuses_a_certificate_flag_pair_that_cannot_serve_tls(
     ],
 )
 def test_bad_flags(capsys: pytest.CaptureFixture[str], argv: list[str], expected: str) -> None:
-    """A bad flag: argparse's usage line and one error line, exit 2, no traceback."""
+    """A bad flag: one readable line (SPEC §1), exit 2, no traceback."""
     status, out, err = run(capsys, *argv)
     assert status == 2
     assert out == ""
     assert expected in err
-    error_lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(error_lines) == 1
+    assert len(err.splitlines()) == 1
+    assert "usage:" not in err
 
 
 def test_bind_accepts_every_listen_form(
