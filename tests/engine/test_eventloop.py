@@ -262,6 +262,99 @@ def wait_for_tunnel_close(echo_backend: UpgradeEchoBackend, closed_before: int) 
     assert echo_backend.tunnels_closed > closed_before, "the backend's side stayed open"
 
 
+H2C_UPGRADE = (
+    b"POST /h2 HTTP/1.1\r\nHost: example.test\r\nUpgrade: h2c\r\n"
+    b"Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+)
+
+
+@pytest.mark.eventloop_only("the threaded engine cannot hand over a socket: it drops Upgrade")
+@pytest.mark.parametrize(
+    ("framing", "body"),
+    [
+        ("length", b"hello"),
+        ("chunked", b"hello"),
+        ("length", bytes(range(256)) * 1200),  # above the read-ahead: streamed
+        ("chunked", bytes(range(256)) * 1200),
+        ("none", b""),
+    ],
+    ids=["length", "chunked", "length-streamed", "chunked-streamed", "bodiless"],
+)
+def test_upgrade_request_with_a_body_declined_by_the_backend(
+    tunnel: Balancer, echo_backend: UpgradeEchoBackend, framing: str, body: bytes
+) -> None:
+    """An upgrade request with a body (h2c, which the backend declines with a 200): the body
+    reaches the backend by its framing, with the request; the answer reaches the client; no
+    one is blamed; and the connection goes on in HTTP/1.1 with the request pipelined after it
+    (RFC 9110 §7.8, as nginx). A body held back for a 101 that never comes made the backend
+    time out and be charged a failure (the hardening issue's "a client ejects backends")."""
+    failures_before = tunnel.servers()[echo_backend.url]["failures"]
+    if framing == "none":
+        message = H2C_UPGRADE + b"\r\n"
+    elif framing == "length":
+        message = H2C_UPGRADE + b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+    else:
+        half = len(body) // 2
+        chunks = b"%x\r\n%b\r\n%x\r\n%b\r\n0\r\n\r\n" % (
+            half, body[:half], len(body) - half, body[half:]
+        )  # fmt: skip
+        message = H2C_UPGRADE + b"Transfer-Encoding: chunked\r\n\r\n" + chunks
+    with tunnel.raw(timeout=5.0) as client:
+        client.send_in_background(message + b"GET /next HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        first = client.read_response()
+        assert (first.status, first.body) == (200, b"declined: " + body)
+        second = client.read_response()
+        assert (second.status, second.body) == (200, b"plain")
+    head = echo_backend.heads[-2].lower()
+    assert head.startswith(b"post /h2 ") and b"\r\nupgrade: h2c\r\n" in head
+    assert echo_backend.bodies[-2] == body
+    assert echo_backend.heads[-1].lower().startswith(b"get /next ")
+    assert tunnel.servers()[echo_backend.url]["failures"] == failures_before
+
+
+WEBSOCKET_WITH_BODY = (
+    b"POST /chat HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nContent-Length: 5\r\n\r\nhello"
+)
+
+
+@pytest.mark.eventloop_only("the threaded engine cannot hand over a socket: it drops Upgrade")
+def test_upgrade_request_with_a_body_then_the_tunnel(
+    tunnel: Balancer, echo_backend: UpgradeEchoBackend
+) -> None:
+    """An upgrade request with a body that the backend accepts: the backend reads the body by
+    its framing, then answers 101, and the tunnel carries bytes both ways."""
+    closed_before = echo_backend.tunnels_closed
+    with tunnel.raw(timeout=5.0) as client:
+        client.send(WEBSOCKET_WITH_BODY)
+        head = client.read_head()
+        assert head.status == 101, head
+        greeting = UpgradeEchoBackend.greeting
+        assert client.recv_exactly(len(greeting)) == greeting
+        client.send(b"ping")
+        assert client.recv_exactly(4) == b"ping"
+    assert echo_backend.bodies[-1] == b"hello"
+    wait_for_tunnel_close(echo_backend, closed_before)
+
+
+@pytest.mark.eventloop_only("the threaded engine cannot hand over a socket: it drops Upgrade")
+def test_bytes_before_the_101_after_an_upgrade_body_get_400(
+    tunnel: Balancer, echo_backend: UpgradeEchoBackend
+) -> None:
+    """Bytes a client sends right after an upgrade request with a body, before the 101, are
+    read as the next request and cannot be tunnelled byte for byte: 400 and the connection
+    closed, with no failure charged to the backend that accepted."""
+    failures_before = tunnel.servers()[echo_backend.url]["failures"]
+    with tunnel.raw(timeout=5.0) as client:
+        client.send(WEBSOCKET_WITH_BODY + b"early")
+        response = client.read_response()
+        assert response.status == 400, response
+        assert b"before the 101" in response.body
+        client.wait_closed(timeout=2.0)
+    assert echo_backend.bodies[-1] == b"hello"
+    assert tunnel.servers()[echo_backend.url]["failures"] == failures_before
+
+
 @pytest.mark.eventloop_only("the threaded engine cannot hand over a socket: it drops Upgrade")
 def test_idle_tunnel_closed_after_timeouts_tunnel(
     short_tunnel: Balancer, echo_backend: UpgradeEchoBackend

@@ -8,8 +8,9 @@ waits for nothing without a bound:
   early close), optionally over TLS.
 - :class:`IdleClients`: many connections that send part of a request head (or nothing, or a
   whole request) and then stay silent: slowloris, idle keep-alive.
-- :class:`UpgradeEchoBackend`: answers any request with ``101 Switching Protocols``, sends a
-  greeting, then echoes every byte back: a WebSocket server as seen by a proxy.
+- :class:`UpgradeEchoBackend`: answers an upgrade request (its body read first) with ``101
+  Switching Protocols``, sends a greeting, then echoes every byte back: a WebSocket server as
+  seen by a proxy. It declines ``h2c`` with a ``200``.
 - :class:`EarlyAnswerBackend`: answers as soon as it has the request head (``413`` by
   default), closes its sending side and never reads the body: nginx's ``client_max_body_size``.
 - :func:`reset_step`: a :class:`~tests.helpers.raw_backend.RawBackend` script step that
@@ -397,33 +398,84 @@ def _read_head(sock: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes]:
     return head + b"\r\n\r\n", rest
 
 
-class UpgradeEchoBackend(_Acceptor):
-    """Answers a request head that asks for an upgrade with ``101 Switching Protocols``, sends
-    :attr:`greeting`, then echoes every byte it receives until the other side closes. A plain
-    request (no ``Upgrade`` field) gets a small keep-alive ``200``, and the connection waits
-    for the next request, as a web server that also speaks WebSocket does.
+def _read_body(sock: socket.socket, head: bytes, buf: bytes) -> tuple[bytes, bytes]:
+    """The request body that ``head`` frames (``Content-Length`` or chunked; none without
+    either) and the bytes read after it; ``buf``: bytes already read after the head."""
 
-    :attr:`heads` are the request heads received; :attr:`tunnels_closed` counts connections
-    whose tunnel the other side ended (EOF or reset), so a test can see the proxy let go of
-    the backend side too.
+    def more() -> bytes:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed before the whole body")
+        return data
+
+    fields = head.lower()
+    if b"\r\ntransfer-encoding: chunked\r\n" in fields:
+        body = b""
+        while True:
+            while b"\r\n" not in buf:
+                buf += more()
+            size_line, buf = buf.split(b"\r\n", 1)
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                while b"\r\n" not in buf:  # no trailer fields: the empty line ends it
+                    buf += more()
+                return body, buf.split(b"\r\n", 1)[1]
+            while len(buf) < size + 2:
+                buf += more()
+            body, buf = body + buf[:size], buf[size + 2 :]
+    length = 0
+    for line in fields.split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    while len(buf) < length:
+        buf += more()
+    return buf[:length], buf[length:]
+
+
+class UpgradeEchoBackend(_Acceptor):
+    """Answers a request that asks for an upgrade with ``101 Switching Protocols``, sends
+    :attr:`greeting`, then echoes every byte it receives until the other side closes. It reads
+    a request's body by its framing first (RFC 9110 §7.8: the upgrade takes effect after the
+    request message), as a WebSocket or h2c server does.
+
+    A plain request (no ``Upgrade`` field), or one asking for a protocol in :attr:`declined`,
+    gets a keep-alive ``200`` whose body is ``plain`` (``declined: `` and the request's body
+    for an upgrade it declines), and the connection waits for the next request, as a web
+    server that also speaks WebSocket does.
+
+    :attr:`heads` and :attr:`bodies` are the requests received; :attr:`tunnels_closed` counts
+    connections whose tunnel the other side ended (EOF or reset), so a test can see the proxy
+    let go of the backend side too.
     """
 
     greeting = b"hello from the backend\n"
+    #: Upgrade values answered with a 200 instead of a 101.
+    declined = (b"h2c",)
 
     def __init__(self) -> None:
         self.heads: list[bytes] = []
+        self.bodies: list[bytes] = []
         self.tunnels_closed = 0
         super().__init__("UpgradeEchoBackend")
 
     def serve(self, sock: socket.socket) -> None:
-        head, rest = _read_head(sock)
-        with self._lock:
-            self.heads.append(head)
-        while b"\r\nupgrade:" not in head.lower():  # a plain request (bodiless, as sent)
-            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
+        rest = b""
+        while True:
             head, rest = _read_head(sock, rest)
+            body, rest = _read_body(sock, head, rest)
             with self._lock:
                 self.heads.append(head)
+                self.bodies.append(body)
+            fields = head.lower()
+            if b"\r\nupgrade:" not in fields:
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
+            elif any(b"\r\nupgrade: " + name + b"\r\n" in fields for name in self.declined):
+                answer = b"declined: " + body
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (
+                    len(answer), answer
+                ))  # fmt: skip
+            else:
+                break
         sock.sendall(
             b"HTTP/1.1 101 Switching Protocols\r\n"
             b"Upgrade: websocket\r\nConnection: Upgrade\r\n"

@@ -240,6 +240,7 @@ class _Request:
         "on_body",
         "sink",
         "started",
+        "tail",
         "upgrade",
         "url",
         "version",
@@ -264,6 +265,9 @@ class _Request:
         self.fields: bytes | None = None
         self.has_key = False  # an Idempotency-Key header came
         self.upgrade = False
+        #: What came after an upgrade request's message: the new protocol's first bytes,
+        #: sent on after the backend's 101, or the next request when it declines.
+        self.tail = b""
         self.sink: Callable[[bytes], None] | None = None
         self.on_body: Callable[[], None] | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -391,14 +395,23 @@ class ClientConnection(asyncio.Protocol):
             self._extension = extension.group(1)
             self.data_received(_STAND_IN + data[extension.end(1) :])
         except httptools.HttpParserUpgrade as exc:
-            # The request asked to switch protocols; what follows its head is the new
-            # protocol's, kept for the backend once it has agreed (101).
+            # The request asked to switch protocols. httptools ends its message at the head
+            # (it skips an upgrade request's body), and the parser stops for good.
+            rest = data[int(exc.args[0]) :]
             request = self.queue[-1] if self.queue else None
             if request is not None:
                 request.upgrade = True
-                rest = data[int(exc.args[0]) :]
-                if rest:
-                    request.body.append(rest)
+                if (
+                    request.error is None
+                    and request.method != "CONNECT"
+                    and (request.chunked or request.length)
+                ):
+                    self._read_upgrade_body(request, rest)
+                    return
+                # What follows a bodiless upgrade request: the new protocol's first bytes,
+                # sent on after the backend's 101, or the next request if it declines (_done).
+                request.tail += rest
+            self.parser = httptools.HttpRequestParser(self)
             self._pause_reading()
         except _ClientError as exc:
             self._client_error(exc)
@@ -410,6 +423,28 @@ class ClientConnection(asyncio.Protocol):
                 self._client_error(_ClientError(501, _UNSUPPORTED_CODING))
             else:
                 self._client_error(_ClientError(400, f"malformed request: {exc}"))
+
+    def _read_upgrade_body(self, request: _Request, rest: bytes) -> None:
+        """Read an upgrade request's body by its framing, as any other (RFC 9110 §7.8: the
+        upgrade takes effect after the request message), with llhttp: a new parser is given
+        a stand-in head with the same framing, then the bytes after the real one
+        (:class:`_UpgradeBody`). Sent to the backend with the request, the body is never
+        held back for a 101 that may not come (a backend waiting for it would time out and
+        be blamed for the client's request). What follows the body is read as the next
+        request, so a client that sends the new protocol before the 101 cannot be joined
+        (:meth:`Engine._relay`)."""
+        request.complete = False  # (httptools told on_message_complete at the head)
+        self.current = request
+        framing = (
+            b"Transfer-Encoding: chunked\r\n"
+            if request.chunked
+            else b"Content-Length: %d\r\n" % (request.length or 0)
+        )
+        self.parser = httptools.HttpRequestParser(_UpgradeBody(self))
+        self.parser.feed_data(b"PUT / HTTP/1.1\r\n" + framing + b"\r\n")
+        self._set_deadline("body", self.engine.limits.client_body)
+        if rest:
+            self.data_received(rest)
 
     def eof_received(self) -> bool | None:
         request = self.current
@@ -542,6 +577,9 @@ class ClientConnection(asyncio.Protocol):
             # 1.1: kept alive with neither field, a request is HTTP/1.1 (request.version's
             # default), told without get_http_version(), a str.format call (per request).
             request.version = parser.get_http_version()
+            # Upgrade with Connection: upgrade (or CONNECT), known before the body: the
+            # body goes to the backend by its framing like any other (RFC 9110 §7.8).
+            request.upgrade = parser.should_upgrade()
             if request.chunked and request.version == "1.0":
                 # RFC 9112 §6.1: faulty framing, whatever the coding
                 request.error = _ClientError(400, "Transfer-Encoding in an HTTP/1.0 request")
@@ -671,6 +709,19 @@ class ClientConnection(asyncio.Protocol):
             # what is left of the body cannot be told from the next request. Close, as nginx.
             self.close()
             return
+        if request.upgrade:
+            if request.method == "CONNECT":
+                self.close()  # what follows a CONNECT is never HTTP
+                return
+            # The upgrade was declined (any answer but 101): the connection goes on in
+            # HTTP/1.1 (RFC 9110 §7.8), as under nginx; what came after a bodiless upgrade
+            # request is read as the next request, by the parser that replaced the stopped one.
+            tail, request.tail = request.tail, b""
+            if tail and not self.queue:
+                self._set_deadline("idle", self.engine.limits.keepalive)
+                self._resume_reading()
+                self.data_received(tail)
+                return
         if self.queue:
             self._next()
         else:  # _set_deadline("idle", ...), inline: per request
@@ -1327,7 +1378,7 @@ class Engine:
             return _request_head(method, address, target, fields, framing)
 
         stream = None
-        if not request.complete and not request.upgrade:
+        if not request.complete:
 
             def stream(upstream: UpstreamConnection) -> None:
                 self._stream_body(request, upstream)
@@ -1403,10 +1454,23 @@ class Engine:
         assert answer is not None  # (exchange() returns once it has come)
         status = answer.status
         if status == 101:
-            if not request.upgrade:
+            if not request.upgrade or not request.complete:
                 lease.release("broken")
                 upstream.abort()
-                conn.send_error(502, "the backend switched protocols unasked", close=True)
+                conn.send_error(502, "the backend switched protocols unasked" if not request.upgrade
+                                else "the backend switched protocols before the request body ended",
+                                close=True)  # fmt: skip
+                return
+            if conn.current is not None or len(conn.queue) > 1 or conn._held:
+                # Bytes after an upgrade request with a body came before the 101 and were read
+                # as HTTP (_read_upgrade_body): they cannot be passed on byte for byte. The
+                # client's doing (RFC 9110 §7.8 has it wait for the 101): no one is blamed.
+                lease.release()
+                upstream.abort()
+                conn.send_error(
+                    400, "bytes after an upgrade request with a body came before the 101",
+                    close=True,
+                )  # fmt: skip
                 return
             await self._tunnel(conn, request, upstream, lease, answer)
             return
@@ -1494,8 +1558,8 @@ class Engine:
                 client_chunked = True
             else:
                 close = True
-        if request.upgrade:
-            close = True  # the connection stayed in the upgrade request's state
+        if request.upgrade and request.method == "CONNECT":
+            close = True  # what follows a CONNECT is never HTTP
         if close:
             request.keep_alive = False
         elif request.version == "1.0":
@@ -1612,7 +1676,9 @@ class Engine:
         conn.write(b"".join(lines))
         if upstream.upgrade_tail:
             conn.write(upstream.upgrade_tail)
-        early = request.take_body()
+        # What the client sent after its request, in the new protocol already (a body still
+        # coming, if the backend did not wait for it, is passed on as it comes, unparsed).
+        early, request.tail = request.tail, b""
         if early:
             upstream.write(early)
         waiter: asyncio.Future[None] = self.loop.create_future()
@@ -1702,6 +1768,40 @@ class Engine:
         return value or None
 
 
+class _UpgradeBody:
+    """httptools callbacks for the parser that reads an upgrade request's body (httptools
+    skips it: :meth:`ClientConnection._read_upgrade_body`). The stand-in head it is given
+    first is not told to the connection; the body and its end are, and every later request
+    on the connection in full, as by the connection's own parser."""
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.ended = False  # the upgrade request's body has ended
+
+    def on_message_begin(self) -> None:
+        if self.ended:
+            self.conn.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if self.ended:
+            self.conn.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.ended:  # (before: the stand-in's fields, or trailer fields: not forwarded)
+            self.conn.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self.ended:
+            self.conn.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.conn.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.ended = True
+        self.conn.on_message_complete()
+
+
 class _ClientBodyFailed(Exception):
     """The exchange ended because the client's body broke, not the backend."""
 
@@ -1736,7 +1836,6 @@ def _outgoing(request: _Request) -> tuple[bytes, bytes, bytes]:
     if request.upgrade:
         value = request.header(b"upgrade") or b""
         framing += b"Upgrade: " + value + b"\r\nConnection: upgrade\r\n"
-        body = b""  # bytes after an upgrade request's head belong to the new protocol
     return method, framing, body
 
 
