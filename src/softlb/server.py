@@ -44,7 +44,8 @@ from gunicorn.http.errors import (
     UnsupportedTransferCoding,
 )
 
-from softlb.config import Config
+from softlb.config import Config, TimeoutsConfig
+from softlb.gthread import install as install_client_timeouts
 
 __all__ = [
     "DEFAULT_ENGINE",
@@ -298,8 +299,9 @@ def _post_worker_init(worker: Any) -> None:
 
     Under gunicorn's gthread worker (``--engine threads``), also: both signals close the
     listening sockets at once (SPEC §1: a new connection is refused, never left in the listen
-    backlog while in-flight requests drain), and a request gunicorn's own parser refuses gets
-    a plain-text answer instead of gunicorn's HTML page (SPEC §3).
+    backlog while in-flight requests drain), a request gunicorn's own parser refuses gets
+    a plain-text answer instead of gunicorn's HTML page (SPEC §3), and the client timeouts
+    ``client_header`` and ``client_body`` hold (:mod:`softlb.gthread`).
     """
     queue = getattr(worker, "method_queue", None)
     if queue is None or not callable(getattr(worker, "set_accept_enabled", None)):
@@ -313,6 +315,14 @@ def _post_worker_init(worker: Any) -> None:
         handle_error(req, client, addr, _spec_error(exc))
 
     worker.handle_error = handle_coding_error
+    # timeouts.client_header and client_body (SPEC §2), which gthread has none of.
+    config = getattr(worker.wsgi, "config", None)
+    timeouts = getattr(config, "timeouts", None)
+    install_client_timeouts(
+        worker,
+        timeouts if isinstance(timeouts, TimeoutsConfig) else TimeoutsConfig(),
+        tls=bool(worker.cfg.is_ssl),
+    )
 
     def stop(sig: int, frame: Any) -> None:
         worker.handle_exit(sig, frame)

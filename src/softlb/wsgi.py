@@ -93,7 +93,12 @@ _BODILESS: Final = frozenset({204, 304})
 
 class ClientBodyError(ClientAbort):
     """The client's request body ended early or could not be read (the client's fault: the
-    backend it was being sent to is not blamed)."""
+    backend it was being sent to is not blamed). ``status``: the answer, ``400``, or ``408``
+    for a pause longer than ``timeouts.client_body`` (the server's read timed out)."""
+
+    def __init__(self, why: str, status: int = 400) -> None:
+        super().__init__(why)
+        self.status = status
 
 
 ErrorHandler = Callable[[Environ, ProxyError], tuple[int, list[tuple[str, str]], bytes]]
@@ -208,7 +213,9 @@ class _Body:
             return b""
         try:
             data: bytes = source.read(size)
-        except Exception as exc:  # a timeout, a reset, a bad chunk (gunicorn's ParseException)
+        except TimeoutError as exc:  # the socket's timeout: timeouts.client_body (softlb.gthread)
+            raise ClientBodyError("the request body paused too long", status=408) from exc
+        except Exception as exc:  # a reset, a bad chunk (gunicorn's ParseException)
             raise ClientBodyError(f"reading the request body failed: {exc!r}") from exc
         return data
 
@@ -430,7 +437,7 @@ class LoadBalancer:
         except BadFraming as exc:
             return self.refuse(start_response, exc.status, str(exc))
         except ClientBodyError as exc:
-            return self.refuse(start_response, 400, str(exc))
+            return self.refuse(start_response, exc.status, str(exc))
         except Exception:  # never a traceback to the client
             log.exception("internal error while proxying %s", environ.get("PATH_INFO"))
             return self._plain(start_response, 500, "500 Internal Server Error\n")
@@ -632,6 +639,7 @@ class LoadBalancer:
 
 _REASONS: Final = {
     400: "Bad Request",
+    408: "Request Timeout",
     431: "Request Header Fields Too Large",
     501: "Not Implemented",
     500: "Internal Server Error",

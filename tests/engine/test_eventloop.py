@@ -65,7 +65,6 @@ def test_half_open_connections_do_not_delay_others(plain: Balancer) -> None:
         assert timed_get(plain) < 0.2
 
 
-@pytest.mark.eventloop_only("timeouts.client_header is the event loop's")
 def test_unfinished_head_gets_408_and_close(limited: Balancer) -> None:
     """A head not finished within timeouts.client_header (500ms) gets 408, then the close."""
     with limited.raw(timeout=3.0) as client:
@@ -78,7 +77,6 @@ def test_unfinished_head_gets_408_and_close(limited: Balancer) -> None:
     assert 0.4 <= elapsed < 2.5
 
 
-@pytest.mark.eventloop_only("timeouts.client_body is the event loop's")
 def test_stalled_body_gets_408_and_close(limited: Balancer, backend: TestBackend) -> None:
     """A body that stops for longer than timeouts.client_body (500ms) gets 408, then the
     close; the backend's failures stay 0."""
@@ -91,6 +89,37 @@ def test_stalled_body_gets_408_and_close(limited: Balancer, backend: TestBackend
         client.wait_closed(timeout=2.0)
     assert 0.4 <= elapsed < 2.5
     assert limited.servers()[backend.url]["failures"] == 0
+
+
+def test_more_slow_clients_than_threads_are_timed_out(
+    balancer: StartBalancer, backend: TestBackend
+) -> None:
+    """Four clients that send half a head, and two that stop in their body, against two
+    threads (``--threads 2``; the event loop has none to take): each gets 408 after its
+    timeout (500ms) instead of holding a thread for ever (gunicorn's threaded worker has no
+    such timeouts of its own), and a normal request sent after them is answered once they
+    have been let go of."""
+    lb = balancer({"servers": [backend.url], **CLIENT_LIMITS}, "--threads", "2")
+    assert lb.get("/warm-up")[0] == 200
+    heads = [lb.raw(timeout=4.0) for _ in range(4)]
+    bodies = [lb.raw(timeout=4.0) for _ in range(2)]
+    try:
+        for client in heads:
+            client.send(b"GET /never HTTP/1.1\r\nHost: exa")
+        for client in bodies:
+            client.send(b"POST /up HTTP/1.1\r\nHost: example.test\r\nContent-Length: 9\r\n\r\nab")
+        time.sleep(0.1)
+        started = time.monotonic()
+        with lb.raw(timeout=4.0) as normal:
+            normal.send(b"GET /normal HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            assert normal.read_response().status == 200
+        assert time.monotonic() - started < 3.0
+        assert [client.read_response().status for client in heads + bodies] == [408] * 6
+    finally:
+        for client in heads + bodies:
+            client.close()
+    assert lb.servers()[backend.url]["failures"] == 0
+    assert "/up" not in [seen.target for seen in backend.requests]
 
 
 @pytest.mark.parametrize(
@@ -131,9 +160,9 @@ def test_head_just_below_max_header_bytes_is_forwarded(
     assert backend.last.target == "/fits"
 
 
-@pytest.mark.eventloop_only("timeouts.keepalive is the event loop's")
 def test_idle_keepalive_connection_closed(limited: Balancer) -> None:
-    """A keep-alive connection idle for timeouts.keepalive (300ms) is closed."""
+    """A keep-alive connection idle for timeouts.keepalive (300ms; gunicorn's threaded worker
+    takes whole seconds, so 1 s there) is closed."""
     with limited.raw(timeout=3.0) as client:
         client.send(b"GET /once HTTP/1.1\r\nHost: example.test\r\n\r\n")
         assert client.read_response().status == 200
