@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.engine.conftest import StartBalancer
-from tests.helpers.hostile import TLSBackend
+from tests.helpers.hostile import RawClient, TLSBackend
 from tests.helpers.servers import TestBackend
 
 trustme = pytest.importorskip("trustme")
@@ -80,6 +80,30 @@ def test_tls_termination(
     with lb.raw(timeout=3.0) as client:  # and a second request on one TLS connection
         client.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
         assert [client.read_response().status for _ in range(2)] == [200, 200]
+
+
+@pytest.mark.eventloop_only(
+    "gunicorn's threaded worker closes without a word: its failed handshake took the socket"
+)
+def test_plain_http_to_the_tls_port_gets_400(
+    balancer: StartBalancer,
+    backend: TestBackend,
+    pems: dict[str, str],
+    client_context: ssl.SSLContext,
+) -> None:
+    """Plain HTTP sent to a TLS listener gets a plain-text 400 that says so, then the close
+    (nginx's answer), and nothing reaches the backend; HTTPS on the same port still works."""
+    config = {"servers": [backend.url], "tls": {"certfile": pems["cert"], "keyfile": pems["key"]}}
+    lb = balancer(config, ssl_context=client_context)
+    with RawClient(lb.port, timeout=3.0) as client:  # no TLS
+        client.send(b"GET /plain-to-tls HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = client.read_response()
+        assert (response.status, response.body) == (
+            400, b"400 Bad Request: plain HTTP was sent to an HTTPS port\n"
+        )  # fmt: skip
+        client.wait_closed(timeout=2.0)
+    assert "/plain-to-tls" not in [seen.target for seen in backend.requests]
+    assert lb.get("/after")[0] == 200
 
 
 @pytest.mark.parametrize("how", ["SSL_CERT_FILE", "config"])

@@ -117,6 +117,15 @@ _METHOD_NAMES: Final = {
 _PROTOCOLS: Final = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 _METHODS_WITH_BODY: Final = frozenset({"POST", "PUT", "PATCH"})
 
+#: The answer to plain HTTP on a TLS listener (nginx: "The plain HTTP request was sent to HTTPS
+#: port").
+_PLAIN_TO_TLS_BODY: Final = b"400 Bad Request: plain HTTP was sent to an HTTPS port\n"
+_PLAIN_TO_TLS: Final = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n%b"
+    % (len(_PLAIN_TO_TLS_BODY), _PLAIN_TO_TLS_BODY)
+)
+
 _REASONS: Final = {
     100: "Continue",
     400: "Bad Request",
@@ -961,6 +970,8 @@ class Engine:
 
         try:
             if tls:
+                if not await self._starts_like_tls(conn):
+                    return
                 await self.loop.connect_accepted_socket(
                     factory,
                     conn,
@@ -973,6 +984,40 @@ class Engine:
             log.debug("connection not set up: %s", exc)
             with contextlib.suppress(OSError):
                 conn.close()
+
+    async def _starts_like_tls(self, conn: socket.socket) -> bool:
+        """Whether a connection to a TLS listener starts like TLS, told from its first byte
+        (peeked, so the handshake still reads it). One that starts like an HTTP request gets
+        nginx's answer, ``400`` in plain text ("plain HTTP was sent to an HTTPS port"), and
+        the close, instead of a handshake that fails without a word; one that sends nothing
+        within ``timeouts.client_header``, or goes away, is closed. ``False``: closed here."""
+        loop = self.loop
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        fd = conn.fileno()
+        loop.add_reader(fd, readable)
+        try:
+            await asyncio.wait_for(ready, self.limits.client_header)
+            first = conn.recv(1, socket.MSG_PEEK)
+        except (asyncio.TimeoutError, BlockingIOError, OSError):
+            first = b""
+        finally:
+            loop.remove_reader(fd)
+        if first[:1].isalpha():  # a method's first letter; a TLS record starts with 0x16
+            with contextlib.suppress(OSError):
+                conn.recv(65536)  # read what came, so that the close does not reset the answer
+                conn.send(_PLAIN_TO_TLS)
+                conn.shutdown(socket.SHUT_WR)
+            first = b""
+        if not first:
+            with contextlib.suppress(OSError):
+                conn.close()
+            return False
+        return True
 
     def _pause_accepting(self) -> None:
         for listener in self.listeners:
