@@ -257,6 +257,22 @@ def test_serve_runs_gunicorn_with_the_config_and_flags(
     )
 
 
+@pytest.mark.parametrize(("given", "seconds"), [("30", 30.0), ("2.5", 2.5), ("0", 0.0)])
+def test_serve_graceful_timeout_takes_a_bare_number_of_seconds(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    no_server: list[tuple[Any, ...]],
+    given: str,
+    seconds: float,
+) -> None:
+    """A flag has no JSON number to tell ``30`` from ``"30"``: a bare number is seconds."""
+    path = write(tmp_path, GOOD)
+    status, _, err = run(capsys, "serve", "--config", path, "--graceful-timeout", given)
+    assert (status, err) == (0, "")
+    [(_, _, options)] = no_server
+    assert options.graceful_timeout == seconds
+
+
 def test_serve_defaults_to_config_json(
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
@@ -355,6 +371,7 @@ def test_serve_refuses_a_certificate_flag_pair_that_cannot_serve_tls(
         (["serve", "--bind", "127.0.0.1:99999"], "argument --bind: port 99999 is out of range"),
         (["serve", "--bind", "::1:80"], "argument --bind: "),
         (["serve", "--graceful-timeout", "soon"], "argument --graceful-timeout: "),
+        (["serve", "--graceful-timeout", "-1"], "argument --graceful-timeout: -1 is negative"),
         (["serve", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["demo", "--port", "0"], "argument --port: must be 1 or more"),
         (["demo", "--port", "70000"], "argument --port: port 70000 is out of range"),
@@ -424,6 +441,29 @@ def test_serve_admin_listen_port_in_use(
     assert err == (
         f"softlb: error: admin.listen: cannot listen on 127.0.0.1:{busy_port}: the port is "
         "already in use (is another softlb or server running?)\n"
+    )
+    assert no_server == []
+
+
+@pytest.mark.parametrize("admin_host", ["127.0.0.1", "localhost"])
+def test_serve_admin_listen_on_the_bind_address(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    no_server: list[tuple[Any, ...]],
+    admin_host: str,
+) -> None:
+    """``--bind`` on ``admin.listen``'s port and interface (by the same name or another): one
+    line, exit 2, nothing started (gunicorn would retry for five seconds, then log a dozen
+    lines)."""
+    from tests.helpers.servers import free_port
+
+    port = free_port()
+    path = write(tmp_path, {"admin": {"listen": f"{admin_host}:{port}"}})
+    status, _, err = run(capsys, "serve", "--config", path, "--bind", f"127.0.0.1:{port}")
+    assert status == 2
+    assert err == (
+        f"softlb: error: admin.listen: {admin_host}:{port} takes the port of the proxy's "
+        f"--bind 127.0.0.1:{port} on the same interface; give it another port\n"
     )
     assert no_server == []
 

@@ -24,6 +24,7 @@ from softlb.config import (
     StickyConfig,
     TimeoutsConfig,
     TlsConfig,
+    listens_clash,
     load_config,
     parse_config,
     parse_listen,
@@ -1231,6 +1232,18 @@ def test_new_keys_are_read(tmp_path: Path) -> None:
             {"admin": {"listen": "127.0.0.1:8080"}},
             "admin.listen: is the proxy's own listen address",
         ),
+        (
+            {"admin": {"listen": ":8080"}},  # every interface, the proxy's among them
+            "admin.listen: 0.0.0.0:8080 takes the port of the proxy's listen address",
+        ),
+        (
+            {"admin": {"listen": "localhost:8080"}},
+            "admin.listen: localhost:8080 takes the port of the proxy's listen address",
+        ),
+        (
+            {"listen": ":9000", "admin": {"listen": "127.0.0.1:9000"}},
+            "admin.listen: 127.0.0.1:9000 takes the port of the proxy's listen address",
+        ),
         ({"admin": {"listen": "nowhere"}}, "admin.listen: "),
         ({"servers": [{"url": "http://10.0.0.1:80", "resolve": True}]}, "servers[0].resolve: "),
         ({"servers": [{"url": "http://a:80", "resolve": "yes"}]}, "servers[0].resolve: "),
@@ -1294,3 +1307,25 @@ def test_tls_files_must_be_a_usable_pair(tmp_path: Path) -> None:
     key.write_text("not a key")
     [line] = problems({"tls": {"certfile": str(cert), "keyfile": str(key)}})
     assert line.startswith("tls: ") and "not a certificate chain" in line
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "clash"),
+    [
+        ("127.0.0.1:80", "127.0.0.1:80", True),
+        ("127.0.0.1:80", "127.0.0.1:81", False),
+        ("127.0.0.1:80", "127.0.0.2:80", False),
+        (":80", "10.1.2.3:80", True),
+        ("80", "localhost:80", True),
+        ("LOCALHOST:80", "127.0.0.1:80", True),
+        ("[::]:80", "127.0.0.1:80", True),  # a dual-stack wildcard takes IPv4 too
+        ("0.0.0.0:80", "[::1]:80", False),
+        ("[::1]:80", "[::1]:80", True),
+        ("example.test:80", "127.0.0.1:80", False),  # not looked up here (serve binds both)
+        ("nonsense", "127.0.0.1:80", False),
+    ],
+)
+def test_listens_clash(first: str, second: str, clash: bool) -> None:
+    """Two listen addresses clash when they take one port on one interface."""
+    assert listens_clash(first, second) is clash
+    assert listens_clash(second, first) is clash

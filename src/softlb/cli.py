@@ -11,6 +11,7 @@ gunicorn is reached only through :mod:`softlb.server`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -18,7 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, NoReturn
 
 from softlb import __version__
-from softlb.config import access_log_problem, load_config, parse_listen, tls_problem
+from softlb.config import (
+    access_log_problem,
+    listens_clash,
+    load_config,
+    parse_listen,
+    tls_problem,
+)
 from softlb.demo import DEFAULT_PORT, HOST, run_demo
 from softlb.durations import parse_duration
 from softlb.errors import ConfigError
@@ -31,6 +38,7 @@ from softlb.server import (
     BindError,
     ServeOptions,
     admin_exposure_warning,
+    bindable_together,
     check_bindable,
     serve,
 )
@@ -110,8 +118,15 @@ def _integer(value: str) -> int:
 
 
 def _duration(value: str) -> float:
+    """A duration flag: a number of seconds (a command line has no JSON numbers to tell
+    ``30`` from ``"30"``, so a bare number is seconds here) or a string with units."""
+    given: str | float = value
+    for number in (int, float):
+        with contextlib.suppress(ValueError):
+            given = number(value)
+            break
     try:
-        return parse_duration(value, key="--graceful-timeout")
+        return parse_duration(given, key="--graceful-timeout")
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(_without_key(exc, "--graceful-timeout")) from None
 
@@ -196,8 +211,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         certfile=args.certfile,
         keyfile=args.keyfile,
     )
+    bind = options.bind or config.listen
     try:
-        check_bindable(options.bind or config.listen)
+        check_bindable(bind)
         if config.admin.listen is not None:
             try:
                 check_bindable(config.admin.listen)
@@ -205,6 +221,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 raise BindError(f"admin.listen: {exc}") from None
     except BindError as exc:
         raise _CommandError(str(exc), EXIT_FAILED) from None
+    admin_listen = config.admin.listen
+    if admin_listen is not None and (
+        listens_clash(admin_listen, bind) or not bindable_together(bind, admin_listen)
+    ):
+        where = "--bind" if options.bind else "listen"
+        raise _CommandError(
+            f"admin.listen: {admin_listen} takes the port of the proxy's {where} {bind} on the "
+            "same interface; give it another port",
+            EXIT_USAGE,
+        )
     return serve(config, options)
 
 
@@ -326,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         type=_duration,
         default=GRACEFUL_TIMEOUT,
-        help=f'how long in-flight requests may finish on stop, like "30s" '
+        help=f'how long in-flight requests may finish on stop: seconds, or like "2m" '
         f"(default: {GRACEFUL_TIMEOUT:g}s)",
     )
     serve.add_argument(

@@ -53,6 +53,7 @@ __all__ = [
     "access_log_problem",
     "load_config",
     "parse_config",
+    "listens_clash",
     "parse_listen",
     "tls_problem",
 ]
@@ -633,6 +634,31 @@ def _listen(value: object, low_port: int) -> tuple[str, int]:
     return host, port
 
 
+#: Host names that are loopback on every machine (RFC 6761), as an address for comparing.
+_LOOPBACK_NAMES: Final = {"localhost": "127.0.0.1", "localhost.": "127.0.0.1"}
+
+
+def listens_clash(first: str, second: str) -> bool:
+    """Whether two listen addresses (:func:`parse_listen`'s forms) would take the same port on
+    one interface: the same port, and the same address, or one of them every interface
+    (``0.0.0.0`` or ``::``). Names other than ``localhost`` are not looked up: ``softlb
+    serve`` finds those by binding both (:func:`softlb.server.check_bindable`)."""
+    try:
+        host_a, port_a = parse_listen(first, allow_port_zero=True)
+        host_b, port_b = parse_listen(second, allow_port_zero=True)
+    except ConfigError:
+        return False
+    if port_a != port_b or port_a == 0:
+        return False
+    host_a = _LOOPBACK_NAMES.get(host_a.lower(), host_a)
+    host_b = _LOOPBACK_NAMES.get(host_b.lower(), host_b)
+    wildcard = {_ALL_INTERFACES, "::"}
+    if host_a in wildcard or host_b in wildcard:
+        # 0.0.0.0 and an IPv6 address are apart (Linux binds them both), "::" takes IPv4 too
+        return (":" in host_a) == (":" in host_b) or "::" in (host_a, host_b)
+    return host_a == host_b
+
+
 def _valid_host(host: str) -> bool:
     """Whether ``host`` is an IPv4 address or an RFC 1123 host name."""
     if re.fullmatch(r"[0-9.]+", host):
@@ -1177,11 +1203,16 @@ def parse_config(data: object, *, source: str | None = None) -> Config:
         values["sticky"] = _sticky(c, top["sticky"])
     admin = values.get("admin")
     if isinstance(admin, AdminConfig) and admin.listen is not None:
-        main = _join_listen(
-            (values.get("listen_host", "127.0.0.1"), values.get("listen_port", 8080))  # type: ignore[arg-type]
-        )
+        proxy = (values.get("listen_host", "127.0.0.1"), values.get("listen_port", 8080))
+        main = _join_listen(proxy)  # type: ignore[arg-type]
         if admin.listen == main:
             c.add("admin.listen", f"is the proxy's own listen address {main}; give it another")
+        elif listens_clash(admin.listen, main):
+            c.add(
+                "admin.listen",
+                f"{admin.listen} takes the port of the proxy's listen address {main} on the "
+                "same interface; give it another port",
+            )
 
     if c.problems:
         raise ConfigError(c.problems)

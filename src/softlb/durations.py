@@ -65,9 +65,10 @@ def parse_duration(
 ) -> float:
     """Return ``value`` as a number of seconds, or raise :class:`ConfigError` with one line.
 
-    Accepted: an int or float (seconds; not a bool, not negative, finite), a numeric string
-    (``"5"`` is five seconds), or a string of numbers with units such as ``"250ms"``, ``"1.5s"``,
-    ``"1m30s"``; whitespace around and between the parts is ignored. ``key`` is the config key
+    Accepted: an int or float (seconds; not a bool, not negative, finite), or a string of
+    numbers with units such as ``"250ms"``, ``"1.5s"``, ``"1m30s"``; whitespace around and
+    between the parts is ignored. A number in a string (``"5"``) is refused as a unit
+    forgotten (SPEC §2 writes seconds as JSON numbers). ``key`` is the config key
     path named in the message. With ``allow_zero=False`` the value must be greater than zero
     (intervals and timeouts); ``maximum`` is the largest value accepted, one day by default.
     """

@@ -57,6 +57,7 @@ __all__ = [
     "ServeOptions",
     "SoftLBServer",
     "banner",
+    "bindable_together",
     "check_bindable",
     "serve",
     "startup_warnings",
@@ -184,6 +185,27 @@ def check_bindable(bind: str) -> None:
         else:
             why = exc.strerror or str(exc)
         raise BindError(f"cannot listen on {bind}: {why}") from None
+
+
+def bindable_together(first: str, second: str) -> bool:
+    """Whether two addresses, each bindable alone (:func:`check_bindable`), can be listened
+    on at once: ``False`` when they are one address by another name (``localhost`` and
+    ``127.0.0.1``, a host name and the address it resolves to) or one covers the other."""
+    sockets: list[socket.socket] = []
+    try:
+        for bind in (first, second):
+            host, port = _split_bind(bind)
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(1)  # (two sockets bound to one address clash only once listening)
+    except OSError as exc:
+        return exc.errno != errno.EADDRINUSE
+    finally:
+        for sock in sockets:
+            sock.close()
+    return True
 
 
 def _plural(count: int, word: str) -> str:
