@@ -137,6 +137,24 @@ def test_check_examples_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert "OK (least_connections, 3 backends, listen 127.0.0.1:8080)" in out
 
 
+def test_check_counts_resolved_names_apart(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A ``resolve`` server is a name, not one backend: it may resolve to several, or to none
+    yet; the OK line (and the banner) count it apart."""
+    servers = [
+        "http://10.0.0.1:80",
+        {"url": "http://backends.example.test:80", "resolve": True},
+        {"url": "http://more.example.test:80", "resolve": True},
+    ]
+    path = write(tmp_path, {"servers": servers})
+    status, out, _ = run(capsys, "check", "--config", path)
+    assert status == 0
+    assert out == (
+        f"{path}: OK (least_connections, 1 backend + 2 resolved names, listen 127.0.0.1:8080)\n"
+    )
+
+
 def test_check_defaults_to_config_json(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -38,6 +38,7 @@ from softlb.server import (
     BindError,
     ServeOptions,
     admin_exposure_warning,
+    backends_text,
     bindable_together,
     check_bindable,
     serve,
@@ -158,8 +159,7 @@ def _load(path: str, *, defaulted: bool) -> Config:
 
 
 def _summary(config: Config) -> str:
-    count = len(config.servers)
-    return f"{config.algorithm}, {count} backend{'' if count == 1 else 's'}"
+    return f"{config.algorithm}, {backends_text(config)}"
 
 
 def cmd_check(args: argparse.Namespace) -> int:

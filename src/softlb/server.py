@@ -57,6 +57,7 @@ __all__ = [
     "ServeOptions",
     "SoftLBServer",
     "banner",
+    "backends_text",
     "bindable_together",
     "check_bindable",
     "serve",
@@ -212,6 +213,15 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
+def backends_text(config: Config) -> str:
+    """The config's backends as the banner and ``softlb check`` count them: ``3 backends``,
+    or ``1 backend + 2 resolved names`` when some are ``resolve`` servers, whose count of
+    backends is only known once their names are looked up (SPEC §2)."""
+    names = sum(1 for spec in config.servers if spec.resolve)
+    fixed = _plural(len(config.servers) - names, "backend")
+    return f"{fixed} + {_plural(names, 'resolved name')}" if names else fixed
+
+
 def banner(config: Config, options: ServeOptions, *, version: str) -> str:
     """The one line ``softlb serve`` prints before gunicorn's logs."""
     bind = options.bind or config.listen
@@ -223,7 +233,7 @@ def banner(config: Config, options: ServeOptions, *, version: str) -> str:
         where += " (all interfaces)"
     per_worker = "event loop" if options.engine == "eventloop" else f"{options.threads} threads"
     shape = (
-        f"{config.algorithm}, {_plural(len(config.servers), 'backend')}, "
+        f"{config.algorithm}, {backends_text(config)}, "
         f"{_plural(options.workers, 'worker')} × {per_worker}"
     )
     prefix = config.admin.prefix.rstrip("/")
