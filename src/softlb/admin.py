@@ -534,6 +534,8 @@ class AdminApi:
         while got < want:
             try:
                 piece = stream.read(want - got)
+            except TimeoutError:  # the socket's timeout: timeouts.client_body (softlb.gthread)
+                raise _Refused(408, "the request body paused too long", close=True) from None
             except Exception as exc:  # a bad chunk (gunicorn's ParseException), a reset
                 raise _Refused(
                     400, f"the request body could not be read: {_echo(str(exc))}", close=True

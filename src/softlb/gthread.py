@@ -72,6 +72,7 @@ class HeadDeadlines:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop the watchdog thread (a worker's exit does not wait for it anyway)."""
         self._stop.set()
 
     @property
@@ -120,8 +121,10 @@ class HeadDeadlines:
                 sock.send(_TIMEOUT_ANSWER, socket.MSG_DONTWAIT)
         with contextlib.suppress(OSError, ValueError):
             # Wakes the thread blocked reading the head: its read returns nothing, and
-            # gunicorn closes the connection as one the client ended.
-            sock.shutdown(socket.SHUT_RDWR)
+            # gunicorn closes the connection as one the client ended. The plain socket's
+            # shutdown, also for a TLS one (SSLSocket.shutdown would drop its SSL object
+            # under the thread reading it).
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     def _run(self) -> None:
         interval = self.interval

@@ -91,6 +91,19 @@ def test_stalled_body_gets_408_and_close(limited: Balancer, backend: TestBackend
     assert limited.servers()[backend.url]["failures"] == 0
 
 
+def test_stalled_admin_body_gets_408(limited: Balancer) -> None:
+    """An admin call whose body stops for longer than timeouts.client_body: 408 in JSON on
+    both engines (the admin API read the threaded engine's timeout as a broken body: 400)."""
+    with limited.raw(timeout=3.0) as client:
+        client.send(
+            b"POST /_softlb/servers HTTP/1.1\r\nHost: example.test\r\n"
+            b'Content-Length: 10\r\n\r\n{"url"'
+        )
+        response = client.read_response()
+    assert response.status == 408, response
+    assert "error" in json.loads(response.body)
+
+
 def test_more_slow_clients_than_threads_are_timed_out(
     balancer: StartBalancer, backend: TestBackend
 ) -> None:
@@ -382,6 +395,100 @@ def test_bytes_before_the_101_after_an_upgrade_body_get_400(
         client.wait_closed(timeout=2.0)
     assert echo_backend.bodies[-1] == b"hello"
     assert tunnel.servers()[echo_backend.url]["failures"] == failures_before
+
+
+@pytest.mark.eventloop_only("the threaded engine cannot hand over a socket: it drops Upgrade")
+def test_declined_upgrade_request_does_not_leave_its_backend_connection_pooled(
+    tunnel: Balancer, echo_backend: UpgradeEchoBackend
+) -> None:
+    """After a declined upgrade request with a body, the next request goes on a new backend
+    connection: a backend whose parser skipped the upgrade request's body would read it as
+    the next request."""
+    with tunnel.raw(timeout=5.0) as client:
+        client.send(H2C_UPGRADE + b"Content-Length: 5\r\n\r\nhello")
+        assert client.read_response().body == b"declined: hello"
+        client.send(b"GET /after HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        assert client.read_response().body == b"plain"
+    assert echo_backend.heads[-1].lower().startswith(b"get /after ")
+    assert echo_backend.connections[-1] != echo_backend.connections[-2]
+
+
+@pytest.fixture(scope="module")
+def early_backend() -> Iterator[UpgradeEchoBackend]:
+    """Answers 101 as soon as an upgrade request's head is in; declines h2c after 0.6 s."""
+    with UpgradeEchoBackend(early_101=True, decline_after=0.6) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def early(module_balancer: StartBalancer, early_backend: UpgradeEchoBackend) -> Balancer:
+    return module_balancer({"servers": [early_backend.url]})
+
+
+@pytest.mark.eventloop_only("the threaded engine cannot hand over a socket: it drops Upgrade")
+def test_101_before_a_streamed_body_ends_passes_the_rest_through(
+    early: Balancer, early_backend: UpgradeEchoBackend
+) -> None:
+    """A backend may answer 101 before a (streamed, Content-Length) body has ended: the rest
+    of the body goes through the tunnel byte for byte, then the new protocol's bytes; the
+    backend is not blamed. (The client decides when its body ends: blaming the backend let
+    a client eject WebSocket backends.)"""
+    failures_before = early.servers()[early_backend.url]["failures"]
+    body = bytes(range(256)) * 800  # 200 KiB: above the read-ahead, streamed
+    head = (
+        b"POST /ws HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    with early.raw(timeout=5.0) as client:
+        client.send(head + body[:70_000])
+        answer = client.read_head()
+        assert answer.status == 101, answer
+        greeting = UpgradeEchoBackend.greeting
+        assert client.recv_exactly(len(greeting)) == greeting
+        client.send(body[70_000:] + b"ping")
+        assert client.recv_exactly(len(body) + 4) == body + b"ping"
+    assert early.servers()[early_backend.url]["failures"] == failures_before
+
+
+@pytest.mark.eventloop_only("the threaded engine cannot hand over a socket: it drops Upgrade")
+def test_101_in_a_streamed_chunked_body_is_502_and_blames_no_one(
+    early: Balancer, early_backend: UpgradeEchoBackend
+) -> None:
+    """The same with a chunked body: the proxy sent it in chunks of its own making, which the
+    client's cannot continue, so the client gets 502, and no failure is counted."""
+    failures_before = early.servers()[early_backend.url]["failures"]
+    head = (
+        b"POST /ws HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    with early.raw(timeout=5.0) as client:
+        client.send(head + b"%x\r\n%b\r\n" % (70_000, b"x" * 70_000))
+        response = client.read_response()
+        assert response.status == 502, response
+        assert b"chunked" in response.body
+    assert early.servers()[early_backend.url]["failures"] == failures_before
+
+
+@pytest.mark.eventloop_only("the threaded engine cannot hand over a socket: it drops Upgrade")
+def test_pipelined_requests_around_a_declined_upgrade_stay_in_order(
+    early: Balancer, early_backend: UpgradeEchoBackend
+) -> None:
+    """A, a bodiless upgrade request the backend declines after 0.6 s, and B in one send,
+    then C 0.3 s later: four answers in that order. (The upgrade request's tail, B, must be
+    read before C: reading went on after A's answer and lost B.)"""
+    first = (
+        b"GET /a HTTP/1.1\r\nHost: example.test\r\n\r\n"
+        + H2C_UPGRADE
+        + b"\r\nGET /b HTTP/1.1\r\nHost: example.test\r\n\r\n"
+    )
+    with early.raw(timeout=5.0) as client:
+        client.send(first)
+        time.sleep(0.3)
+        client.send(b"GET /c HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        bodies = [client.read_response().body for _ in range(4)]
+    assert bodies == [b"plain", b"declined: ", b"plain", b"plain"]
+    targets = [head.split(b" ")[1] for head in early_backend.heads[-4:]]
+    assert targets == [b"/a", b"/h2", b"/b", b"/c"]
 
 
 @pytest.mark.eventloop_only("the threaded engine cannot hand over a socket: it drops Upgrade")

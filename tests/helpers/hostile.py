@@ -443,33 +443,50 @@ class UpgradeEchoBackend(_Acceptor):
     for an upgrade it declines), and the connection waits for the next request, as a web
     server that also speaks WebSocket does.
 
-    :attr:`heads` and :attr:`bodies` are the requests received; :attr:`tunnels_closed` counts
-    connections whose tunnel the other side ended (EOF or reset), so a test can see the proxy
-    let go of the backend side too.
+    :attr:`heads` and :attr:`bodies` are the requests received, :attr:`connections` the
+    number of the connection each came on (0, 1, ... in order of accepting);
+    :attr:`tunnels_closed` counts connections whose tunnel the other side ended (EOF or
+    reset), so a test can see the proxy let go of the backend side too.
+
+    ``early_101``: answer an upgrade with ``101`` as soon as its head is in, before its body
+    (which then comes back in the echo, as the new protocol's first bytes would).
+    ``decline_after``: seconds to wait before declining an upgrade.
     """
 
     greeting = b"hello from the backend\n"
     #: Upgrade values answered with a 200 instead of a 101.
     declined = (b"h2c",)
 
-    def __init__(self) -> None:
+    def __init__(self, *, early_101: bool = False, decline_after: float = 0.0) -> None:
+        self.early_101 = early_101
+        self.decline_after = decline_after
         self.heads: list[bytes] = []
         self.bodies: list[bytes] = []
+        self.connections: list[int] = []
         self.tunnels_closed = 0
+        self._accepted = 0
         super().__init__("UpgradeEchoBackend")
 
     def serve(self, sock: socket.socket) -> None:
+        with self._lock:
+            number = self._accepted
+            self._accepted += 1
         rest = b""
         while True:
             head, rest = _read_head(sock, rest)
-            body, rest = _read_body(sock, head, rest)
+            fields = head.lower()
+            upgrade = b"\r\nupgrade:" in fields
+            body = b""
+            if not (upgrade and self.early_101):
+                body, rest = _read_body(sock, head, rest)
             with self._lock:
                 self.heads.append(head)
                 self.bodies.append(body)
-            fields = head.lower()
-            if b"\r\nupgrade:" not in fields:
+                self.connections.append(number)
+            if not upgrade:
                 sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
             elif any(b"\r\nupgrade: " + name + b"\r\n" in fields for name in self.declined):
+                self._stop.wait(self.decline_after)
                 answer = b"declined: " + body
                 sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (
                     len(answer), answer

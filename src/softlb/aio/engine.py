@@ -336,6 +336,9 @@ class ClientConnection(asyncio.Protocol):
         #: The extension method of the request being parsed with a stand-in one.
         self._extension: bytes | None = None
         self._held = b""
+        #: A bodiless upgrade request whose tail (what came after it) waits for its answer:
+        #: nothing more is read until then, so that the tail is parsed before later bytes.
+        self._tail_of: _Request | None = None
 
     def lost_future(self) -> asyncio.Future[None]:
         """A future that resolves when the connection has closed."""
@@ -420,6 +423,7 @@ class ClientConnection(asyncio.Protocol):
                 # What follows a bodiless upgrade request: the new protocol's first bytes,
                 # sent on after the backend's 101, or the next request if it declines (_done).
                 request.tail += rest
+                self._tail_of = request
             self.parser = httptools.HttpRequestParser(self)
             self._pause_reading()
         except _ClientError as exc:
@@ -454,6 +458,11 @@ class ClientConnection(asyncio.Protocol):
         self._set_deadline("body", self.engine.limits.client_body)
         if rest:
             self.data_received(rest)
+
+    def read_past(self, request: _Request) -> bool:
+        """Whether bytes after ``request`` (the one being answered) have been parsed: the
+        start of another request, a whole one, or an extension method's first bytes."""
+        return self.current is not None or len(self.queue) > 1 or bool(self._held)
 
     def eof_received(self) -> bool | None:
         request = self.current
@@ -725,6 +734,8 @@ class ClientConnection(asyncio.Protocol):
             # The upgrade was declined (any answer but 101): the connection goes on in
             # HTTP/1.1 (RFC 9110 §7.8), as under nginx; what came after a bodiless upgrade
             # request is read as the next request, by the parser that replaced the stopped one.
+            if self._tail_of is request:
+                self._tail_of = None
             tail, request.tail = request.tail, b""
             if tail and not self.queue:
                 self._set_deadline("idle", self.engine.limits.keepalive)
@@ -800,6 +811,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _resume_reading(self) -> None:
+        if self._tail_of is not None:
+            return  # until the upgrade request's answer: its tail first (_done, _tunnel)
         if self.reading_paused and self.transport is not None and not self.closed:
             self.reading_paused = False
             self.transport.resume_reading()
@@ -1007,7 +1020,9 @@ class Engine:
             first = b""
         finally:
             loop.remove_reader(fd)
-        if first[:1].isalpha():  # a method's first letter; a TLS record starts with 0x16
+        # A method's first letter, or the empty line RFC 9112 §2.2 lets come before a request;
+        # a TLS record starts with 0x16.
+        if first and (first.isalpha() or first in b"\r\n"):
             with contextlib.suppress(OSError):
                 conn.recv(65536)  # read what came, so that the close does not reset the answer
                 conn.send(_PLAIN_TO_TLS)
@@ -1499,23 +1514,29 @@ class Engine:
         assert answer is not None  # (exchange() returns once it has come)
         status = answer.status
         if status == 101:
-            if not request.upgrade or not request.complete:
+            if not request.upgrade:
                 lease.release("broken")
                 upstream.abort()
-                conn.send_error(502, "the backend switched protocols unasked" if not request.upgrade
-                                else "the backend switched protocols before the request body ended",
-                                close=True)  # fmt: skip
+                conn.send_error(502, "the backend switched protocols unasked", close=True)
                 return
-            if conn.current is not None or len(conn.queue) > 1 or conn._held:
+            why = None
+            if not request.complete:
+                # A 101 before the (streamed) body ended: the rest of the body is still the
+                # request's (RFC 9110 §7.8), the new protocol after it. A Content-Length body
+                # goes on through the tunnel as it comes, byte for byte; a chunked one was
+                # sent in chunks of this proxy's making, which the client's cannot follow.
+                # Neither side is at fault: no failure is counted.
+                if request.chunked:
+                    why = "the backend switched protocols in the middle of a chunked body"
+            elif conn.read_past(request):
                 # Bytes after an upgrade request with a body came before the 101 and were read
                 # as HTTP (_read_upgrade_body): they cannot be passed on byte for byte. The
                 # client's doing (RFC 9110 §7.8 has it wait for the 101): no one is blamed.
+                why = "bytes after an upgrade request with a body came before the 101"
+            if why is not None:
                 lease.release()
                 upstream.abort()
-                conn.send_error(
-                    400, "bytes after an upgrade request with a body came before the 101",
-                    close=True,
-                )  # fmt: skip
+                conn.send_error(400 if request.complete else 502, why, close=True)
                 return
             await self._tunnel(conn, request, upstream, lease, answer)
             return
@@ -1724,6 +1745,8 @@ class Engine:
         # What the client sent after its request, in the new protocol already (a body still
         # coming, if the backend did not wait for it, is passed on as it comes, unparsed).
         early, request.tail = request.tail, b""
+        if conn._tail_of is request:
+            conn._tail_of = None
         if early:
             upstream.write(early)
         waiter: asyncio.Future[None] = self.loop.create_future()

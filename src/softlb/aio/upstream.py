@@ -538,6 +538,10 @@ class UpstreamConnection(asyncio.Protocol):
             and self.complete
             and not self.closed
             and not self.upgraded
+            # After an upgrade request the backend declined, not either: one whose parser
+            # skips an upgrade request's body (as llhttp does when told to) would read the
+            # body this proxy sent as the next request.
+            and not self._want_upgrade
             and self._answer is not None
             and self._answer.keep_alive
         ):
