@@ -595,6 +595,39 @@ def test_tls_listener_and_https_backend(make_app: Callable[..., Application]) ->
         backend.server_close()
 
 
+def test_tls_connections_in_their_handshake_count_toward_max_connections(
+    make_app: Callable[..., Application], backend: TestBackend
+) -> None:
+    """Connections to a TLS listener that have not finished (or begun) their handshake count
+    toward limits.max_connections, as the others do: two silent ones fill a limit of 2, so a
+    third client waits in the backlog until client_header (0.5 s) ends one of them, then is
+    served. Uncounted, any number of silent sockets could be held open."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    listener_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(listener_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    app = make_app(servers=[backend.url])
+    limits = Limits(max_connections=2, client_header=0.5)
+    with running(app, ssl_context=listener_ctx, limits=limits) as (_, port):
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+        try:
+            time.sleep(0.1)
+            started = time.monotonic()
+            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=client_ctx)
+            conn.request("GET", "/")
+            assert conn.getresponse().status == 200
+            conn.close()
+            assert time.monotonic() - started >= 0.3  # it waited for a silent one to go
+        finally:
+            for sock in silent:
+                sock.close()
+
+
 def test_answer_broken_before_a_byte_went_out_is_a_502(serve: Served) -> None:
     """A bad first chunk right behind the head: nothing reached the client yet, so it gets a
     clean 502 (and the backend is charged), never a cut answer."""

@@ -907,6 +907,9 @@ class Engine:
             ssl_context=upstream_ssl,
         )
         self.connections: set[ClientConnection] = set()
+        #: Accepted connections not set up yet (a TLS handshake under way): they count
+        #: toward limits.max_connections too.
+        self.starting = 0
         self.listeners: list[_Listener] = []
         self.accepting = False
         self.stopping = False
@@ -960,7 +963,7 @@ class Engine:
 
     def _accept(self, listener: _Listener) -> None:
         for _ in range(128):
-            if len(self.connections) >= self.limits.max_connections:
+            if len(self.connections) + self.starting >= self.limits.max_connections:
                 self._pause_accepting()
                 return
             try:
@@ -973,6 +976,7 @@ class Engine:
                 self.loop.call_later(0.1, self._resume_accepting)
                 return
             conn.setblocking(False)
+            self.starting += 1
             self.loop.create_task(self._start(conn, listener))
 
     async def _start(self, conn: socket.socket, listener: _Listener) -> None:
@@ -983,13 +987,13 @@ class Engine:
 
         try:
             if tls:
+                # The first byte and the handshake share timeouts.client_header.
+                began = self.loop.time()
                 if not await self._starts_like_tls(conn):
                     return
+                left = self.limits.client_header - (self.loop.time() - began)
                 await self.loop.connect_accepted_socket(
-                    factory,
-                    conn,
-                    ssl=listener.ssl,
-                    ssl_handshake_timeout=self.limits.client_header,
+                    factory, conn, ssl=listener.ssl, ssl_handshake_timeout=max(left, 0.1)
                 )
             else:
                 await self.loop.connect_accepted_socket(factory, conn)
@@ -997,6 +1001,9 @@ class Engine:
             log.debug("connection not set up: %s", exc)
             with contextlib.suppress(OSError):
                 conn.close()
+        finally:
+            self.starting -= 1
+            self._resume_below_limit()
 
     async def _starts_like_tls(self, conn: socket.socket) -> bool:
         """Whether a connection to a TLS listener starts like TLS, told from its first byte
@@ -1055,15 +1062,18 @@ class Engine:
 
     def _closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
-        if (
-            not self.accepting
-            and not self.stopping
-            and len(self.connections) < self.limits.max_connections
-        ):
-            self._resume_accepting()
+        self._resume_below_limit()
         waiter = self._idle_waiter
         if waiter is not None and not waiter.done() and not any(c.busy for c in self.connections):
             waiter.set_result(None)
+
+    def _resume_below_limit(self) -> None:
+        if (
+            not self.accepting
+            and not self.stopping
+            and len(self.connections) + self.starting < self.limits.max_connections
+        ):
+            self._resume_accepting()
 
     def stop_accepting(self) -> None:
         """Close the listening sockets now: a new connection is refused, not left hanging."""
