@@ -565,11 +565,15 @@ def test_banner_all_interfaces_and_bind() -> None:
 
 def test_banner_names_the_admin_listen_address() -> None:
     """With ``admin.listen``, the admin API is there, not on the proxy's address (where its
-    prefix is proxied)."""
+    prefix is proxied); on every interface, the banner says so, as for the proxy's."""
     config = Config(admin=AdminConfig(listen="0.0.0.0:9901"))
     assert server.banner(config, ServeOptions(bind="127.0.0.1:9000"), version="1.2") == (
         "softlb 1.2 serving on http://127.0.0.1:9000 (least_connections, 0 backends, "
-        "1 worker × event loop); admin at http://127.0.0.1:9901/_softlb/"
+        "1 worker × event loop); admin at http://127.0.0.1:9901/_softlb/ (all interfaces)"
+    )
+    config = Config(admin=AdminConfig(listen="127.0.0.1:9901"))
+    assert server.banner(config, ServeOptions(bind="127.0.0.1:9000"), version="1.2").endswith(
+        "admin at http://127.0.0.1:9901/_softlb/"
     )
 
 

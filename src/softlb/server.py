@@ -241,6 +241,11 @@ def banner(config: Config, options: ServeOptions, *, version: str) -> str:
     if config.admin.listen is not None:  # its own address (TLS, when on, is on every listener)
         admin_host, admin_port = _split_bind(config.admin.listen)
         admin = f"{scheme}://{_url_host(_local_host(admin_host))}:{admin_port}"
+        if _local_host(admin_host) != admin_host:
+            return (
+                f"softlb {version} serving on {where} ({shape}); admin at {admin}{prefix}/ "
+                "(all interfaces)"
+            )
     return f"softlb {version} serving on {where} ({shape}); admin at {admin}{prefix}/"
 
 
