@@ -101,6 +101,14 @@ class HeadDeadlines:
         with self._lock:
             return self._watched.pop(id(conn), None) is not None or not _ended(conn)
 
+    def done_socket(self, sock: Any) -> None:
+        """:meth:`done` for the connection whose socket is ``sock`` (gunicorn's error answer
+        to a head it refused names the socket, not the connection)."""
+        with self._lock:
+            for key, item in list(self._watched.items()):
+                if item.conn.sock is sock:
+                    del self._watched[key]
+
     def expire(self, now: float) -> int:
         """End every connection whose deadline has passed; how many."""
         with self._lock:
@@ -179,12 +187,19 @@ def install(worker: Any, timeouts: TimeoutsConfig, *, tls: bool) -> HeadDeadline
         finally:
             deadlines.done(conn)
 
+    handle_error = worker.handle_error
+
+    def timed_error(req: Any, client: Any, addr: Any, exc: BaseException) -> Any:
+        deadlines.done_socket(client)  # gunicorn answers the head it refused: no 408 too
+        return handle_error(req, client, addr, exc)
+
     def timed_request(req: Any, conn: Any) -> Any:
         if not deadlines.done(conn):
             return False  # the head came as its deadline ended the connection: not served
         return handle_request(req, conn)
 
     worker.enqueue_req = timed_enqueue
+    worker.handle_error = timed_error
     worker.handle = timed_handle
     worker.handle_request = timed_request
     worker.wsgi = _BodyTimeout(worker.wsgi, timeouts.client_body)
