@@ -14,7 +14,7 @@ import pytest
 
 from softlb.pool import Pool
 from softlb.state import MemoryStore, StoreUnavailable
-from softlb.state.sync import WRITE_BACK_GAP, SharedState
+from softlb.state.sync import SEED_DEFER, WRITE_BACK_GAP, SharedState
 from tests.helpers.redis_server import RedisServer
 
 U1 = "http://10.0.0.1:8001"
@@ -106,6 +106,57 @@ def test_an_admin_change_to_an_emptied_store_keeps_the_other_backends(
     assert [b_.weight for b_ in a.pool.backends] == [1, 3, 1]
     poll_until_fresh(b)
     assert urls(b) == [U1, U2, U3]
+
+
+def test_a_process_started_in_an_outage_does_not_undo_what_others_write_back(
+    hosts: tuple[SharedState, SharedState], redis_isolated: RedisServer
+) -> None:
+    """Regression: host A restarts while Redis is down (it knows only the config's U1), and
+    Redis comes back empty. A used to seed the config's membership at once, before host B
+    wrote back the one it knew (U1 and the admin-added U2), and every host then dropped U2.
+    A now leaves an empty store to the hosts that knew it for SEED_DEFER, and adopts what
+    they write back; alone, it seeds the config's after that."""
+    from softlb.state.redis import RedisStore
+
+    a_before, b = hosts
+    a_before.add(U2, 2)
+    b.poll()
+    assert urls(b) == [U1, U2]
+    redis_isolated.stop()
+    a = SharedState(Pool(), RedisStore.from_url(redis_isolated.url, cluster="sync"),
+                    seed=[(U1, 1)], node="host-a")  # fmt: skip
+    try:
+        a.poll()
+        assert a.stale and urls(a) == []  # (softlb adds the config's servers to the pool)
+        redis_isolated.restart()  # empty
+        for _ in range(RECONNECT_POLLS):  # A notices the empty store first: it waits
+            a.poll()
+            if a.last_error and "never read it" in a.last_error:
+                break
+            time.sleep(0.05)
+        assert a.stale and a.store.version() is None
+        poll_until_fresh(b)  # B writes back what it knew
+        poll_until_fresh(a)
+        assert urls(a) == urls(b) == [U1, U2]
+        assert [backend.weight for backend in a.pool.backends] == [1, 2]
+
+        redis_isolated.restart()  # empty again, and no host that knew it polls this time
+        c = SharedState(Pool(), RedisStore.from_url(redis_isolated.url, cluster="sync"),
+                        seed=[(U1, 1)], node="host-c")  # fmt: skip
+        redis_isolated.stop()
+        c.poll()
+        assert c.stale
+        redis_isolated.restart()
+        started = time.monotonic()
+        deadline = started + 5
+        while c.stale and time.monotonic() < deadline:
+            c.poll()
+            time.sleep(0.05)
+        assert not c.stale and urls(c) == [U1]  # the config's, after the wait
+        assert time.monotonic() - started >= SEED_DEFER * 0.9
+        c.store.close()
+    finally:
+        a.store.close()
 
 
 def test_update_is_shared_and_keeps_the_backends_counters(

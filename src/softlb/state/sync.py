@@ -85,6 +85,12 @@ FULL_READ_INTERVAL: Final = 5.0
 #: interval); no one makes a thousand admin changes in a quarter of a second.
 WRITE_BACK_GAP: Final = 1000
 
+#: How long a process that has never read the store (it was unreachable when the process
+#: started) leaves an empty store to the processes that know its membership before it seeds
+#: the config's: the store may have lost data they still hold (admin changes the config does
+#: not have). A few polls: a process that knew it writes back within one.
+SEED_DEFER: Final = 1.0
+
 #: Proxy-wide counters shared through the slot table, two per column (its requests and
 #: failures cells, which readers sum over every row, dead and retired ones included, so the
 #: host-wide totals never go down when a worker dies): retries, answered requests, the error
@@ -246,6 +252,9 @@ class SharedState:
         #: What went wrong, while :attr:`stale`.
         self.last_error: str | None = None
         self._known: Membership | None = None  # the membership last applied
+        #: The store was unreachable before this process ever read it (_write_back).
+        self._blind = False
+        self._empty_since: float | None = None  # when a blind process first found it empty
         self._apply_lock = threading.RLock()  # one membership application at a time
         self._local = threading.local()  # .applying: health changes made by this module
         self._stop = threading.Event()
@@ -315,6 +324,8 @@ class SharedState:
     # -- the store ----------------------------------------------------------------------
 
     def _failed(self, exc: StoreUnavailable) -> None:
+        if self._known is None:
+            self._blind = True
         now = time.monotonic()
         if not self.stale:
             log.warning("state store unavailable, serving with the last known state: %s", exc)
@@ -372,6 +383,19 @@ class SharedState:
         process's, or that of another one that got there first."""
         known = self._known
         if known is None:
+            if self._blind:
+                # This process started while the store was unreachable: an empty store may
+                # have lost a membership that other processes still know and write back (a
+                # backend added or removed by the admin API). Seeding the config's at once
+                # would undo those changes everywhere; wait for them a moment first.
+                now = time.monotonic()
+                if self._empty_since is None:
+                    self._empty_since = now
+                if now - self._empty_since < SEED_DEFER:
+                    raise StoreUnavailable(
+                        "the store is empty and this process never read it: waiting "
+                        f"{SEED_DEFER:g} s for a process that knows the membership to write it"
+                    )
             self.apply(self.store.seed(self.seed))
             return
         log.warning(
