@@ -15,6 +15,10 @@ the worker. nginx and HAProxy time such clients out, and so does the event-loop 
   body there), so a pause longer than that between two reads raises :class:`TimeoutError` in
   the read; the proxy answers ``408`` (:class:`~softlb.wsgi.ClientBodyError`).
 
+And on a TLS listener, plain HTTP gets the event loop's plain-text ``400`` ("plain HTTP was
+sent to an HTTPS port", as nginx answers) before the close, instead of a handshake that fails
+without a word: the first byte is peeked before gunicorn wraps the socket.
+
 :func:`install` puts both on a running worker, as ``softlb serve``'s ``post_worker_init``
 does for its other gthread fixes: the worker's ``handle`` and ``handle_request`` and its app
 are wrapped on the instance, not subclassed.
@@ -29,7 +33,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
+from gunicorn.http.errors import NoMoreData
+
 from softlb.config import TimeoutsConfig
+from softlb.http.headers import PLAIN_HTTP_TO_TLS, is_plain_http_start
 
 __all__ = ["HeadDeadlines", "install"]
 
@@ -168,6 +175,28 @@ class _BodyTimeout:
         return getattr(self.app, name)
 
 
+def _refuse_plain_http(conn: Any) -> None:
+    """Before gunicorn's ``conn.init()`` wraps a new connection in TLS (its thread has seen
+    bytes come), peek at the first: plain HTTP gets :data:`PLAIN_HTTP_TO_TLS`, and
+    :class:`NoMoreData`, which gunicorn takes for a client gone and closes quietly."""
+    init = conn.init
+
+    def checked_init() -> None:
+        if not conn.initialized:
+            sock = conn.sock
+            first = b""
+            with contextlib.suppress(OSError):
+                first = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            if is_plain_http_start(first):
+                with contextlib.suppress(OSError):
+                    sock.recv(65536)  # what came, so that the close does not reset the answer
+                    sock.sendall(PLAIN_HTTP_TO_TLS)
+                raise NoMoreData(b"")
+        init()
+
+    conn.init = checked_init
+
+
 def install(worker: Any, timeouts: TimeoutsConfig, *, tls: bool) -> HeadDeadlines:
     """Give a running gthread ``worker`` the client timeouts of ``timeouts``; the watchdog
     it now runs."""
@@ -182,6 +211,8 @@ def install(worker: Any, timeouts: TimeoutsConfig, *, tls: bool) -> HeadDeadline
 
     def timed_handle(conn: Any) -> Any:
         deadlines.watch(conn)
+        if tls and not conn.initialized:
+            _refuse_plain_http(conn)
         try:
             return handle(conn)
         finally:

@@ -51,9 +51,11 @@ from softlb.errors import NoBackendAvailable, UpstreamError
 from softlb.http.headers import (
     HOP_BY_HOP_BYTES,
     HOST_PATTERN,
+    PLAIN_HTTP_TO_TLS,
     _origin_form,
     connection_token_bytes,
     connection_tokens,
+    is_plain_http_start,
 )
 from softlb.http.upstream import SMALL_BODY
 from softlb.retry import Attempts, failure_kind, may_resend
@@ -116,15 +118,6 @@ _METHOD_NAMES: Final = {
 }
 _PROTOCOLS: Final = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 _METHODS_WITH_BODY: Final = frozenset({"POST", "PUT", "PATCH"})
-
-#: The answer to plain HTTP on a TLS listener (nginx: "The plain HTTP request was sent to HTTPS
-#: port").
-_PLAIN_TO_TLS_BODY: Final = b"400 Bad Request: plain HTTP was sent to an HTTPS port\n"
-_PLAIN_TO_TLS: Final = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: %d\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n%b"
-    % (len(_PLAIN_TO_TLS_BODY), _PLAIN_TO_TLS_BODY)
-)
 
 _REASONS: Final = {
     100: "Continue",
@@ -1027,12 +1020,10 @@ class Engine:
             first = b""
         finally:
             loop.remove_reader(fd)
-        # A method's first letter, or the empty line RFC 9112 §2.2 lets come before a request;
-        # a TLS record starts with 0x16.
-        if first and (first.isalpha() or first in b"\r\n"):
+        if is_plain_http_start(first):
             with contextlib.suppress(OSError):
                 conn.recv(65536)  # read what came, so that the close does not reset the answer
-                conn.send(_PLAIN_TO_TLS)
+                conn.send(PLAIN_HTTP_TO_TLS)
                 conn.shutdown(socket.SHUT_WR)
             first = b""
         if not first:

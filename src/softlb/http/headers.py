@@ -24,15 +24,34 @@ __all__ = [
     "HOP_BY_HOP",
     "HOST_PATTERN",
     "MAX_CONTENT_LENGTH",
+    "PLAIN_HTTP_TO_TLS",
     "BadFraming",
     "check_request_framing",
     "close_after",
     "connection_tokens",
     "downstream_response_headers",
     "is_chunked_request",
+    "is_plain_http_start",
     "request_target",
     "upstream_request_headers",
 ]
+
+#: The answer to plain HTTP sent to a TLS listener, in plain text (nginx: "The plain HTTP
+#: request was sent to HTTPS port"), before the connection is closed.
+_PLAIN_TO_TLS_BODY: Final = b"400 Bad Request: plain HTTP was sent to an HTTPS port\n"
+PLAIN_HTTP_TO_TLS: Final[bytes] = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n%b"
+    % (len(_PLAIN_TO_TLS_BODY), _PLAIN_TO_TLS_BODY)
+)
+
+
+def is_plain_http_start(first: bytes) -> bool:
+    """Whether a connection's first byte starts plain HTTP rather than TLS: a method's first
+    letter, or the empty line RFC 9112 §2.2 lets come before a request (a TLS record starts
+    with 0x16)."""
+    return len(first) == 1 and (first.isalpha() or first in b"\r\n")
+
 
 #: Headers that describe one connection, not the message, lower-cased: never forwarded in
 #: either direction (RFC 9110 §7.6.1, RFC 9112 §9.6, and the RFC 2616 §13.5.1 list).
