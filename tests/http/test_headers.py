@@ -13,6 +13,7 @@ from softlb.http.headers import (
     connection_tokens,
     downstream_response_headers,
     is_chunked_request,
+    is_plain_http_start,
     request_target,
     upstream_request_headers,
 )
@@ -53,14 +54,26 @@ def test_all_is_pinned() -> None:
         "HOP_BY_HOP",
         "HOST_PATTERN",
         "MAX_CONTENT_LENGTH",
+        "PLAIN_HTTP_TO_TLS",
         "check_request_framing",
         "close_after",
         "connection_tokens",
         "downstream_response_headers",
         "is_chunked_request",
+        "is_plain_http_start",
         "request_target",
         "upstream_request_headers",
     ]
+
+
+@pytest.mark.parametrize(
+    ("first", "plain"),
+    [(b"G", True), (b"p", True), (b"\r", True), (b"\n", True), (b"\x16", False),
+     (b"\x80", False), (b"", False), (b"GE", False)],
+)  # fmt: skip
+def test_is_plain_http_start(first: bytes, plain: bool) -> None:
+    """A TLS record starts with 0x16; a request with a method's letter or an empty line."""
+    assert is_plain_http_start(first) is plain
 
 
 def test_hop_by_hop_list() -> None:
