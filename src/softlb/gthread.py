@@ -41,10 +41,11 @@ from softlb.http.headers import PLAIN_HTTP_TO_TLS, is_plain_http_start
 __all__ = ["HeadDeadlines", "install"]
 
 #: The answer to a head that took too long: the event loop's words.
+_TIMEOUT_BODY: Final = b"408 Request Timeout: the request head took too long\n"
 _TIMEOUT_ANSWER: Final = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: 52\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
-    b"408 Request Timeout: the request head took too long\n"
+    b"Content-Length: %d\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n%b"
+    % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
 )
 
 
@@ -178,7 +179,11 @@ class _BodyTimeout:
 def _refuse_plain_http(conn: Any) -> None:
     """Before gunicorn's ``conn.init()`` wraps a new connection in TLS (its thread has seen
     bytes come), peek at the first: plain HTTP gets :data:`PLAIN_HTTP_TO_TLS`, and
-    :class:`NoMoreData`, which gunicorn takes for a client gone and closes quietly."""
+    :class:`NoMoreData`, which gunicorn takes for a client gone and closes quietly. Once per
+    connection (one deferred by gunicorn comes back uninitialized)."""
+    if getattr(conn, "_softlb_checks_tls", False):
+        return
+    conn._softlb_checks_tls = True
     init = conn.init
 
     def checked_init() -> None:
