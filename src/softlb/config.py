@@ -642,7 +642,7 @@ def listens_clash(first: str, second: str) -> bool:
     """Whether two listen addresses (:func:`parse_listen`'s forms) would take the same port on
     one interface: the same port, and the same address, or one of them every interface
     (``0.0.0.0`` or ``::``). Names other than ``localhost`` are not looked up: ``softlb
-    serve`` finds those by binding both (:func:`softlb.server.check_bindable`)."""
+    serve`` finds those by binding both (:func:`softlb.server.bindable_together`)."""
     try:
         host_a, port_a = parse_listen(first, allow_port_zero=True)
         host_b, port_b = parse_listen(second, allow_port_zero=True)
