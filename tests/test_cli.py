@@ -385,6 +385,11 @@ def test_serve_refuses_a_certificate_flag_pair_that_cannot_serve_tls(
         (["serve", "--workers", "0"], "argument --workers: must be 1 or more, got 0"),
         (["serve", "--workers", "two"], "argument --workers: 'two' is not a whole number"),
         (["serve", "--threads", "-1"], "argument --threads: must be 1 or more"),
+        (
+            ["serve", "--workers", "99999999999999999999"],
+            "argument --workers: must be 1024 or less, got 99999999999999999999",
+        ),  # (it forked without end)
+        (["serve", "--threads", "10001"], "argument --threads: must be 10000 or less"),
         (["serve", "--bind", "nonsense"], 'argument --bind: "nonsense" has no port'),
         (["serve", "--bind", "127.0.0.1:99999"], "argument --bind: port 99999 is out of range"),
         (["serve", "--bind", "::1:80"], "argument --bind: "),

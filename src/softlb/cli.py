@@ -95,6 +95,22 @@ def _positive(value: str) -> int:
     return number
 
 
+#: The most ``--workers`` and ``--threads`` take: far above any machine's use (nginx runs one
+#: worker a core), low enough that a typo cannot fork or spawn without end.
+MAX_WORKERS: Final = 1024
+MAX_THREADS: Final = 10_000
+
+
+def _bounded(most: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        number = _positive(value)
+        if number > most:
+            raise argparse.ArgumentTypeError(f"must be {most} or less, got {number}")
+        return number
+
+    return parse
+
+
 def _readable_file(value: str) -> str:
     """A file that exists and can be read (a TLS certificate or key)."""
     if not os.path.isfile(value):
@@ -324,14 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers",
         metavar="N",
-        type=_positive,
+        type=_bounded(MAX_WORKERS),
         default=DEFAULT_WORKERS,
         help=f"worker processes (default: {DEFAULT_WORKERS})",
     )
     serve.add_argument(
         "--threads",
         metavar="N",
-        type=_positive,
+        type=_bounded(MAX_THREADS),
         default=DEFAULT_THREADS,
         help="threads per worker with --engine threads: requests proxied at once "
         f"(default: {DEFAULT_THREADS}; ignored by the event loop)",

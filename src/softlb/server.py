@@ -430,10 +430,25 @@ def _worker_exit(server: Any, worker: Any) -> None:
 
 
 class _Arbiter(Arbiter):  # type: ignore[misc]  # gunicorn has no type hints
-    """gunicorn's master, with SIGINT as graceful as SIGTERM (SPEC §1)."""
+    """gunicorn's master, with SIGINT as graceful as SIGTERM (SPEC §1), and a second SIGINT
+    during the drain stopping the workers at once (a second Ctrl-C, docs/deployment.rst)."""
+
+    stopping = False
 
     def handle_int(self) -> None:
         self.handle_term()
+
+    def stop(self, graceful: bool = True) -> None:
+        self.stopping = True
+        super().stop(graceful)
+
+    def signal(self, sig: int, frame: Any) -> None:
+        if sig == signal.SIGINT and self.stopping:
+            # The master waits for the draining workers without reading its signal queue:
+            # act here, in the handler.
+            self.kill_workers(signal.SIGQUIT)
+            return
+        super().signal(sig, frame)
 
 
 # --------------------------------------------------------------------------- the application

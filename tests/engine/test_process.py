@@ -3,6 +3,7 @@ graceful stop that refuses new connections while the one in flight finishes."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import signal
@@ -120,6 +121,36 @@ def test_sigterm_refuses_new_connections_and_finishes_the_one_in_flight(
     assert still_in_flight, "the slow request ended before the refusal was seen"
     assert result == {"answer": (200, b"slow")}
     assert lb.running.wait() == 0
+    assert "Traceback" not in lb.running.output()
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["master", "process-group"])
+def test_a_second_sigint_during_the_drain_stops_at_once(
+    balancer: StartBalancer, backend: TestBackend, group: bool
+) -> None:
+    """A second Ctrl-C while an 8 s request drains stops at once (docs/deployment.rst), sent
+    to the master alone or, as a terminal does, to the whole process group; exit 0."""
+    lb = balancer({"servers": [backend.url]})
+    lb.worker()
+
+    def slow() -> None:
+        with contextlib.suppress(Exception):  # cut off: that is the point
+            lb.get("/slow/8", timeout=15.0)
+
+    client = threading.Thread(target=slow)
+    client.start()
+    try:
+        deadline = time.monotonic() + 5
+        while backend.request_count == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        signalled = time.monotonic()
+        lb.running.signal(signal.SIGINT, group=group)
+        time.sleep(0.3)
+        lb.running.signal(signal.SIGINT, group=group)
+        assert lb.running.wait() == 0
+        assert time.monotonic() - signalled < 2.0, time.monotonic() - signalled  # not 8 s
+    finally:
+        client.join(15)
     assert "Traceback" not in lb.running.output()
 
 

@@ -22,6 +22,7 @@ import socket
 import ssl
 from typing import Any
 
+from gunicorn.arbiter import Arbiter
 from gunicorn.workers.base import Worker as _GunicornWorker
 
 from softlb.aio.engine import Engine, new_event_loop
@@ -61,7 +62,7 @@ class Worker(_GunicornWorker):  # type: ignore[misc]  # gunicorn has no type hin
         # The loop runs the handlers: SIGTERM and SIGINT drain (SPEC §1), SIGQUIT stops now.
         loop = self.loop
         loop.add_signal_handler(signal.SIGTERM, self._graceful)
-        loop.add_signal_handler(signal.SIGINT, self._graceful)
+        loop.add_signal_handler(signal.SIGINT, self._interrupt)
         loop.add_signal_handler(signal.SIGQUIT, self._quick)
         loop.add_signal_handler(signal.SIGUSR1, self.log.reopen_files)
         loop.add_signal_handler(signal.SIGABRT, self._abort)
@@ -80,6 +81,14 @@ class Worker(_GunicornWorker):  # type: ignore[misc]  # gunicorn has no type hin
         if self._wake is not None:
             self._wake.set()
 
+    def _interrupt(self) -> None:
+        """SIGINT: drain as SIGTERM does; a second one (Ctrl-C again) during the drain stops
+        at once."""
+        if self.alive:
+            self._graceful()
+        else:
+            self._quick()
+
     def _quick(self) -> None:
         self.alive = False
         self._quit_now = True
@@ -93,7 +102,7 @@ class Worker(_GunicornWorker):  # type: ignore[misc]  # gunicorn has no type hin
 
     def run(self) -> None:
         # post_worker_init (softlb serve) may have replaced SIGINT's handler: the loop's first.
-        self.loop.add_signal_handler(signal.SIGINT, self._graceful)
+        self.loop.add_signal_handler(signal.SIGINT, self._interrupt)
         try:
             self.loop.run_until_complete(self._serve())
         finally:
@@ -142,7 +151,9 @@ class Worker(_GunicornWorker):  # type: ignore[misc]  # gunicorn has no type hin
                 "softlb.aio.Worker serves softlb's app only (softlb.wsgi:create_app), got %r",
                 type(app).__name__,
             )
-            return
+            # A boot error: gunicorn stops ("Worker failed to boot") instead of starting
+            # another worker that would say the same.
+            raise SystemExit(Arbiter.WORKER_BOOT_ERROR)
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         # The loop runs and watches for signals now: a stop signal held back since the fork
@@ -169,9 +180,19 @@ class Worker(_GunicornWorker):  # type: ignore[misc]  # gunicorn has no type hin
         engine.stop_accepting()
         if not self._quit_now:
             drain = loop.create_task(engine.drain(float(self.cfg.graceful_timeout)))
-            while not drain.done():
+            self._wake.clear()
+            while not drain.done() and not self._quit_now:
                 self.notify()
-                await asyncio.wait({drain}, timeout=_HEARTBEAT)
+                woken = loop.create_task(self._wake.wait())
+                await asyncio.wait(
+                    {drain, woken}, timeout=_HEARTBEAT, return_when=asyncio.FIRST_COMPLETED
+                )
+                woken.cancel()
+            if not drain.done():  # a second Ctrl-C (or SIGQUIT): stop now
+                drain.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await drain
+                await engine.drain(0)
         else:
             await engine.drain(0)
         engine.close()
