@@ -209,6 +209,24 @@ def test_checker_rejects_bad_settings(options: dict[str, Any], message: str) -> 
         HealthChecker(Pool([A]), **options)
 
 
+@pytest.mark.parametrize(
+    ("pool", "options", "message"),
+    [
+        ([A], {}, "pool must be a softlb Pool, got list"),
+        (None, {"timeout": "2s"}, r"timeout must be a number \(seconds\), got '2s'"),
+        (None, {"interval": True}, r"interval must be a number \(seconds\), got True"),
+        (None, {"jitter": "0.1"}, r"jitter must be a number \(a fraction of the interval\)"),
+    ],
+)
+def test_checker_refuses_wrong_types_clearly(
+    pool: Any, options: dict[str, Any], message: str
+) -> None:
+    """A wrong type is a TypeError that says what goes there (it was an AttributeError or a
+    TypeError from a comparison deep inside)."""
+    with pytest.raises(TypeError, match=message):
+        HealthChecker(Pool([A]) if pool is None else pool, **options)
+
+
 def test_checker_starts_no_thread(probe: FakeProbe, clock: FakeClock) -> None:
     """Building a checker neither starts threads nor probes anything."""
     before = threading.active_count()

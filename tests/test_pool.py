@@ -7,6 +7,7 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -72,6 +73,21 @@ def test_unknown_balancer_name_lists_the_known_ones() -> None:
     """An unknown strategy name is a ValueError naming the known strategies."""
     with pytest.raises(ValueError, match=r"unknown balancing algorithm 'fastest'; known: .*random"):
         Pool(balancer="fastest")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"servers": "http://10.0.0.1:80"}, r"write Pool\(\['http://10.0.0.1:80'\]\)"),
+        ({"balancer": RoundRobin}, r"got the class RoundRobin: write RoundRobin\(\)"),
+        ({"slow_start": "30s"}, "slow_start must be a number of seconds, got '30s'"),
+    ],
+)
+def test_wrong_types_are_refused_clearly(arguments: dict[str, Any], message: str) -> None:
+    """A string for the list of servers, a strategy's class for an instance: a TypeError
+    that says what to write (a string was read as one backend per character)."""
+    with pytest.raises(TypeError, match=message):
+        Pool(**arguments)
 
 
 def test_negative_slow_start_is_refused() -> None:

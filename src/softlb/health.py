@@ -180,6 +180,12 @@ class HealthChecker:
         on_verdict: Callable[[Backend, bool, str], None] | None = None,
         log_changes: bool = True,
     ) -> None:
+        if not isinstance(pool, Pool):
+            raise TypeError(f"pool must be a softlb Pool, got {type(pool).__name__}")
+        for name, value in (("interval", interval), ("timeout", timeout), ("jitter", jitter)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                what = "a fraction of the interval" if name == "jitter" else "seconds"
+                raise TypeError(f"{name} must be a number ({what}), got {value!r}")
         if interval <= 0 or timeout <= 0:
             raise ValueError(f"interval and timeout must be > 0, got {interval} and {timeout}")
         if initial_state not in ("up", "down"):

@@ -174,12 +174,24 @@ class Pool:
         slow_start: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if isinstance(servers, (str, bytes)):
+            raise TypeError(
+                f"servers must be a list of URLs or Backends, not one {type(servers).__name__}:"
+                f" write Pool([{servers!r}])"
+            )
+        if isinstance(slow_start, bool) or not isinstance(slow_start, (int, float)):
+            raise TypeError(f"slow_start must be a number of seconds, got {slow_start!r}")
         if slow_start < 0:
             raise ValueError(f"slow_start must be >= 0 seconds, got {slow_start}")
         if balancer is None:
             balancer = LeastConnections()
         elif isinstance(balancer, str):
             balancer = balancer_by_name(balancer)
+        elif isinstance(balancer, type):
+            raise TypeError(
+                f"balancer must be a strategy or its name, got the class {balancer.__name__}:"
+                f" write {balancer.__name__}()"
+            )
         self.balancer: Balancer = balancer
         self.slow_start = float(slow_start)
         self.clock = clock
