@@ -461,13 +461,28 @@ class SoftLBServer(BaseApplication):  # type: ignore[misc]  # gunicorn has no ty
     skipped, so that one softlb runs on every gunicorn it supports.
     """
 
-    def __init__(self, factory: Callable[[], WSGIApp], settings: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], WSGIApp],
+        settings: dict[str, Any],
+        *,
+        reload: Callable[[], dict[str, Any] | None] | None = None,
+    ) -> None:
         self.factory = factory
         self.settings = settings
+        #: Called on SIGHUP (gunicorn's reload, before it starts new workers): the settings
+        #: of the config read again, or ``None`` to keep the running ones.
+        self.on_reload = reload
+        self._loaded = False
         self.master_pid = os.getpid()
         super().__init__(prog="softlb")
 
     def load_config(self) -> None:
+        if self._loaded and self.on_reload is not None:
+            settings = self.on_reload()
+            if settings is not None:
+                self.settings = settings
+        self._loaded = True
         known = self.cfg.settings
         for name, value in self.settings.items():
             if name in known and value is not None:
@@ -498,6 +513,37 @@ class SoftLBServer(BaseApplication):  # type: ignore[misc]  # gunicorn has no ty
             _flush()
             os._exit(status)
         return status
+
+
+def reload_config(config: Config, options: ServeOptions, *, shared: bool) -> Config | None:
+    """The config file read again for a reload (SIGHUP), or ``None`` (logged in one line) when
+    it cannot be read or is not valid: the running config then stays, as nginx keeps its
+    workers when ``nginx -s reload`` finds an error. ``shared``: the backends live in a
+    shared store, which stays the truth for them (SPEC §7): a change of ``servers`` is said
+    not to apply."""
+    from softlb.config import load_config
+    from softlb.errors import ConfigError
+
+    path = config.source
+    if path is None:
+        log.warning("reload: the config was not read from a file; nothing to read again")
+        return None
+    try:
+        fresh = load_config(path)
+    except ConfigError as exc:
+        problems = "; ".join(exc.problems) if getattr(exc, "problems", None) else str(exc)
+        log.error("reload: %s is not valid, the running config stays: %s", path, problems)
+        return None
+    if options.access_log is not None:
+        fresh = dataclasses.replace(fresh, access_log=options.access_log)
+    if shared and fresh.servers != config.servers:
+        log.warning(
+            "reload: the backends live in the shared state store, which stays their truth "
+            "(SPEC §7); change them with the admin API, the config's servers only seed an "
+            "empty store"
+        )
+    log.info("reload: %s read again (%s)", path, backends_text(fresh))
+    return fresh
 
 
 def _exit_status(code: object) -> int:
@@ -585,13 +631,22 @@ def serve(
     if options.access_log is not None:
         config = dataclasses.replace(config, access_log=options.access_log)
     state, scratch = default_state(config, options)
+    running = [config]  # the config the next workers are built from (SIGHUP reads it again)
+    reload = None
     if factory is None:
         threads = options.threads
 
         def factory() -> WSGIApp:
             from softlb.app import Application
 
-            return Application(config, threads=threads, state=state)
+            return Application(running[0], threads=threads, state=state)
+
+        def reload() -> dict[str, Any] | None:
+            fresh = reload_config(running[0], options, shared=state != _STATE_MEMORY)
+            if fresh is None:
+                return None
+            running[0] = fresh
+            return gunicorn_settings(fresh, options)
 
     from softlb import __version__
 
@@ -603,7 +658,7 @@ def serve(
         shown = _redact_password(state)
         print(f"softlb: {options.workers} workers share their state in {shown}", flush=True)
     try:
-        status = SoftLBServer(factory, gunicorn_settings(config, options)).run()
+        status = SoftLBServer(factory, gunicorn_settings(config, options), reload=reload).run()
     finally:  # only the master gets here: workers leave run() through os._exit()
         for path in scratch:
             with contextlib.suppress(OSError):

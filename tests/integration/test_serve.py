@@ -284,6 +284,40 @@ def test_stop_lets_the_request_in_flight_finish(
     assert "Quick shutdown" not in output
 
 
+def test_sighup_reads_the_config_again(
+    launch: Launcher, write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """SIGHUP after the config file changed: the new workers proxy to the new servers (as
+    plain gunicorn with create_app() did); a config that is not valid then is logged in one
+    line and the running one stays (as nginx -s reload keeps its workers)."""
+    with TestBackend() as old, TestBackend() as new:
+        port = free_port()
+        listen = f"127.0.0.1:{port}"
+        config = write_config({"listen": listen, "servers": [old.url], **PROBES})
+        running = launch(serve_argv(config), port=port)
+        assert get(port, "/before") == (200, f"ok from {old.port}".encode())
+        write_config({"listen": listen, "servers": [new.url], **PROBES})
+        first = set(running.workers(1))
+        running.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and set(running.workers(1)) & first:
+            time.sleep(0.1)
+        assert get(port, "/after") == (200, f"ok from {new.port}".encode())
+        assert "reload: " in running.output() and "read again (1 backend)" in running.output()
+
+        (tmp_path / "config.json").write_text('{"servers": ["not a url"]}')
+        running.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "is not valid, the running config stays" not in running.output():
+            assert time.monotonic() < deadline, running.output()
+            time.sleep(0.1)
+        time.sleep(1.0)  # the workers gunicorn started meanwhile
+        assert get(port, "/still") == (200, f"ok from {new.port}".encode())
+        running.signal(signal.SIGTERM)
+        assert running.wait() == 0
+        assert "Traceback" not in running.output()
+
+
 def test_two_workers_start_and_share_state(
     launch: Launcher, write_config: Callable[..., Path], backend: TestBackend
 ) -> None:
