@@ -996,6 +996,9 @@ def test_request_fields_for_the_backend(
 
 
 def test_http10_request_without_host_gets_the_listeners_address(serve: Served) -> None:
+    """An HTTP/1.0 request without Host: the backend (spoken to in HTTP/1.1, which needs
+    one) gets the address the client reached, as X-Forwarded-Host and as Host (nginx's
+    $host); it got no Host at all."""
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     with RawBackend([answer]) as backend:
         _, port = serve(servers=[backend.url])
@@ -1006,7 +1009,21 @@ def test_http10_request_without_host_gets_the_listeners_address(serve: Served) -
             b"X-Forwarded-For: 127.0.0.1",
             b"X-Forwarded-Proto: http",
             b"X-Forwarded-Host: 127.0.0.1:%d" % port,
+            b"Host: 127.0.0.1:%d" % port,
         ]
+
+
+def test_http10_request_without_host_gets_one_on_the_slow_path_too(serve: Served) -> None:
+    """The same when a Connection header names a field (the head is made again, by
+    Engine._fields): the named field goes, a Host comes."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    with RawBackend([answer]) as backend:
+        _, port = serve(servers=[backend.url])
+        data = raw(port, b"GET /p HTTP/1.0\r\nX-A: 1\r\nX-B: 2\r\nConnection: X-A\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 200"), data[:80]
+        lines = backend.requests[0].header_lines
+        assert b"X-A: 1" not in lines and b"X-B: 2" in lines
+        assert b"Host: 127.0.0.1:%d" % port in lines
 
 
 def test_post_with_idempotency_key_is_retried(serve: Served) -> None:

@@ -85,3 +85,29 @@ def test_reset_during_a_close_delimited_answer_is_a_cut_answer(balancer: StartBa
             client.send(b"GET /whole HTTP/1.1\r\nHost: example.test\r\n\r\n")
             whole = client.read_response()
         assert (whole.status, whole.body) == (200, b"the whole body")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\n\x1f\x8bgz",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\n\x1f\x8b\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\n\r\n",
+    ],
+    ids=["gzip", "gzip-chunked", "length-and-chunked"],
+)
+def test_an_answer_framed_past_chunked_alone_is_a_502(
+    balancer: StartBalancer, answer: bytes
+) -> None:
+    """A Transfer-Encoding other than chunked alone cannot be relayed as it stands (the
+    field is per hop: dropped, it would hand the client coded bytes unlabelled), and one
+    with a Content-Length beside it "ought to be handled as an error" (RFC 9112 §6.3):
+    a 502 on both engines, as nginx answers, never the body."""
+    with RawBackend([answer]) as raw:
+        lb = balancer({"servers": [raw.url], "retries": 0})
+        with lb.raw(timeout=5.0) as client:
+            client.send(b"GET /coded HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            response = client.read_response()
+        assert response.status == 502, response
+        assert b"\x1f\x8b" not in response.body and b"ok" not in response.body

@@ -604,6 +604,8 @@ class ClientConnection(asyncio.Protocol):
                 lines += (b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n")
                 lines.append(self._forwarded_proto)
             lines += (b"X-Forwarded-Host: ", host or self._default_host, b"\r\n")
+            if not host_seen:  # HTTP/1.0 without one: the backend gets the one it was sent
+                lines += (b"Host: ", self._default_host, b"\r\n")  # to (nginx's $host)
             request.fields = b"".join(lines)
         if request.length is not None and request.length >= 1 << 63:
             request.error = _ClientError(400, "Content-Length is too large")
@@ -1782,6 +1784,7 @@ class Engine:
         forwarded_for: list[bytes] = []
         connection: list[str] = []
         host = b""
+        has_host = False
         for name, value in request.headers:
             lname = name.lower()
             if lname in _DROPPED:
@@ -1792,6 +1795,7 @@ class Engine:
                 continue
             if lname == b"host":
                 host = value
+                has_host = True
             lines.append((lname, b"%b: %b\r\n" % (name, value)))
         if connection:
             named = {t.encode() for t in connection_tokens(connection)} - _UNREMOVABLE
@@ -1811,6 +1815,8 @@ class Engine:
             default = 443 if conn.scheme == "https" else 80
             host = conn.local[0].encode() + (b"" if port == default else b":%d" % port)
         out += (b"X-Forwarded-Host: ", host, b"\r\n")
+        if not has_host:  # (HTTP/1.0 without one, as in the pass over the head)
+            out += (b"Host: ", host, b"\r\n")
         return b"".join(out)
 
     def _key(self, conn: ClientConnection, request: _Request) -> str | None:

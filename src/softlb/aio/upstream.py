@@ -371,7 +371,13 @@ class UpstreamConnection(asyncio.Protocol):
                 lname = name.lower()
                 if lname in _HOP:
                     if lname == b"transfer-encoding":
-                        chunked = value.strip().lower().endswith(b"chunked")
+                        if value.strip().lower() != b"chunked":
+                            # gzip, or a coding list: not relayable as it stands (the field
+                            # is per hop, and dropping it would hand the client coded bytes)
+                            raise httptools.HttpParserError(
+                                "a Transfer-Encoding other than chunked alone"
+                            )
+                        chunked = True
                     elif lname == b"connection":
                         if connection is None:
                             connection = []

@@ -12,8 +12,9 @@ GIL). This module does what the proxy needs and nothing else:
   it is in memory) in one ``sendall()``; the socket timeout is set once per connection;
 * the answer's head is split with ``str`` methods, fields validated with one regular
   expression each; framing follows RFC 9112 §6.3 (no body for HEAD, 1xx, 204 and 304;
-  ``Transfer-Encoding`` over ``Content-Length``; conflicting lengths are an error; otherwise
-  the body runs to the end of the connection); 1xx interim answers are skipped;
+  ``Transfer-Encoding`` and ``Content-Length`` together, or conflicting lengths, are an
+  error; otherwise the body runs to the end of the connection); 1xx interim answers are
+  skipped;
 * a pooled connection is checked with one non-blocking peek before reuse (closed by the
   backend, or bytes nobody asked for: either way it is dropped); when a *reused* connection
   still fails before the first byte of an answer, the request goes once more on a fresh
@@ -812,13 +813,13 @@ def _read_answer(backend: _Backend, conn: _Conn, method: str, data: bytes) -> Wi
     if method == "HEAD" or status in (204, 304):
         mode, length = _NO_BODY, 0
     elif head_fields.chunked is not None:
-        # RFC 9112 §6.3: Transfer-Encoding wins over Content-Length, which must not be passed
-        # on, and the connection must not be reused. Only "chunked" alone is understood.
+        # Only "chunked" alone is understood. With a Content-Length beside it, RFC 9112 §6.3
+        # lets Transfer-Encoding win but says the answer "ought to be handled as an error" (a
+        # sign of response splitting): refused, as nginx and the event loop (llhttp) do.
         if not head_fields.chunked:
             raise _ProtocolError(f"unsupported transfer coding {head_fields.codings!r}")
         if head_fields.lengths:
-            headers = [(n, v) for n, v in headers if n.lower() != "content-length"]
-            reusable = False
+            raise _ProtocolError("an answer with both Content-Length and Transfer-Encoding")
         if not head_fields.http11:
             reusable = False  # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 is suspect
         mode, length = _CHUNKED, None
