@@ -37,6 +37,7 @@ from typing import Any, Final
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
+from gunicorn.glogging import Logger as _GunicornLogger
 from gunicorn.http.errors import (
     InvalidHeader,
     LimitRequestHeaders,
@@ -429,6 +430,21 @@ def _worker_exit(server: Any, worker: Any) -> None:
             log.exception("error while stopping the app in worker %s", os.getpid())
 
 
+class GunicornLogger(_GunicornLogger):  # type: ignore[misc]  # gunicorn has no type hints
+    """gunicorn's own log lines (starting, workers booting and exiting, signals), as JSON
+    objects too with ``SOFTLB_LOG_FORMAT=json``, so that every line on standard error is one
+    (:class:`softlb.logs.JsonFormatter`)."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        if os.environ.get("SOFTLB_LOG_FORMAT", "") == "json":
+            from softlb.logs import JsonFormatter
+
+            for logger in (self.error_log, self.access_log):
+                for handler in logger.handlers:
+                    handler.setFormatter(JsonFormatter())
+
+
 class _Arbiter(Arbiter):  # type: ignore[misc]  # gunicorn has no type hints
     """gunicorn's master, with SIGINT as graceful as SIGTERM (SPEC §1), and a second SIGINT
     during the drain stopping the workers at once (a second Ctrl-C, docs/deployment.rst)."""
@@ -597,6 +613,7 @@ def gunicorn_settings(config: Config, options: ServeOptions) -> dict[str, Any]:
         "keyfile": keyfile,
         "accesslog": None,  # softlb's own access log names the backend (--access-log)
         "errorlog": "-",
+        "logger_class": "softlb.server.GunicornLogger",  # JSON lines with SOFTLB_LOG_FORMAT
         "loglevel": "info",
         "proc_name": "softlb",
         "post_worker_init": _post_worker_init,

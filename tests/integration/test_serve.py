@@ -318,6 +318,27 @@ def test_sighup_reads_the_config_again(
         assert "Traceback" not in running.output()
 
 
+def test_json_log_format_makes_every_log_line_json(
+    launch: Launcher, write_config: Callable[..., Path], backend: TestBackend
+) -> None:
+    """SOFTLB_LOG_FORMAT=json: every log line is a JSON object, gunicorn's own (starting,
+    booting, signals, exiting) as well as softlb's (README); only the banner on standard
+    output is text. gunicorn's lines used to stay text."""
+    port = free_port()
+    config = write_config({"listen": f"127.0.0.1:{port}", "servers": [backend.url], **PROBES})
+    running = launch(serve_argv(config), port=port, env={"SOFTLB_LOG_FORMAT": "json"})
+    assert get(port, "/x")[0] == 200
+    running.signal(signal.SIGTERM)
+    assert running.wait() == 0
+    lines = [line for line in running.output().splitlines() if line.strip()]
+    banner, *logged = lines
+    assert banner.startswith("softlb ") and " serving on " in banner
+    documents = [json.loads(line) for line in logged]  # each one parses
+    messages = [d.get("message", "") for d in documents if d.get("logger") == "gunicorn.error"]
+    assert any(m.startswith("Booting worker") for m in messages), messages
+    assert any(m.startswith("Handling signal") for m in messages), messages
+
+
 def test_two_workers_start_and_share_state(
     launch: Launcher, write_config: Callable[..., Path], backend: TestBackend
 ) -> None:
