@@ -10,7 +10,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,17 @@ def launch(tmp_path: Path) -> Iterator[Launcher]:
         yield launcher
     finally:
         launcher.close()
+
+
+def in_flight(backend: TestBackend, send: Callable[[], None]) -> threading.Thread:
+    """Run ``send`` (a request) on a thread of its own; return once the backend has the
+    request (5 s at most), the thread still waiting for the answer."""
+    client = threading.Thread(target=send)
+    client.start()
+    deadline = time.monotonic() + 5
+    while backend.request_count == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return client
 
 
 def test_gunicorn_runs_the_event_loop_worker(
@@ -90,12 +101,8 @@ def test_sigterm_refuses_new_connections_and_finishes_the_one_in_flight(
         except Exception as exc:  # reported by the assertion below
             result["error"] = repr(exc)
 
-    client = threading.Thread(target=slow)
-    client.start()
+    client = in_flight(backend, slow)
     try:
-        deadline = time.monotonic() + 5
-        while backend.request_count == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
         assert backend.request_count == 1, lb.running.output()
         signalled = time.monotonic()
         lb.running.signal(signal.SIGTERM)
@@ -137,12 +144,8 @@ def test_a_second_sigint_during_the_drain_stops_at_once(
         with contextlib.suppress(Exception):  # cut off: that is the point
             lb.get("/slow/8", timeout=15.0)
 
-    client = threading.Thread(target=slow)
-    client.start()
+    client = in_flight(backend, slow)
     try:
-        deadline = time.monotonic() + 5
-        while backend.request_count == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
         signalled = time.monotonic()
         lb.running.signal(signal.SIGINT, group=group)
         time.sleep(0.3)
