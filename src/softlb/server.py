@@ -45,7 +45,8 @@ from gunicorn.http.errors import (
     UnsupportedTransferCoding,
 )
 
-from softlb.config import Config, TimeoutsConfig
+from softlb.config import Config, TimeoutsConfig, load_config
+from softlb.errors import ConfigError
 from softlb.gthread import install as install_client_timeouts
 
 __all__ = [
@@ -537,9 +538,6 @@ def reload_config(config: Config, options: ServeOptions, *, shared: bool) -> Con
     workers when ``nginx -s reload`` finds an error. ``shared``: the backends live in a
     shared store, which stays the truth for them (SPEC §7): a change of ``servers`` is said
     not to apply."""
-    from softlb.config import load_config
-    from softlb.errors import ConfigError
-
     path = config.source
     if path is None:
         log.warning("reload: the config was not read from a file; nothing to read again")
@@ -547,8 +545,9 @@ def reload_config(config: Config, options: ServeOptions, *, shared: bool) -> Con
     try:
         fresh = load_config(path)
     except ConfigError as exc:
-        problems = "; ".join(exc.problems) if getattr(exc, "problems", None) else str(exc)
-        log.error("reload: %s is not valid, the running config stays: %s", path, problems)
+        log.error(
+            "reload: %s is not valid, the running config stays: %s", path, "; ".join(exc.problems)
+        )
         return None
     if options.access_log is not None:
         fresh = dataclasses.replace(fresh, access_log=options.access_log)
